@@ -1,0 +1,1 @@
+"""Core data structures: QArray, formats, packing, validation."""
