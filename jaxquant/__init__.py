@@ -6,13 +6,30 @@ Public API (see README)::
     q = jq.quantize(w, jq.IntScheme(bits=4, group_size=128))
     w_hat = jq.dequantize(q)
     y = jq.qdot(x, q)
+    qparams = jq.quantize_params(params, [(r".*_proj/kernel", jq.IntScheme(bits=4, group_size=128))])
+    print(jq.report(qparams))
 """
 
 from jaxquant.core.api import dequantize, quantize
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.ops import qdot
-from jaxquant.schemes import IntScheme
+from jaxquant.schemes import FP8Scheme, IntScheme, LLMInt8Scheme, NF4Scheme, TernaryScheme
+from jaxquant.transform import Report, quantize_params, report
 
 __version__ = "0.1.0"
 
-__all__ = ["IntScheme", "QArray", "Scheme", "dequantize", "qdot", "quantize"]
+__all__ = [
+    "FP8Scheme",
+    "IntScheme",
+    "LLMInt8Scheme",
+    "NF4Scheme",
+    "QArray",
+    "Report",
+    "Scheme",
+    "TernaryScheme",
+    "dequantize",
+    "qdot",
+    "quantize",
+    "quantize_params",
+    "report",
+]

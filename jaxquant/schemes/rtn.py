@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxquant.core import packing
 from jaxquant.core.formats import int_range
+from jaxquant.core.numerics import true_divide
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.schemes._grouping import expand_rows, group_view, num_groups, round_scale_up
 
@@ -157,9 +158,9 @@ class IntScheme(Scheme):
         zero = None
         if self.symmetric:
             amax = jnp.max(jnp.abs(gv), axis=1)
-            s = jnp.where(amax > 0, amax / qmax, 1.0)
+            s = jnp.where(amax > 0, true_divide(amax, np.float32(qmax)), 1.0)
             s_st = round_scale_up(s, sdt)
-            q = jnp.clip(jnp.round(w2 / rows(s_st.astype(jnp.float32))), qmin, qmax)
+            q = jnp.clip(jnp.round(true_divide(w2, rows(s_st.astype(jnp.float32)))), qmin, qmax)
             if self.bits == 8:
                 data = q.astype(jnp.int8)
             else:
@@ -167,18 +168,18 @@ class IntScheme(Scheme):
         elif self.range == "zeropoint":
             lo = jnp.minimum(jnp.min(gv, axis=1), 0.0)
             hi = jnp.maximum(jnp.max(gv, axis=1), 0.0)
-            s = jnp.where(hi > lo, (hi - lo) / qmax, 1.0)
+            s = jnp.where(hi > lo, true_divide(hi - lo, np.float32(qmax)), 1.0)
             s_st = round_scale_up(s, sdt)
             sf = s_st.astype(jnp.float32)
-            z = jnp.clip(jnp.round(-lo / sf), 0, qmax)
-            q = jnp.clip(jnp.round(w2 / rows(sf)) + rows(z), 0, qmax)
+            z = jnp.clip(jnp.round(true_divide(-lo, sf)), 0, qmax)
+            q = jnp.clip(jnp.round(true_divide(w2, rows(sf))) + rows(z), 0, qmax)
             data = packing.pack(q.astype(jnp.uint8), self.bits)
             zero = z.astype(jnp.uint8)
         else:  # minmax, llama.cpp Q4_1 style: codes from the float32 d, storage rounded to nearest
             lo = jnp.min(gv, axis=1)
             hi = jnp.max(gv, axis=1)
-            d = (hi - lo) / qmax
-            inv = jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
+            d = true_divide(hi - lo, np.float32(qmax))
+            inv = jnp.where(d == 0, 0.0, true_divide(np.float32(1.0), jnp.where(d == 0, 1.0, d)))
             q = jnp.clip(jnp.floor((w2 - rows(lo)) * rows(inv) + np.float32(0.5)), 0, qmax)
             data = packing.pack(q.astype(jnp.uint8), self.bits)
             s_st = d.astype(sdt)

@@ -1,0 +1,68 @@
+"""fp8 quantization (e4m3 = ``float8_e4m3fn``, e5m2) with a per-tensor or per-output-channel scale.
+
+::
+
+    s = amax / FMAX            q = fp8(clip(W / s, -FMAX, FMAX))        W_hat = float32(q) * s
+
+``FMAX`` is 448 for e4m3fn and 57344 for e5m2. The cast rounds to nearest even, exactly like ``ml_dtypes``;
+values are clipped first, so overflow saturates instead of producing NaN (e4m3fn has no infinity and
+ml_dtypes/XLA turn an overflowing e4m3fn cast into NaN). Scales are float32; an all-zero tensor/channel gets
+``s = 1``. ``channel`` granularity takes one scale per output column of a ``(K, N)`` kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.core.formats import fp8_dtype, fp8_max
+from jaxquant.core.numerics import true_divide
+from jaxquant.core.qarray import QArray, Scheme
+
+__all__ = ["FP8Scheme", "fp8_quantize_values"]
+
+
+def fp8_quantize_values(x: jax.Array, fmt: str, scale: jax.Array) -> jax.Array:
+    """Saturating cast of ``x / scale`` to the fp8 format ``fmt`` (round to nearest even)."""
+    fmax = fp8_max(fmt)
+    return jnp.clip(true_divide(x.astype(jnp.float32), scale), -fmax, fmax).astype(fp8_dtype(fmt))
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Scheme(Scheme):
+    """fp8 weights with float32 scales.
+
+    Args:
+      fmt: ``"e4m3"`` (float8_e4m3fn, max 448) or ``"e5m2"`` (max 57344).
+      granularity: ``"tensor"`` (one scale) or ``"channel"`` (one scale per output column).
+    """
+
+    fmt: str = "e4m3"
+    granularity: str = "tensor"
+
+    kind = "fp8"
+
+    def __post_init__(self):
+        fp8_dtype(self.fmt)  # validates fmt
+        if self.granularity not in ("tensor", "channel"):
+            raise ValueError(f"FP8Scheme: granularity must be 'tensor' or 'channel', got {self.granularity!r}")
+
+    def describe(self) -> str:
+        return f"fp8 {self.fmt} per-{self.granularity}"
+
+    def _check_shape(self, shape):
+        if self.granularity == "channel":
+            super()._check_shape(shape)
+
+    def _quantize(self, w: jax.Array) -> QArray:
+        shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
+        wf = w.astype(jnp.float32)
+        amax = jnp.max(jnp.abs(wf)) if self.granularity == "tensor" else jnp.max(jnp.abs(wf), axis=0)
+        s = jnp.where(amax > 0, true_divide(amax, jnp.float32(fp8_max(self.fmt))), 1.0).astype(jnp.float32)
+        data = fp8_quantize_values(wf, self.fmt, s)
+        return QArray(data=data, scale=s, scheme=self, shape=shape, dtype=dtype)
+
+    def _dequantize(self, q: QArray) -> jax.Array:
+        return (q.data.astype(jnp.float32) * q.scale).astype(q.dtype)
