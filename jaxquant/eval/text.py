@@ -127,7 +127,7 @@ _COMMENT_RE = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
 _REF_SELF_CLOSING_RE = re.compile(r"<ref\b[^>]*/\s*>", re.I)
 _REF_RE = re.compile(r"<ref\b[^>]*>.*?(?:</ref\s*>|\Z)", re.I | re.S)
 _DROPPED_TAGS_RE = re.compile(
-    r"<(%s)\b[^>]*?(?:/\s*>|>.*?(?:</\1\s*>|\Z))" % "|".join(_DROPPED_TAGS),  # noqa: UP031
+    "<(" + "|".join(_DROPPED_TAGS) + r")\b[^>]*?(?:/\s*>|>.*?(?:</\1\s*>|\Z))",
     re.I | re.S,
 )
 # Nesting tokens: templates, links, tables (whose delimiters must start a line, after optional indentation).
@@ -146,6 +146,7 @@ _CHAR_TEMPLATES = {
     "dot": " · ",
 }
 _EXTERNAL_LINK_RE = re.compile(r"\[(?:[a-z][a-z0-9+.-]*:)?//[^\s\]]*(?:\s+([^\]]*))?\]", re.I)
+_BR_RE = re.compile(r"<br\s*/?\s*>", re.I)
 _TAG_RE = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*\b[^<>]*>")
 _QUOTES_RE = re.compile(r"'{2,}")
 _BEHAVIOUR_SWITCH_RE = re.compile(r"__[A-Z]+__")
@@ -179,10 +180,11 @@ def _render_link(content: str) -> str:
 def _render_nested(text: str) -> str:
     """Resolve templates (dropped), tables (dropped) and internal links (text kept), all possibly nested.
 
-    Unbalanced closers are kept as literal text (and removed later); an opener left unclosed at the end of the
-    text drops the rest of the text for templates and tables, and keeps the rendered text for links.
+    A closer without an opener is dropped. A frame left unclosed (at the end of the text, or inside a frame
+    that closes first) ends there: an unclosed template or table drops the text after its opener, an unclosed
+    link keeps its rendered text. No opener or closer is ever left in the output.
     """
-    # Each frame: [kind, opener text, pieces]; kind is "{{", "[[" or "{|".
+    # Each frame: (kind, opener text, pieces); kind is "{{", "[[" or "{|".
     root: list[str] = []
     stack: list[tuple[str, str, list[str]]] = []
     pos = 0
@@ -201,18 +203,17 @@ def _render_nested(text: str) -> str:
             continue
         want = closers[tok]
         depth = next((i for i in range(len(stack) - 1, -1, -1) if stack[i][0] == want), None)
-        if depth is None:  # stray closer: literal text
-            (stack[-1][2] if stack else root).append(m.group())
+        if depth is None:  # stray closer: dropped
             continue
-        while len(stack) > depth + 1:  # frames opened after the one being closed were never closed: literal
-            _, opener, pieces = stack.pop()
-            stack[-1][2].append(opener + "".join(pieces))
+        while len(stack) > depth + 1:  # frames opened after the one being closed were never closed
+            kind, _, pieces = stack.pop()
+            stack[-1][2].append(close(kind, pieces))
         kind, _, pieces = stack.pop()
         (stack[-1][2] if stack else root).append(close(kind, pieces))
     (stack[-1][2] if stack else root).append(text[pos:])
     while stack:  # unclosed at the end of the text
         kind, _, pieces = stack.pop()
-        (stack[-1][2] if stack else root).append(_render_link("".join(pieces)) if kind == "[[" else "")
+        (stack[-1][2] if stack else root).append(close(kind, pieces))
     return "".join(root)
 
 
@@ -240,6 +241,7 @@ def clean_wikitext(markup: str) -> str:
     s = _CHAR_TEMPLATES_RE.sub(lambda m: _CHAR_TEMPLATES[m.group(1).lower()], s)
     s = _render_nested(s)
     s = _EXTERNAL_LINK_RE.sub(lambda m: m.group(1) or "", s)
+    s = _BR_RE.sub(" ", s)
     s = _TAG_RE.sub("", s)
     s = _QUOTES_RE.sub("", s)
     s = _BEHAVIOUR_SWITCH_RE.sub("", s)

@@ -38,9 +38,10 @@ def round_scale_up(s: jax.Array, dtype) -> jax.Array:
     """Cast positive float32 scales to ``dtype`` rounding *up*, so that ``x / s_stored`` never exceeds the
     code range because of the narrower storage format."""
     dtype = jnp.dtype(dtype)
-    st = s.astype(dtype)
     if dtype == jnp.float32:
-        return st
+        return s.astype(dtype)
+    # the barrier stops XLA from folding the f32 -> f16 -> f32 round trip away (xla_allow_excess_precision)
+    st = jax.lax.optimization_barrier(s.astype(dtype))
     low = st.astype(jnp.float32) < s
     bumped = jnp.nextafter(st, jnp.asarray(np.inf, dtype))
     return jnp.where(low, bumped, st)
