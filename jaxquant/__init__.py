@@ -13,12 +13,13 @@ Public API (see README)::
 from jaxquant.core.api import dequantize, quantize
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.ops import qdot
-from jaxquant.schemes import FP8Scheme, IntScheme, LLMInt8Scheme, NF4Scheme, TernaryScheme
+from jaxquant.schemes import CastScheme, FP8Scheme, IntScheme, LLMInt8Scheme, NF4Scheme, TernaryScheme
 from jaxquant.transform import Report, quantize_params, report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CastScheme",
     "FP8Scheme",
     "IntScheme",
     "LLMInt8Scheme",

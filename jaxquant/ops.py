@@ -31,7 +31,9 @@ def qdot(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
             raise ValueError(f"qdot: x {tuple(x.shape)} and w {tuple(w.shape)} do not contract (need w 2-D, K first)")
         return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     if len(w.shape) != 2 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"qdot: x {tuple(x.shape)} and QArray {w.shape} do not contract (need (K, N) with K = x.shape[-1])")
+        raise ValueError(
+            f"qdot: x {tuple(x.shape)} and QArray {w.shape} do not contract (need (K, N) with K = x.shape[-1])"
+        )
     custom = getattr(w.scheme, "_qdot", None)
     if custom is not None:
         return custom(x, w)

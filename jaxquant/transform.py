@@ -148,7 +148,7 @@ class Report:
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
-                f"{r.path[-48:]:<48} {r.scheme[:26]:<26} {str(r.shape):<16} {r.nbytes:>12,} {r.bits_per_weight:>7.3f}"
+                f"{r.path[-48:]:<48} {r.scheme[:26]:<26} {r.shape!s:<16} {r.nbytes:>12,} {r.bits_per_weight:>7.3f}"
             )
         lines.append("-" * len(head))
         nq = sum(r.quantized for r in self.rows)
@@ -165,7 +165,9 @@ def report(params: Any) -> Report:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)[0]:
         p = path_str(path)
         if _is_qarray(leaf):
-            rows.append(ReportRow(p, leaf.scheme.describe(), tuple(leaf.shape), leaf.nbytes, leaf.bits_per_weight, True))
+            rows.append(
+                ReportRow(p, leaf.scheme.describe(), tuple(leaf.shape), leaf.nbytes, leaf.bits_per_weight, True)
+            )
         elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             shape = tuple(leaf.shape)
             nb = math.prod(shape) * np.dtype(leaf.dtype).itemsize

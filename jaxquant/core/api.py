@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.core.validate import check_weight
 
 __all__ = ["dequantize", "quantize"]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_compiled(w: jax.Array, scheme: Scheme) -> QArray:
+    return scheme._quantize(w)
 
 
 def quantize(w: jax.Array, scheme: Scheme, *, allow_nonfinite: bool = False) -> QArray:
@@ -35,7 +42,9 @@ def quantize(w: jax.Array, scheme: Scheme, *, allow_nonfinite: bool = False) -> 
         )
     w = check_weight(w, allow_nonfinite=allow_nonfinite)
     scheme._check_shape(tuple(w.shape))
-    return scheme._quantize(w)
+    # compiled once per (shape, dtype, scheme): one XLA program instead of dozens of eager dispatches; inside
+    # a user's jit/vmap this is simply inlined
+    return _quantize_compiled(w, scheme)
 
 
 def dequantize(q: QArray) -> jax.Array:

@@ -135,4 +135,3 @@ def bits_storage(n: int, bits: int) -> int:
     """Bytes used by :func:`pack` for ``n`` codes (per column)."""
     rows = packed_rows(n, bits)
     return rows * (1 if bits in (2, 4, 8) else 4)
-

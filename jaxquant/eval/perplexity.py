@@ -105,9 +105,7 @@ def encode(text: str, tokenizer: Any) -> np.ndarray:
 
 
 def _too_short(n: int, seq_len: int) -> ValueError:
-    return ValueError(
-        f"text has {n} tokens, fewer than seq_len={seq_len}; use a longer text or a smaller seq_len"
-    )
+    return ValueError(f"text has {n} tokens, fewer than seq_len={seq_len}; use a longer text or a smaller seq_len")
 
 
 def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
@@ -261,6 +259,4 @@ def perplexity(
     n_tokens = n_windows * (seq_len - 1)
     nll = total / n_tokens
     ppl = math.exp(nll) if nll < 700 else float("inf")
-    return PerplexityResult(
-        ppl=ppl, nll=nll, n_tokens=n_tokens, n_windows=n_windows, seq_len=seq_len, seconds=seconds
-    )
+    return PerplexityResult(ppl=ppl, nll=nll, n_tokens=n_tokens, n_windows=n_windows, seq_len=seq_len, seconds=seconds)

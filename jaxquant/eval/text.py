@@ -335,9 +335,7 @@ def _load_articles_cached(path: str, _mtime_ns: int, _size: int, min_chars: int)
     return tuple(articles)
 
 
-def load_articles(
-    path: str | os.PathLike[str] | None = None, *, min_chars: int = MIN_ARTICLE_CHARS
-) -> list[Article]:
+def load_articles(path: str | os.PathLike[str] | None = None, *, min_chars: int = MIN_ARTICLE_CHARS) -> list[Article]:
     """Parse a MediaWiki XML dump (bz2, gzip or plain) into cleaned articles, in dump order.
 
     Args:
@@ -410,9 +408,7 @@ def _join(articles: Sequence[Article]) -> str:
     return "\n\n".join(a.text for a in articles)
 
 
-def calib_text(
-    path: str | os.PathLike[str] | None = None, *, text_file: str | os.PathLike[str] | None = None
-) -> str:
+def calib_text(path: str | os.PathLike[str] | None = None, *, text_file: str | os.PathLike[str] | None = None) -> str:
     """Calibration text: calibration articles joined with ``"\\n\\n"``, or the first part of ``text_file``.
 
     Args:
@@ -424,9 +420,7 @@ def calib_text(
     return _join(split(load_articles(path))[0])
 
 
-def eval_text(
-    path: str | os.PathLike[str] | None = None, *, text_file: str | os.PathLike[str] | None = None
-) -> str:
+def eval_text(path: str | os.PathLike[str] | None = None, *, text_file: str | os.PathLike[str] | None = None) -> str:
     """The evaluation text: evaluation articles joined with ``"\\n\\n"``, or the second part of ``text_file``.
 
     Args:

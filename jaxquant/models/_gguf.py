@@ -51,9 +51,7 @@ def open_gguf(path: str | os.PathLike[str]) -> Any:
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size:
-            raise GGUFError(
-                f"{path} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has {size}"
-            )
+            raise GGUFError(f"{path} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has {size}")
     return reader
 
 

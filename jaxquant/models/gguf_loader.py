@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from jaxquant.models._gguf import GGUFError, get_field, open_gguf
-from jaxquant.models.llama import Llama, LlamaConfig
+from jaxquant.models.llama import Llama, LlamaConfig, param_shapes, unflatten_params
 from jaxquant.models.tokenizer import TextTokenizer, tokenizer_from_gguf
 
 __all__ = ["config_from_gguf", "load_gguf", "load_gguf_model"]
@@ -76,14 +76,19 @@ def config_from_gguf(reader: Any, *, path: str = "GGUF") -> LlamaConfig:
         raise GGUFError(f"{path}: attention key and value head widths differ; not supported")
     rope_dim = int(key("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise GGUFError(f"{path}: partial RoPE (rope.dimension_count={rope_dim} < head_dim={head_dim}) unsupported")
+        raise GGUFError(
+            f"{path}: partial RoPE (rope.dimension_count={rope_dim} != head_dim={head_dim}) is not supported"
+        )
     scaling = key("rope.scaling.type", "none")
     if scaling not in ("none", "", None):
         raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = key("vocab_size", None)
     if vocab is None:
-        vocab = len(tokens.data) if tokens is not None else reader_tensor_shape(reader, "token_embd.weight")[0]
+        if tokens is not None:
+            vocab = len(tokens.data)
+        else:
+            vocab = _tensor_shape(reader, "token_embd.weight")[0]
     names = {t.name for t in reader.tensors}
     return LlamaConfig(
         vocab_size=int(vocab),
@@ -103,10 +108,10 @@ def config_from_gguf(reader: Any, *, path: str = "GGUF") -> LlamaConfig:
 
 def _f32_clean(x: Any) -> float:
     """A float32 metadata value as the shortest decimal that rounds to it (9.99999974e-06 -> 1e-05)."""
-    return float(repr(np.float32(x)))
+    return float(str(np.float32(x)))
 
 
-def reader_tensor_shape(reader: Any, name: str) -> tuple[int, ...]:
+def _tensor_shape(reader: Any, name: str) -> tuple[int, ...]:
     """Numpy-order shape ``(out, in)`` of tensor ``name`` (GGUF ``ne`` reversed)."""
     for t in reader.tensors:
         if t.name == name:
@@ -130,31 +135,7 @@ def _dequantize(t: Any, path: str) -> np.ndarray:
     return w
 
 
-def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    hd = c.head_dim
-    per = {
-        "attn_norm/scale": (c.dim,),
-        "attn/q_proj/kernel": (c.dim, c.n_heads * hd),
-        "attn/k_proj/kernel": (c.dim, c.n_kv_heads * hd),
-        "attn/v_proj/kernel": (c.dim, c.n_kv_heads * hd),
-        "attn/o_proj/kernel": (c.n_heads * hd, c.dim),
-        "mlp_norm/scale": (c.dim,),
-        "mlp/gate_proj/kernel": (c.dim, c.hidden_dim),
-        "mlp/up_proj/kernel": (c.dim, c.hidden_dim),
-        "mlp/down_proj/kernel": (c.hidden_dim, c.dim),
-    }
-    out = {"embed/embedding": (c.vocab_size, c.dim), "norm/scale": (c.dim,)}
-    if not c.tie_embeddings:
-        out["lm_head/kernel"] = (c.dim, c.vocab_size)
-    for i in range(c.n_layers):
-        for k, s in per.items():
-            out[f"layers/{i}/{k}"] = s
-    return out
-
-
 def _read_params(reader: Any, config: LlamaConfig, path: str) -> dict[str, Any]:
-    from jaxquant.models.llama import unflatten_params
-
     flat: dict[str, np.ndarray] = {}
     unknown = []
     for t in reader.tensors:
@@ -165,7 +146,7 @@ def _read_params(reader: Any, config: LlamaConfig, path: str) -> dict[str, Any]:
             flat["norm/scale"] = _dequantize(t, path)
         elif name == "output.weight":
             flat["lm_head/kernel"] = _dequantize(t, path).T
-        elif (m := _BLK_RE.fullmatch(name)) and m.group(2) in _BLOCK_MAP and int(m.group(1)) < config.n_layers:
+        elif (m := _BLK_RE.fullmatch(name)) and m.group(2) in _BLOCK_MAP:
             sub, leaf = _BLOCK_MAP[m.group(2)]
             w = _dequantize(t, path)
             flat[f"layers/{int(m.group(1))}/{sub}/{leaf}"] = w.T if leaf == "kernel" else w
@@ -173,10 +154,13 @@ def _read_params(reader: Any, config: LlamaConfig, path: str) -> dict[str, Any]:
             unknown.append(name)
     if unknown:
         raise GGUFError(f"{path}: tensors not understood by the llama loader: {unknown[:8]}")
-    want = _expected_shapes(config)
+    want = param_shapes(config)
     missing = sorted(set(want) - set(flat))
     if missing:
         raise GGUFError(f"{path}: missing tensors for {len(missing)} parameters, e.g. {missing[:6]}")
+    extra = sorted(set(flat) - set(want))
+    if extra:
+        raise GGUFError(f"{path}: tensors beyond llama.block_count / unexpected output weights: {extra[:6]}")
     for k, s in want.items():
         if flat[k].shape != s:
             raise GGUFError(f"{path}: parameter {k} has shape {flat[k].shape}, config implies {s}")
@@ -184,7 +168,7 @@ def _read_params(reader: Any, config: LlamaConfig, path: str) -> dict[str, Any]:
     return unflatten_params(flat)
 
 
-def load_gguf(path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[str, Any], TextTokenizer]:
+def load_gguf(path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[str, Any], TextTokenizer | None]:
     """Read a llama GGUF file: hyper-parameters, float32 weights and tokenizer.
 
     Args:
@@ -193,7 +177,8 @@ def load_gguf(path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[str, Any]
     Returns:
       ``(config, params, tokenizer)``: ``config.rope_style == "adjacent"``; ``params`` is a nested dict of
       float32 numpy arrays in :func:`~jaxquant.models.llama.model_params` layout (build the model with
-      ``Llama.from_params(config, params)``); ``tokenizer`` a :class:`TextTokenizer`.
+      ``Llama.from_params(config, params)``); ``tokenizer`` a :class:`TextTokenizer` (``None`` when the file
+      has no ``tokenizer.ggml.model``).
 
     Raises:
       FileNotFoundError: no such file.
@@ -204,12 +189,14 @@ def load_gguf(path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[str, Any]
     reader = open_gguf(path)
     config = config_from_gguf(reader, path=path)
     params = _read_params(reader, config, path)
-    tokenizer = tokenizer_from_gguf(reader, name=path)
+    tokenizer = None
+    if "tokenizer.ggml.model" in reader.fields:
+        tokenizer = tokenizer_from_gguf(reader, name=path)
     del reader
     return config, params, tokenizer
 
 
-def load_gguf_model(path: str | os.PathLike[str]) -> tuple[Llama, TextTokenizer]:
+def load_gguf_model(path: str | os.PathLike[str]) -> tuple[Llama, TextTokenizer | None]:
     """``(Llama model, tokenizer)`` from a GGUF file (see :func:`load_gguf`)."""
     config, params, tokenizer = load_gguf(path)
     return Llama.from_params(config, params), tokenizer

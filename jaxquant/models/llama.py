@@ -51,7 +51,8 @@ RoPE conventions
 ``rope_style="adjacent"`` (Meta's original code, llama.cpp / GGUF): dimensions ``2i`` and ``2i+1`` rotate
 together. Both use the frequency ``rope_theta ** (-2i / head_dim)`` for pair ``i``. The two are the same model
 up to a permutation of the q/k output columns inside each head; :func:`convert_rope_style` converts weights
-(see :func:`permute_half_to_adjacent`).
+(see :func:`permute_half_to_adjacent`). Internally an "adjacent" model de-interleaves q and k and then applies
+the half-split rotation, so a GGUF-layout model and its HF-layout conversion give bit-identical logits.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ __all__ = [
     "forward",
     "model_params",
     "param_path",
+    "param_shapes",
     "permute_adjacent_to_half",
     "permute_half_to_adjacent",
     "unflatten_params",
@@ -137,7 +139,7 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.rope_style not in ("adjacent", "half"):
             raise ValueError(f"rope_style must be 'adjacent' or 'half', got {self.rope_style!r}")
-        if jnp.dtype(self.dtype).kind != "f":
+        if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             raise ValueError(f"dtype must be a floating dtype name, got {self.dtype!r}")
 
     @property
@@ -181,7 +183,8 @@ class Linear(nnx.Module):
     """A bias-free linear layer ``y = qdot(x, kernel)``; ``kernel`` is ``(in, out)`` float or a QArray."""
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, std: float = 0.02):
-        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32))
+        shape = (in_features, out_features)
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return qdot(x, _value(self.kernel))
@@ -223,19 +226,26 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, style: RopeStyle) -> jax.Array:
     """Rotate ``x`` ``(B, T, H, D)`` by the angles in ``cos``/``sin`` ``(B or 1, T, D/2)``.
 
-    ``style="half"`` pairs dimension ``i`` with ``i + D/2``; ``"adjacent"`` pairs ``2i`` with ``2i+1``.
+    ``style="half"`` pairs dimension ``i`` with ``i + D/2`` and returns that layout. ``style="adjacent"``
+    pairs ``2i`` with ``2i+1``; it is computed by first de-interleaving ``x`` into the half layout (so the two
+    conventions share one arithmetic path and give bit-identical attention scores) and the result is
+    returned in the half layout. Attention only uses ``q . k`` products, which do not depend on the order of
+    the head dimensions as long as q and k agree.
     """
+    if style == "adjacent":
+        x = deinterleave(x)
     cos = cos[:, :, None, :]
     sin = sin[:, :, None, :]
     xf = x.astype(jnp.float32)
-    if style == "half":
-        a, b = jnp.split(xf, 2, axis=-1)
-        out = jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
-    else:
-        pairs = xf.reshape(*xf.shape[:-1], -1, 2)
-        a, b = pairs[..., 0], pairs[..., 1]
-        out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(xf.shape)
+    a, b = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
     return out.astype(x.dtype)
+
+
+def deinterleave(x: jax.Array) -> jax.Array:
+    """``[..., x0, x1, x2, x3, ...]`` -> ``[..., x0, x2, ..., x1, x3, ...]`` on the last axis."""
+    d = x.shape[-1]
+    return x.reshape(*x.shape[:-1], d // 2, 2).swapaxes(-1, -2).reshape(x.shape)
 
 
 class Attention(nnx.Module):
@@ -329,7 +339,7 @@ class Llama(nnx.Module):
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise TypeError(f"tokens must be integers, got {tokens.dtype}")
         dtype = jnp.dtype(c.dtype)
-        B, T = tokens.shape
+        T = tokens.shape[1]
         if positions is None:
             positions = jnp.arange(T, dtype=jnp.int32)
         positions = jnp.asarray(positions)
@@ -349,7 +359,7 @@ class Llama(nnx.Module):
 
     @classmethod
     def abstract(cls, config: LlamaConfig) -> Llama:
-        """A model with ``ShapeDtypeStruct`` parameters (nothing allocated); fill it with :func:`with_params`."""
+        """A model with ``ShapeDtypeStruct`` parameters (nothing allocated); fill with :func:`with_params`."""
         return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
 
     @classmethod
@@ -385,8 +395,31 @@ def param_path(keypath: tuple[Any, ...]) -> str:
 
 
 def model_params(model: Llama) -> dict[str, Any]:
-    """The model's parameters as a plain nested dict (layer indices are int keys); see the module docstring."""
+    """The model's parameters as a plain nested dict (layer indices are int keys); see the module doc."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def param_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """``{"layers/0/attn/q_proj/kernel": (dim, n_heads * head_dim), ...}`` for every parameter of a model."""
+    hd = c.head_dim
+    per = {
+        "attn_norm/scale": (c.dim,),
+        "attn/q_proj/kernel": (c.dim, c.n_heads * hd),
+        "attn/k_proj/kernel": (c.dim, c.n_kv_heads * hd),
+        "attn/v_proj/kernel": (c.dim, c.n_kv_heads * hd),
+        "attn/o_proj/kernel": (c.n_heads * hd, c.dim),
+        "mlp_norm/scale": (c.dim,),
+        "mlp/gate_proj/kernel": (c.dim, c.hidden_dim),
+        "mlp/up_proj/kernel": (c.dim, c.hidden_dim),
+        "mlp/down_proj/kernel": (c.hidden_dim, c.dim),
+    }
+    out = {"embed/embedding": (c.vocab_size, c.dim), "norm/scale": (c.dim,)}
+    if not c.tie_embeddings:
+        out["lm_head/kernel"] = (c.dim, c.vocab_size)
+    for i in range(c.n_layers):
+        for k, s in per.items():
+            out[f"layers/{i}/{k}"] = s
+    return out
 
 
 def _is_leaf(x: Any) -> bool:

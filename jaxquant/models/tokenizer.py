@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from typing import TYPE_CHECKING, Any
 
 from jaxquant.models._gguf import GGUFError, get_field, open_gguf
+
+if TYPE_CHECKING:  # the ``tokenizers`` package is imported only when a tokenizer is built or loaded
+    import tokenizers
 
 __all__ = ["TextTokenizer", "tokenizer_from_gguf"]
 
@@ -113,6 +113,8 @@ class TextTokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json in {folder}")
+        import tokenizers
+
         hf = tokenizers.Tokenizer.from_file(path)
         add_bos = False
         meta_path = os.path.join(folder, "jaxquant_tokenizer.json")
@@ -137,6 +139,8 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def _pre_tokenizer(pre: str, where: str) -> tuple[Any, bool]:
     """(pre-tokenizer, ignore_merges) for a GGUF ``tokenizer.ggml.pre`` value."""
+    from tokenizers import Regex, pre_tokenizers
+
     if pre in _DIGIT_SPLIT_PRE:
         pt = pre_tokenizers.Sequence(
             [
@@ -196,13 +200,16 @@ def tokenizer_from_gguf(path_or_reader: str | os.PathLike[str] | Any, *, name: s
         if not sep:
             raise GGUFError(f"{where}: malformed BPE merge {m!r} (expected 'left right')")
         merges.append((left, right))
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models
+
     pre_tok, ignore_merges = _pre_tokenizer(pre, where)
     model = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=ignore_merges)
     hf = tokenizers.Tokenizer(model)
     hf.pre_tokenizer = pre_tok
     hf.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    special = [AddedToken(t, special=True, normalized=False) for t, y in zip(tokens, types) if y == _CONTROL]
+    user = [AddedToken(t, normalized=False) for t, y in zip(tokens, types) if y == _USER_DEFINED]
     if special:
         hf.add_special_tokens(special)
     if user:

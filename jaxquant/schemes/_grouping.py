@@ -29,9 +29,7 @@ def group_view(w: jax.Array, group_size: int) -> jax.Array:
 
 def expand_rows(per_group: jax.Array, group_size: int, k: int) -> jax.Array:
     """Broadcast (G, N) per-group values to (K, N) rows."""
-    return jnp.repeat(per_group, group_size, axis=0, total_repeat_length=num_groups(k, group_size) * group_size)[
-        :k
-    ]
+    return jnp.repeat(per_group, group_size, axis=0, total_repeat_length=num_groups(k, group_size) * group_size)[:k]
 
 
 def round_scale_up(s: jax.Array, dtype) -> jax.Array:

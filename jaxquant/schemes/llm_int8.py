@@ -61,7 +61,9 @@ class LLMInt8Scheme(Scheme):
             raise ValueError(f"LLMInt8Scheme: threshold must be a positive number or None, got {self.threshold!r}")
         rows = tuple(self.outlier_rows)
         if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in rows) or len(set(rows)) != len(rows):
-            raise ValueError(f"LLMInt8Scheme: outlier_rows must be distinct non-negative ints, got {self.outlier_rows!r}")
+            raise ValueError(
+                f"LLMInt8Scheme: outlier_rows must be distinct non-negative ints, got {self.outlier_rows!r}"
+            )
         object.__setattr__(self, "outlier_rows", tuple(sorted(rows)))
         if self.granularity not in ("channel", "tensor"):
             raise ValueError(f"LLMInt8Scheme: granularity must be 'channel' or 'tensor', got {self.granularity!r}")
@@ -73,9 +75,7 @@ class LLMInt8Scheme(Scheme):
     def _check_shape(self, shape):
         super()._check_shape(shape)
         if self.outlier_rows and self.outlier_rows[-1] >= shape[0]:
-            raise ValueError(
-                f"LLMInt8Scheme: outlier_rows {self.outlier_rows} out of range for {shape[0]} input rows"
-            )
+            raise ValueError(f"LLMInt8Scheme: outlier_rows {self.outlier_rows} out of range for {shape[0]} input rows")
 
     def _quantize(self, w: jax.Array) -> QArray:
         shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name

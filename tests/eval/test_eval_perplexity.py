@@ -160,6 +160,4 @@ def test_calibration_windows_are_seeded_slices() -> None:
         np.testing.assert_array_equal(row, np.arange(row[0], row[0] + 128))
         assert 0 <= row[0] <= 10_000 - 128
     # a stream of exactly seq_len tokens has one possible window
-    np.testing.assert_array_equal(
-        calibration_windows(toks[:128], n=3, seq_len=128), np.tile(toks[:128], (3, 1))
-    )
+    np.testing.assert_array_equal(calibration_windows(toks[:128], n=3, seq_len=128), np.tile(toks[:128], (3, 1)))

@@ -61,8 +61,7 @@ from jaxquant.eval.text import Article, clean_wikitext, describe_split, load_art
         ),
         # multi-line templates (infobox) dropped; unclosed template drops the rest
         (
-            "{{Infobox person\n| name = x\n| y = {{z|{{w}}}}\n}}\n'''Bold''' start.\n"
-            "{{unclosed\nrest is lost",
+            "{{Infobox person\n| name = x\n| y = {{z|{{w}}}}\n}}\n'''Bold''' start.\n{{unclosed\nrest is lost",
             "Bold start.",
         ),
         # stray closers and mismatched nesting never leak markup
@@ -110,11 +109,7 @@ def _write_dump(path: Path, pages: list[tuple[str, int, bool, str]]) -> Path:
         )
         for i, (t, ns, red, text) in enumerate(pages)
     )
-    xml = (
-        '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10">\n'
-        + body
-        + "</mediawiki>\n"
-    )
+    xml = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10">\n' + body + "</mediawiki>\n"
     path.write_bytes(bz2.compress(xml.encode("utf-8")))
     return path
 

@@ -151,7 +151,9 @@ def test_minmax_g32_reproduces_llama_cpp_q4_1():
     w = (rng.standard_normal((256, 48)) * 0.02).astype(np.float32)
     w[:, 0] = 0.0  # constant column: d == 0
     w[5, 3] = 0.5  # an outlier
-    ref = gguf.quants.dequantize(gguf.quants.quantize(w.T, gguf.GGMLQuantizationType.Q4_1), gguf.GGMLQuantizationType.Q4_1).T
+    ref = gguf.quants.dequantize(
+        gguf.quants.quantize(w.T, gguf.GGMLQuantizationType.Q4_1), gguf.GGMLQuantizationType.Q4_1
+    ).T
     ours = jq.dequantize(jq.quantize(jnp.asarray(w), jq.IntScheme(4, 32, symmetric=False, range="minmax")))
     np.testing.assert_array_equal(np.asarray(ours), ref)
     jitted = jq.dequantize(

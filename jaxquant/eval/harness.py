@@ -1,0 +1,126 @@
+"""The evaluation harness behind ``jaxquant eval`` and ``jaxquant demo``: quantize a model by SPEC, measure
+perplexity, size and time."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from flax import nnx
+
+from jaxquant.eval import assets, text
+from jaxquant.eval.memory import peak_rss_bytes, tree_nbytes
+from jaxquant.eval.perplexity import encode, perplexity
+from jaxquant.models import Llama, load_model, model_params, with_params
+from jaxquant.specs import Spec, parse_spec
+from jaxquant.transform import quantize_params, report
+
+__all__ = ["EvalResult", "LoadedModel", "evaluate", "load", "quantize_model"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A float model with its tokenizer and tokenized evaluation text."""
+
+    name: str
+    model: Llama
+    tokenizer: Any
+    eval_tokens: Any
+    load_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """One row of an evaluation: what ``jaxquant eval --json`` prints."""
+
+    scheme: str
+    model: str
+    ppl: float
+    bits_per_weight: float
+    weight_bytes: int
+    tokens: int
+    seconds: float
+    quantize_seconds: float
+    peak_rss_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load(model: str = "smollm2-135m", text_file: str | os.PathLike[str] | None = None) -> LoadedModel:
+    """Fetch (if needed) and load a model and tokenize its evaluation text.
+
+    Args:
+      model: ``"smollm2-135m"`` (fetched into the cache) or a path to a ``.gguf`` file / HF checkpoint folder.
+      text_file: a plain-text file to evaluate on (its second half, see :mod:`jaxquant.eval.text`); default:
+        the evaluation split of the bundled Wikipedia articles.
+    """
+    t0 = time.perf_counter()
+    path = assets.model_path(model)
+    m, tok = load_model(path)
+    if tok is None:
+        raise ValueError(f"{path}: no tokenizer found (an HF folder needs tokenizer.json)")
+    ev = text.eval_text(text_file=text_file) if text_file is not None else text.eval_text()
+    tokens = encode(ev, tok)
+    return LoadedModel(str(model), m, tok, tokens, time.perf_counter() - t0)
+
+
+def quantize_model(model: Llama, spec: Spec) -> tuple[Llama, Any]:
+    """Apply a SPEC to a model; returns ``(quantized model, report)``."""
+    params = model_params(model)
+    qparams = quantize_params(params, list(spec.rules), strict=bool(spec.rules)) if spec.rules else params
+    return with_params(model, qparams), report(qparams)
+
+
+def _logits(graphdef):
+    def fn(state, tokens):
+        return nnx.merge(graphdef, state)(tokens)
+
+    return fn
+
+
+def evaluate(
+    loaded: LoadedModel,
+    spec: str | Spec,
+    *,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> EvalResult:
+    """Quantize ``loaded.model`` by ``spec`` and measure perplexity on its evaluation tokens.
+
+    ``bits_per_weight`` is averaged over the quantized tensors only (16 for ``bf16``, 32 for ``fp32`` where
+    nothing is quantized it is the float width of the block linears); ``weight_bytes`` counts every parameter.
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    t0 = time.perf_counter()
+    qmodel, rep = quantize_model(loaded.model, spec)
+    tq = time.perf_counter() - t0
+    graphdef, state = nnx.split(qmodel)
+    res = perplexity(
+        _logits(graphdef),
+        tokens=loaded.eval_tokens,
+        params=state,
+        seq_len=seq_len,
+        max_windows=max_windows,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if spec.is_float:
+        bpw = 32.0
+    else:
+        bpw = rep.bits_per_weight
+    return EvalResult(
+        scheme=spec.name,
+        model=loaded.name,
+        ppl=float(res.ppl),
+        bits_per_weight=float(bpw),
+        weight_bytes=int(tree_nbytes(model_params(qmodel))),
+        tokens=int(res.n_tokens),
+        seconds=float(res.seconds),
+        quantize_seconds=float(tq),
+        peak_rss_bytes=int(peak_rss_bytes()),
+    )
