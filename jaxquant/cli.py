@@ -77,7 +77,20 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="jaxquant-demo", help="folder for results.json and quantization_map.png")
     d.add_argument("--schemes", default=",".join(DEMO_SPECS), help="comma-separated SPECs to evaluate")
     common(d)
+    for mod in _plugins():
+        mod.register(sub)
     return p
+
+
+#: modules adding subcommands: each has ``register(subparsers)``, whose parsers ``set_defaults(_run=fn)`` with
+#: ``fn(args) -> None`` raising ValueError (or CliError) for user errors
+_PLUGINS: tuple[str, ...] = ()
+
+
+def _plugins() -> list:
+    import importlib
+
+    return [importlib.import_module(m) for m in _PLUGINS]
 
 
 def _cmd_schemes() -> None:
@@ -137,7 +150,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _plot(results, base_ppl: float, path: Path) -> None:
+def _plot(results, base_ppl: float, path: Path, ymax: float = 1000.0) -> None:
+    """Perplexity vs bits/weight, log-log; points above ``ymax`` are drawn at the top edge as off-scale."""
     import io
 
     import matplotlib
@@ -145,21 +159,27 @@ def _plot(results, base_ppl: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        ax.scatter(r.bits_per_weight, r.ppl, s=30)
-        ax.annotate(r.scheme, (r.bits_per_weight, r.ppl), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    ax.axhline(base_ppl, color="gray", linestyle="--", linewidth=1, label=f"fp32 ppl {base_ppl:.2f}")
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    markers = "osD^vP*Xh<>p"
+    for i, r in enumerate(results):
+        off = r.ppl > ymax
+        y = ymax if off else r.ppl
+        label = f"{r.scheme}: {r.ppl:.4g}" + (" (off scale)" if off else "")
+        ax.scatter(
+            r.bits_per_weight, y, s=60 if off else 40, marker="^" if off else markers[i % len(markers)], label=label
+        )
+    ax.axhline(base_ppl, color="gray", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (quantized tensors, scales and zeros included; log2)")
-    ax.set_ylabel("perplexity (log)")
-    ax.set_title("Quantization map: SmolLM2-135M on Wikipedia (eval split)")
+    ax.set_ylim(base_ppl * 0.9, ymax * 1.3)
+    ax.set_xlabel("bits per weight of the quantized tensors (scales, zeros included)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"Quantization map: perplexity vs size (dashed: fp32 = {base_ppl:.2f})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     _atomic_write(path, buf.getvalue())
 
@@ -226,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_eval(args)
         elif args.cmd == "demo":
             _cmd_demo(args)
+        else:
+            args._run(args)
     except AssetError as e:  # several lines on purpose: what to download and where to put it
         print(f"jaxquant: error: {e}", file=sys.stderr)
         return 2

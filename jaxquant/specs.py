@@ -12,7 +12,10 @@ grid), ``int8`` (per output channel), ``int8-tensor``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
+from collections.abc import Callable
+from typing import Any
 
 from jaxquant.core.qarray import Scheme
 from jaxquant.schemes import CastScheme, FP8Scheme, IntScheme, LLMInt8Scheme, NF4Scheme, TernaryScheme
@@ -29,15 +32,22 @@ class UnknownSpecError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """A named recipe: ``rules`` for :func:`jaxquant.quantize_params` plus a one-line description."""
+    """A named recipe: a one-line description plus either static ``rules`` for
+    :func:`jaxquant.quantize_params` or a calibrated ``build``.
+
+    ``build(model, calib_tokens, options) -> params`` (for calibrated methods such as GPTQ/AWQ) gets the float
+    model, a 1-D int array of calibration-split tokens and a dict of user options, and returns the quantized
+    parameter dict (as :func:`jaxquant.models.model_params` would, with QArrays).
+    """
 
     name: str
     description: str
-    rules: tuple[tuple[str, Scheme | None], ...]
+    rules: tuple[tuple[str, Scheme | None], ...] = ()
+    build: Callable[..., Any] | None = None
 
     @property
     def is_float(self) -> bool:
-        return not self.rules
+        return not self.rules and self.build is None
 
 
 _FIXED: dict[str, tuple[str, Scheme | None]] = {
@@ -102,6 +112,21 @@ def _int_spec(name: str) -> Spec | None:
     return Spec(name, f"RTN {scheme.describe()}, fp16 scales", ((BLOCK_LINEARS, scheme),))
 
 
+#: modules that add SPECs: each exposes ``SPECS`` (a dict name -> Spec of listed SPECs) and may expose
+#: ``parse(name) -> Spec | None`` for SPEC grammars; a module that is not importable is skipped
+_EXTENSIONS: tuple[str, ...] = ()
+
+
+def _extensions() -> list[Any]:
+    mods = []
+    for modname in _EXTENSIONS:
+        try:
+            mods.append(importlib.import_module(modname))
+        except ImportError:
+            continue
+    return mods
+
+
 def parse_spec(name: str) -> Spec:
     """The :class:`Spec` for a SPEC string.
 
@@ -115,6 +140,12 @@ def parse_spec(name: str) -> Spec:
         desc, scheme = _FIXED[key]
         return Spec(key, desc, () if scheme is None else ((BLOCK_LINEARS, scheme),))
     spec = _int_spec(key)
+    for mod in _extensions():
+        if spec is not None:
+            break
+        spec = getattr(mod, "SPECS", {}).get(key)
+        if spec is None and hasattr(mod, "parse"):
+            spec = mod.parse(key)
     if spec is None:
         raise UnknownSpecError(
             f"unknown scheme SPEC {name!r}; valid: {', '.join(list_specs())} "
@@ -125,4 +156,7 @@ def parse_spec(name: str) -> Spec:
 
 def list_specs() -> list[str]:
     """Every listed SPEC name, float first."""
-    return ["fp32", "bf16", "fp16", *_LISTED_INT, *[k for k in _FIXED if k not in ("fp32", "bf16", "fp16")]]
+    names = ["fp32", "bf16", "fp16", *_LISTED_INT, *[k for k in _FIXED if k not in ("fp32", "bf16", "fp16")]]
+    for mod in _extensions():
+        names += [k for k in getattr(mod, "SPECS", {}) if k not in names]
+    return names

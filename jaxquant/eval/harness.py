@@ -29,6 +29,7 @@ class LoadedModel:
     tokenizer: Any
     eval_tokens: Any
     load_seconds: float
+    calib_tokens: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +65,26 @@ def load(model: str = "smollm2-135m", text_file: str | os.PathLike[str] | None =
         raise ValueError(f"{path}: no tokenizer found (an HF folder needs tokenizer.json)")
     ev = text.eval_text(text_file=text_file) if text_file is not None else text.eval_text()
     tokens = encode(ev, tok)
-    return LoadedModel(str(model), m, tok, tokens, time.perf_counter() - t0)
+    calib = text.calib_text(text_file=text_file) if text_file is not None else text.calib_text()
+    return LoadedModel(str(model), m, tok, tokens, time.perf_counter() - t0, calib_tokens=encode(calib, tok))
 
 
-def quantize_model(model: Llama, spec: Spec) -> tuple[Llama, Any]:
-    """Apply a SPEC to a model; returns ``(quantized model, report)``."""
+def quantize_model(
+    model: Llama, spec: Spec, calib_tokens: Any = None, options: dict[str, Any] | None = None
+) -> tuple[Llama, Any]:
+    """Apply a SPEC to a model; returns ``(quantized model, report)``.
+
+    Calibrated SPECs (``spec.build``) need ``calib_tokens`` (1-D token ids of the calibration split).
+    """
     params = model_params(model)
-    qparams = quantize_params(params, list(spec.rules), strict=bool(spec.rules)) if spec.rules else params
+    if spec.build is not None:
+        if calib_tokens is None:
+            raise ValueError(f"SPEC {spec.name!r} is calibrated and needs calibration tokens")
+        qparams = spec.build(model, calib_tokens, dict(options or {}))
+    elif spec.rules:
+        qparams = quantize_params(params, list(spec.rules), strict=True)
+    else:
+        qparams = params
     return with_params(model, qparams), report(qparams)
 
 
@@ -89,6 +103,7 @@ def evaluate(
     max_windows: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Quantize ``loaded.model`` by ``spec`` and measure perplexity on its evaluation tokens.
 
@@ -97,7 +112,7 @@ def evaluate(
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     t0 = time.perf_counter()
-    qmodel, rep = quantize_model(loaded.model, spec)
+    qmodel, rep = quantize_model(loaded.model, spec, loaded.calib_tokens, options)
     tq = time.perf_counter() - t0
     graphdef, state = nnx.split(qmodel)
     res = perplexity(
