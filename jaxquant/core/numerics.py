@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["true_divide", "true_mean"]
+__all__ = ["tree_sum", "true_divide", "true_mean"]
 
 
 def true_divide(a, b) -> jax.Array:
@@ -30,7 +32,24 @@ def true_divide(a, b) -> jax.Array:
     return a / b_full
 
 
+@functools.partial(jax.jit, static_argnames="axis")
+def tree_sum(x: jax.Array, axis: int | None = None) -> jax.Array:
+    """Sum along ``axis`` (``None``: all elements) by a fixed pairwise tree of elementwise adds.
+
+    XLA's reduce picks its own summation order, which depends on the shape and changes under ``vmap`` (a
+    batched reduce), so a float32 ``jnp.sum`` can differ by an ulp between eager/jit and vmap. Halving with
+    elementwise adds fixes the order (and the rounding) everywhere.
+    """
+    x = x.reshape(-1) if axis is None else jnp.moveaxis(x, axis, 0)
+    while x.shape[0] > 1:
+        if x.shape[0] % 2:
+            x = jnp.concatenate([x, jnp.zeros_like(x[:1])])
+        h = x.shape[0] // 2
+        x = x[:h] + x[h:]
+    return x[0]
+
+
 def true_mean(x: jax.Array, axis=None) -> jax.Array:
-    """Mean with a correctly rounded final division (see :func:`true_divide`)."""
+    """Mean with a reproducible sum (:func:`tree_sum`) and a correctly rounded division (:func:`true_divide`)."""
     n = x.size if axis is None else x.shape[axis]
-    return true_divide(jnp.sum(x, axis=axis), jnp.asarray(n, x.dtype))
+    return true_divide(tree_sum(x, axis=axis), jnp.asarray(n, x.dtype))

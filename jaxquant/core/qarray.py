@@ -15,7 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["QArray", "Scheme"]
+__all__ = ["QArray", "Scheme", "scheme_class"]
+
+_SCHEMES: dict[str, type] = {}
+
+
+def scheme_class(name: str) -> type:
+    """The :class:`Scheme` subclass called ``name`` (every subclass registers itself when defined)."""
+    try:
+        return _SCHEMES[name]
+    except KeyError:
+        raise ValueError(f"unknown scheme class {name!r}; known: {sorted(_SCHEMES)}") from None
 
 
 class Scheme:
@@ -28,6 +38,10 @@ class Scheme:
 
     #: short name used in reports and SPEC strings
     kind: ClassVar[str] = "scheme"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        _SCHEMES[cls.__name__] = cls
 
     def _quantize(self, w: jax.Array) -> QArray:  # pragma: no cover - abstract
         raise NotImplementedError

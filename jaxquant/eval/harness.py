@@ -13,6 +13,8 @@ from flax import nnx
 from jaxquant.eval import assets, text
 from jaxquant.eval.memory import peak_rss_bytes, tree_nbytes
 from jaxquant.eval.perplexity import encode, perplexity
+from jaxquant.io.checkpoint import is_checkpoint
+from jaxquant.io.checkpoint import load_model as load_saved_model
 from jaxquant.models import Llama, load_model, model_params, with_params
 from jaxquant.specs import Spec, parse_spec
 from jaxquant.transform import quantize_params, report
@@ -30,6 +32,7 @@ class LoadedModel:
     eval_tokens: Any
     load_seconds: float
     calib_tokens: Any = None
+    saved_spec: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,19 +57,27 @@ def load(model: str = "smollm2-135m", text_file: str | os.PathLike[str] | None =
     """Fetch (if needed) and load a model and tokenize its evaluation text.
 
     Args:
-      model: ``"smollm2-135m"`` (fetched into the cache) or a path to a ``.gguf`` file / HF checkpoint folder.
+      model: ``"smollm2-135m"`` (fetched into the cache), a path to a ``.gguf`` file / HF checkpoint folder, or a
+        folder written by ``jaxquant quantize`` / :func:`jaxquant.io.checkpoint.save_model` (already quantized).
       text_file: a plain-text file to evaluate on (its second half, see :mod:`jaxquant.eval.text`); default:
         the evaluation split of the bundled Wikipedia articles.
     """
     t0 = time.perf_counter()
     path = assets.model_path(model)
-    m, tok = load_model(path)
+    saved_spec = None
+    if is_checkpoint(path):
+        m, tok, meta = load_saved_model(path)
+        saved_spec = meta.get("spec")
+    else:
+        m, tok = load_model(path)
     if tok is None:
         raise ValueError(f"{path}: no tokenizer found (an HF folder needs tokenizer.json)")
     ev = text.eval_text(text_file=text_file) if text_file is not None else text.eval_text()
     tokens = encode(ev, tok)
     calib = text.calib_text(text_file=text_file) if text_file is not None else text.calib_text()
-    return LoadedModel(str(model), m, tok, tokens, time.perf_counter() - t0, calib_tokens=encode(calib, tok))
+    return LoadedModel(
+        str(model), m, tok, tokens, time.perf_counter() - t0, calib_tokens=encode(calib, tok), saved_spec=saved_spec
+    )
 
 
 def quantize_model(
@@ -107,8 +118,9 @@ def evaluate(
 ) -> EvalResult:
     """Quantize ``loaded.model`` by ``spec`` and measure perplexity on its evaluation tokens.
 
-    ``bits_per_weight`` is averaged over the quantized tensors only (16 for ``bf16``, 32 for ``fp32`` where
-    nothing is quantized it is the float width of the block linears); ``weight_bytes`` counts every parameter.
+    ``bits_per_weight`` is averaged over the quantized tensors only (16 for ``bf16``; 32 when nothing is
+    quantized); ``weight_bytes`` counts every parameter. A model loaded from a saved quantized checkpoint is
+    evaluated as saved with ``spec="fp32"`` (nothing more is quantized) and reported under its saved SPEC.
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     t0 = time.perf_counter()
@@ -124,12 +136,14 @@ def evaluate(
         batch_size=batch_size,
         progress=progress,
     )
-    if spec.is_float:
-        bpw = 32.0
-    else:
+    if any(r.quantized for r in rep.rows):
         bpw = rep.bits_per_weight
+        name = loaded.saved_spec if (spec.is_float and loaded.saved_spec) else spec.name
+    else:
+        bpw = 32.0
+        name = spec.name
     return EvalResult(
-        scheme=spec.name,
+        scheme=name,
         model=loaded.name,
         ppl=float(res.ppl),
         bits_per_weight=float(bpw),

@@ -60,7 +60,7 @@ class FP8Scheme(Scheme):
         shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
         wf = w.astype(jnp.float32)
         amax = jnp.max(jnp.abs(wf)) if self.granularity == "tensor" else jnp.max(jnp.abs(wf), axis=0)
-        s = jnp.where(amax > 0, true_divide(amax, jnp.float32(fp8_max(self.fmt))), 1.0).astype(jnp.float32)
+        s = jnp.where(amax != 0, true_divide(amax, jnp.float32(fp8_max(self.fmt))), 1.0).astype(jnp.float32)
         data = fp8_quantize_values(wf, self.fmt, s)
         return QArray(data=data, scale=s, scheme=self, shape=shape, dtype=dtype)
 

@@ -35,7 +35,7 @@ __all__ = ["LLMInt8Scheme"]
 
 def _absmax_int8(x: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
     amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    s = jnp.where(amax > 0, true_divide(amax, jnp.float32(127.0)), 1.0)
+    s = jnp.where(amax != 0, true_divide(amax, jnp.float32(127.0)), 1.0)
     return jnp.clip(jnp.round(true_divide(x, s)), -127, 127).astype(jnp.int8), s
 
 

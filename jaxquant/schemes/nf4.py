@@ -5,7 +5,7 @@ Layout (bitsandbytes' ``quantize_4bit(W_torch, quant_type="nf4")`` where ``W_tor
 orientation, i.e. ``W.T.reshape(-1)``, so that each block of ``block_size`` consecutive values runs along the
 input axis of one output channel (when ``block_size`` divides K). Per block::
 
-    a = max |x_block|  (float32)        c_i = argmin_j |x_i / a - NF4_CODE[j]|  (ties -> lower code)
+    a = max |x_block|  (float32)        c_i = argmin_j |x_i * (1/a) - NF4_CODE[j]|  (ties -> lower code)
     x_hat_i = NF4_CODE[c_i] * a
 
 Codes are packed two per byte, the even element in the **high** nibble (bitsandbytes' order).
@@ -48,6 +48,8 @@ def _dynamic_code(max_exponent_bits: int = 7) -> np.ndarray:
     vals += [0.0, 1.0]
     return np.sort(np.array(vals, dtype=np.float32))
 
+
+_NF4_ZERO_CODE = int(np.flatnonzero(NF4_CODE == 0.0)[0])
 
 DYNAMIC_CODE = _dynamic_code()
 _DYN_MID = ((DYNAMIC_CODE[1:] + DYNAMIC_CODE[:-1]) / 2).astype(np.float32)
@@ -121,10 +123,13 @@ class NF4Scheme(Scheme):
         xb = _blocks(flat, self.block_size)
         amax = jnp.max(jnp.abs(xb), axis=1)
         safe = jnp.where(amax > 0, amax, 1.0)
-        codes = jnp.searchsorted(jnp.asarray(NF4_MIDPOINTS), true_divide(xb, safe[:, None]), side="left")
+        # bitsandbytes normalises with x * (1/absmax) (reciprocal rounded to float32, then a product), not a
+        # correctly rounded x / absmax; doing the same keeps codes bit-identical next to decision boundaries
+        inv = true_divide(np.float32(1.0), safe)
+        codes = jnp.searchsorted(jnp.asarray(NF4_MIDPOINTS), xb * inv[:, None], side="left")
         codes = codes.reshape(-1)[:n].astype(jnp.uint8)
-        if n % 2:
-            codes = jnp.concatenate([codes, jnp.zeros((1,), jnp.uint8)])
+        if n % 2:  # pad with the code of 0.0 (7), as bitsandbytes does
+            codes = jnp.concatenate([codes, jnp.full((1,), _NF4_ZERO_CODE, jnp.uint8)])
         pairs = codes.reshape(-1, 2)
         data = (pairs[:, 0] << jnp.uint8(4)) | pairs[:, 1]
         if not self.double_quant:

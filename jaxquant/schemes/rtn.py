@@ -27,7 +27,9 @@ weight inside the representable range.
 Storage (``QArray`` fields): ``data`` = codes packed along K with :func:`jaxquant.core.packing.pack`
 (symmetric codes offset by ``qmax + 1`` into unsigned; 8-bit symmetric codes are stored as plain ``int8``),
 ``scale`` = ``()`` / ``(N,)`` / ``(G, N)``, ``zero`` = uint8 zero points (zeropoint) or minima in ``scale_dtype``
-(minmax), same shape as ``scale``.
+(minmax), same shape as ``scale``. Optional ``aux["g_idx"]`` (int32, ``(K,)``, grouped only): input row ``k``
+uses scale/zero row ``g_idx[k]`` instead of ``k // group_size`` (GPTQ act-order without static groups, made by
+:mod:`jaxquant.algorithms.gptq_core`; ``quantize`` never sets it).
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ class IntScheme(Scheme):
         zero = None
         if self.symmetric:
             amax = jnp.max(jnp.abs(gv), axis=1)
-            s = jnp.where(amax > 0, true_divide(amax, np.float32(qmax)), 1.0)
+            s = jnp.where(amax != 0, true_divide(amax, np.float32(qmax)), 1.0)
             s_st = round_scale_up(s, sdt)
             q = jnp.clip(jnp.round(true_divide(w2, rows(s_st.astype(jnp.float32)))), qmin, qmax)
             if self.bits == 8:
@@ -167,7 +169,7 @@ class IntScheme(Scheme):
         elif self.range == "zeropoint":
             lo = jnp.minimum(jnp.min(gv, axis=1), 0.0)
             hi = jnp.maximum(jnp.max(gv, axis=1), 0.0)
-            s = jnp.where(hi > lo, true_divide(hi - lo, np.float32(qmax)), 1.0)
+            s = jnp.where(hi != lo, true_divide(hi - lo, np.float32(qmax)), 1.0)
             s_st = round_scale_up(s, sdt)
             sf = s_st.astype(jnp.float32)
             z = jnp.clip(jnp.round(true_divide(-lo, sf)), 0, qmax)
@@ -195,7 +197,17 @@ class IntScheme(Scheme):
         else:
             k, n = shape
         _, qmax = int_range(self.bits, self.symmetric)
-        s = self._load_stats(q.scale.astype(jnp.float32), k, n)
+        g_idx = q.aux.get("g_idx") if isinstance(q.aux, dict) else None
+        if g_idx is not None and self.granularity == "group":
+            # GPTQ act-order with dynamic groups: row k uses group g_idx[k] (jaxquant.algorithms.gptq_core)
+            def load(x):
+                return jnp.take(x, g_idx, axis=0)
+        else:
+
+            def load(x):
+                return self._load_stats(x, k, n)
+
+        s = load(q.scale.astype(jnp.float32))
         if self.symmetric and self.bits == 8:
             codes = q.data.astype(jnp.float32)
         else:
@@ -205,7 +217,7 @@ class IntScheme(Scheme):
         if self.symmetric:
             out = codes * s
         elif self.range == "zeropoint":
-            out = (codes - self._load_stats(q.zero.astype(jnp.float32), k, n)) * s
+            out = (codes - load(q.zero.astype(jnp.float32))) * s
         else:
             out = codes * s + self._load_stats(q.zero.astype(jnp.float32), k, n)
         return out.reshape(shape).astype(q.dtype)
