@@ -24,15 +24,24 @@ __all__ = ["EvalResult", "LoadedModel", "evaluate", "load", "quantize_model"]
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A float model with its tokenizer and tokenized evaluation text."""
+    """A model with its tokenizer and tokenized evaluation text (calibration tokens on first use)."""
 
     name: str
     model: Llama
     tokenizer: Any
     eval_tokens: Any
     load_seconds: float
-    calib_tokens: Any = None
     saved_spec: str | None = None
+    text_file: str | os.PathLike[str] | None = None
+    _calib_tokens: Any = None
+
+    @property
+    def calib_tokens(self) -> Any:
+        """Token ids of the calibration split (tokenized on first access)."""
+        if self._calib_tokens is None:
+            calib = text.calib_text(text_file=self.text_file) if self.text_file is not None else text.calib_text()
+            self._calib_tokens = encode(calib, self.tokenizer)
+        return self._calib_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +83,7 @@ def load(model: str = "smollm2-135m", text_file: str | os.PathLike[str] | None =
         raise ValueError(f"{path}: no tokenizer found (an HF folder needs tokenizer.json)")
     ev = text.eval_text(text_file=text_file) if text_file is not None else text.eval_text()
     tokens = encode(ev, tok)
-    calib = text.calib_text(text_file=text_file) if text_file is not None else text.calib_text()
-    return LoadedModel(
-        str(model), m, tok, tokens, time.perf_counter() - t0, calib_tokens=encode(calib, tok), saved_spec=saved_spec
-    )
+    return LoadedModel(str(model), m, tok, tokens, time.perf_counter() - t0, saved_spec=saved_spec, text_file=text_file)
 
 
 def quantize_model(
@@ -124,7 +130,8 @@ def evaluate(
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     t0 = time.perf_counter()
-    qmodel, rep = quantize_model(loaded.model, spec, loaded.calib_tokens, options)
+    calib = loaded.calib_tokens if (spec.build is not None or getattr(spec, "build_model", None)) else None
+    qmodel, rep = quantize_model(loaded.model, spec, calib, options)
     tq = time.perf_counter() - t0
     graphdef, state = nnx.split(qmodel)
     res = perplexity(
