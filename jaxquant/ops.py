@@ -1,6 +1,29 @@
-"""``qdot``: the one matmul entry point for float and quantized weights."""
+"""``qdot``: the one matmul entry point for float and quantized weights, and its kernel dispatch.
+
+Backends, chosen per call at trace time:
+
+* a fused Pallas (Triton) kernel from :mod:`pallas_kernels`, on a CUDA GPU, when one exists for the weight's
+  scheme and layout (see :func:`explain_qdot` for why a call did or did not take it);
+* the XLA path everywhere else: dequantize, then ``jnp.dot`` with float32 accumulation (or the scheme's own
+  ``_qdot``, e.g. LLM.int8's outlier split).
+
+Both compute the same function: the kernels dequantize exactly as the schemes do (float32, then the activation
+dtype) and accumulate in float32, so results differ only by summation order. Unsupported cases fall back to
+XLA, never to an approximation.
+
+The kernel mode is ``"auto"`` (kernels on GPU, XLA elsewhere), ``"off"`` (always XLA), ``"interpret"``
+(kernels through the Pallas interpreter on any backend: slow, for tests) or ``"on"`` (kernels on GPU and an
+error instead of a fallback when the kernel cannot run: for benchmarks). Set it with the environment variable
+``JAXQUANT_KERNELS``, :func:`set_kernel_mode` or the :func:`kernel_mode` context manager. It is read when a
+function is traced, so change it before ``jax.jit`` compiles.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +31,44 @@ import jax.numpy as jnp
 from jaxquant.core.api import dequantize
 from jaxquant.core.qarray import QArray
 
-__all__ = ["qdot"]
+__all__ = [
+    "explain_qdot",
+    "get_kernel_mode",
+    "kernel_mode",
+    "qdot",
+    "qdot_fp8_w8a8",
+    "qdot_ternary_a8",
+    "set_kernel_mode",
+]
+
+_MODES = ("auto", "off", "interpret", "on")
+_mode = os.environ.get("JAXQUANT_KERNELS", "auto")
+if _mode not in _MODES:
+    raise ValueError(f"JAXQUANT_KERNELS must be one of {_MODES}, got {_mode!r}")
+
+
+def set_kernel_mode(mode: str) -> None:
+    """Set the kernel mode (``"auto"``, ``"off"``, ``"interpret"``, ``"on"``); see the module docstring."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"kernel mode must be one of {_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def get_kernel_mode() -> str:
+    """The current kernel mode."""
+    return _mode
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """Temporarily set the kernel mode (``with kernel_mode("off"): ...``)."""
+    old = _mode
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(old)
 
 
 def qdot(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
@@ -21,8 +81,10 @@ def qdot(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     Returns:
       ``(..., N)`` in ``x``'s dtype, accumulated in float32.
 
-    Schemes may provide their own matmul (``scheme._qdot(x, q)``), e.g. LLM.int8's outlier split with an
-    int8 x int8 -> int32 product; otherwise the weight is dequantized and multiplied (the XLA path).
+    On a CUDA GPU, quantized weights with a fused Pallas kernel (int4/int8/int2 weight-only, NF4, LLM.int8,
+    fp8, ternary) run through it; otherwise schemes may provide their own matmul (``scheme._qdot(x, q)``,
+    e.g. LLM.int8's outlier split with an int8 x int8 -> int32 product), else the weight is dequantized and
+    multiplied (the XLA path).
     """
     x = jnp.asarray(x)
     if not isinstance(w, QArray):
@@ -34,8 +96,313 @@ def qdot(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
         raise ValueError(
             f"qdot: x {tuple(x.shape)} and QArray {w.shape} do not contract (need (K, N) with K = x.shape[-1])"
         )
+    plan, why = _plan(x, w)
+    if plan is not None:
+        lead = x.shape[:-1]
+        y = plan(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*lead, w.shape[1])
+    if _mode == "on":
+        raise ValueError(f"qdot: kernel mode 'on' but no kernel runs this call: {why}")
     custom = getattr(w.scheme, "_qdot", None)
     if custom is not None:
         return custom(x, w)
     wd = dequantize(w).astype(x.dtype)
     return jnp.dot(x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def explain_qdot(x: jax.Array, w: QArray) -> str:
+    """Which backend ``qdot(x, w)`` takes now, and why (for logs and benchmarks)."""
+    plan, why = _plan(jnp.asarray(x) if not hasattr(x, "shape") else x, w)
+    return f"kernel: {why}" if plan is not None else f"xla: {why}"
+
+
+# -------------------------------------------------------------------------------------------------
+# kernel dispatch
+# -------------------------------------------------------------------------------------------------
+def _interpret() -> bool | None:
+    """``False``: compile kernels for the GPU; ``True``: interpret them; ``None``: do not use kernels."""
+    if _mode == "off":
+        return None
+    if _mode == "interpret":
+        return True
+    if _mode == "on":  # forced: compile for the GPU (fails loudly where there is none)
+        return False
+    from pallas_kernels._common import gpu_available
+
+    return False if gpu_available() else None
+
+
+def _plan(x, w: QArray) -> tuple[Callable[[jax.Array], jax.Array] | None, str]:
+    """A function of the 2-D activations that runs the kernel, or ``None`` with the reason."""
+    interpret = _interpret()
+    if interpret is None:
+        return None, f"kernel mode {_mode!r} on backend {jax.default_backend()!r}"
+    kind = getattr(w.scheme, "kind", None)
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
+        return None, f"no kernel for scheme kind {kind!r}"
+    m = math.prod(x.shape[:-1])
+    if m == 0:
+        return None, "empty activations"
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return None, f"activation dtype {jnp.dtype(x.dtype).name}"
+    return adapter(x, w, m, interpret)
+
+
+def _int_adapter(x, w: QArray, m: int, interpret: bool):
+    from pallas_kernels import int4_matmul as km
+    from pallas_kernels import tuning
+
+    s = w.scheme
+    k, n = w.shape
+    if s.bits not in (2, 4, 8):
+        return None, f"no {s.bits}-bit integer kernel"
+    mode = "sym" if s.symmetric else s.range
+    gs = s.group_size if s.granularity == "group" else None
+    layout = km.IntLayout(bits=s.bits, mode=mode, k=k, n=n, group_size=gs)
+    name = {4: "int4", 8: "int8w", 2: "int2w"}[s.bits]
+    why = _check_limit(name, m, interpret)
+    if why:
+        return None, why
+    cfg = tuning.get_config(name, m, k, n)
+    why = km.supported(layout, cfg, x.dtype)
+    if why:
+        return None, why
+    zero = w.zero if mode != "sym" else None
+
+    w_dtype = _w_round(w, x)
+
+    def run(x2):
+        return km.int_matmul(x2, w.data, w.scale, zero, layout=layout, config=cfg, w_dtype=w_dtype, interpret=interpret)
+
+    return run, f"{name} {cfg}"
+
+
+def _w_round(w: QArray, x) -> str | None:
+    """The intermediate dtype the XLA path rounds a dequantized weight to (``None`` when it is a no-op)."""
+    d = jnp.dtype(w.dtype)
+    return None if d in (jnp.dtype(jnp.float32), jnp.dtype(x.dtype)) else d.name
+
+
+def _check_limit(name: str, m: int, interpret: bool) -> str | None:
+    from pallas_kernels import tuning
+
+    limit = tuning.max_m(name)
+    if limit is not None and m > limit and not interpret:
+        return f"M={m} above the tuned limit {limit} for {name}"
+    return None
+
+
+def _nf4_adapter(x, w: QArray, m: int, interpret: bool):
+    from jaxquant.core.formats import NF4_CODE
+    from jaxquant.schemes.nf4 import DYNAMIC_CODE
+    from pallas_kernels import nf4_matmul as km
+    from pallas_kernels import tuning
+
+    s = w.scheme
+    k, n = w.shape
+    layout = km.NF4Layout(k=k, n=n, block=s.block_size, double_quant=s.double_quant)
+    why = _check_limit("nf4", m, interpret)
+    if why:
+        return None, why
+    cfg = tuning.get_config("nf4", m, k, n)
+    why = km.supported(layout, cfg, x.dtype)
+    if why:
+        return None, why
+    extra = (w.aux["absmax_scale"], w.aux["absmax_offset"], DYNAMIC_CODE) if s.double_quant else ()
+    code_vals = tuple(float(v) for v in NF4_CODE)
+    w_dtype = _w_round(w, x)
+
+    def run(x2):
+        return km.nf4_matmul(
+            x2,
+            w.data,
+            w.scale,
+            NF4_CODE,
+            *extra,
+            layout=layout,
+            config=cfg,
+            code_vals=code_vals,
+            w_dtype=w_dtype,
+            interpret=interpret,
+        )
+
+    return run, f"nf4 {cfg}"
+
+
+def _llm_int8_adapter(x, w: QArray, m: int, interpret: bool):
+    from jaxquant.schemes.llm_int8 import _absmax_int8
+    from pallas_kernels import int8_outlier_matmul as km
+    from pallas_kernels import tuning
+
+    s = w.scheme
+    k, n = w.shape
+    if s.outlier_rows:
+        return None, "LLM.int8 with stored float16 outlier rows"
+    why = _check_limit("int8_outlier", m, interpret)
+    if why:
+        return None, why
+    cfg = tuning.get_config("int8_outlier", m, k, n)
+    why = km.supported(k, n, cfg)
+    if why:
+        return None, why
+    per_row = s.granularity == "channel"
+
+    def run(x2):
+        # the activation split exactly as LLMInt8Scheme._qdot computes it
+        xf = x2.astype(jnp.float32)
+        if s.threshold is None:
+            is_out = jnp.zeros((k,), bool)
+            x_r = xf
+        else:
+            is_out = jnp.max(jnp.abs(xf), axis=0) > s.threshold
+            x_r = xf - jnp.where(is_out[None, :], xf, 0.0)
+        xq, sx = _absmax_int8(x_r, axis=1 if per_row else None)
+        sx = jnp.broadcast_to(sx.reshape(-1), (x2.shape[0],))
+        sw = jnp.broadcast_to(w.scale, (n,))
+        idx, count = km.outlier_indices(is_out)
+        return km.int8_outlier_matmul(
+            x2, xq, sx, idx, count, w.data, sw, config=cfg, outliers=s.threshold is not None, interpret=interpret
+        )
+
+    return run, f"int8_outlier {cfg}"
+
+
+def _fp8_adapter(x, w: QArray, m: int, interpret: bool):
+    from pallas_kernels import fp8_matmul as km
+    from pallas_kernels import tuning
+
+    k, n = w.shape
+    why = _check_limit("fp8_w8a16", m, interpret)
+    if why:
+        return None, why
+    cfg = tuning.get_config("fp8_w8a16", m, k, n)
+    why = km.supported(w.data.dtype, cfg, x.dtype)
+    if why:
+        return None, why
+    w_dtype = _w_round(w, x)
+
+    def run(x2):
+        return km.fp8_matmul(x2, w.data, w.scale, mode="w8a16", config=cfg, w_dtype=w_dtype, interpret=interpret)
+
+    return run, f"fp8_w8a16 {cfg}"
+
+
+def _ternary_adapter(x, w: QArray, m: int, interpret: bool, mode: str = "w16"):
+    from pallas_kernels import ternary_matmul as km
+    from pallas_kernels import tuning
+
+    s = w.scheme
+    k, n = w.shape
+    if s.packing != "2bit":
+        return None, f"ternary packing {s.packing!r} (kernels read 2-bit packing)"
+    packing = "k" if s.granularity == "channel" else "n"
+    name = "ternary" if mode == "w16" else "ternary_a8"
+    why = _check_limit(name, m, interpret)
+    if why:
+        return None, why
+    cfg = tuning.get_config(name, m, k, n)
+    why = km.supported(k, n, packing, cfg, x.dtype, mode)
+    if why:
+        return None, why
+    w_dtype = _w_round(w, x) if mode == "w16" else None
+
+    def run(x2):
+        return km.ternary_matmul(
+            x2,
+            w.data,
+            w.scale,
+            k=k,
+            n=n,
+            packing=packing,
+            mode=mode,
+            config=cfg,
+            w_dtype=w_dtype,
+            interpret=interpret,
+        )
+
+    return run, f"{name} {cfg}"
+
+
+_ADAPTERS: dict[str, Callable] = {
+    "int": _int_adapter,
+    "nf4": _nf4_adapter,
+    "llm_int8": _llm_int8_adapter,
+    "fp8": _fp8_adapter,
+    "ternary": _ternary_adapter,
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# matmuls that quantize the activations too (their own semantics, not x @ dequantize(w))
+# -------------------------------------------------------------------------------------------------
+def _check_2d(x, w: QArray, kind: str, fn: str) -> None:
+    if not isinstance(w, QArray) or getattr(w.scheme, "kind", None) != kind:
+        raise TypeError(f"{fn} needs a QArray of a {kind!r} scheme, got {type(w).__name__}")
+    if len(w.shape) != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"{fn}: x {tuple(x.shape)} and QArray {w.shape} do not contract")
+
+
+def qdot_fp8_w8a8(x: jax.Array, w: QArray) -> jax.Array:
+    """fp8 W8A8: activations quantized per row (token) to the weight's fp8 format on the fly.
+
+    ``s_x[m] = max_k |x[m, k]| / FMAX``, ``q = fp8(clip(x / s_x))``, ``y = (q @ w)_fp32 * s_x * s_w``: an
+    approximation of ``x @ dequantize(w)`` (activation rounding to fp8), not the same function as ``qdot``.
+    On GPU one fused Pallas kernel (the activation quantization happens per tile); elsewhere XLA.
+    """
+    from pallas_kernels import fp8_matmul as km
+
+    x = jnp.asarray(x)
+    _check_2d(x, w, "fp8", "qdot_fp8_w8a8")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    k, n = w.shape
+    interpret = _interpret()
+    y = None
+    if interpret is not None:
+        from pallas_kernels import tuning
+
+        cfg = tuning.get_config("fp8_w8a8", x2.shape[0], k, n)
+        if km.supported(w.data.dtype, cfg, x.dtype) is None and not _check_limit("fp8_w8a8", x2.shape[0], interpret):
+            y = km.fp8_matmul(x2, w.data, w.scale, mode="w8a8", config=cfg, interpret=interpret)
+    if y is None:
+        if _mode == "on":
+            raise ValueError("qdot_fp8_w8a8: kernel mode 'on' but the kernel cannot run this call")
+        y = km.fp8_matmul_reference(x2, w.data, w.scale, mode="w8a8")
+    return y.reshape(*lead, n)
+
+
+def qdot_ternary_a8(x: jax.Array, w: QArray) -> jax.Array:
+    """BitNet b1.58 W1.58A8: activations quantized per token to int8 (absmax), int8 x ternary -> int32.
+
+    ``s_x[m] = max_k |x[m, k]| / 127``, ``q = clip(round(x / s_x), -127, 127)``,
+    ``y = (q @ t)_int32 * s_x * s``: BitNet's inference product, not the same function as ``qdot``.
+    On GPU a Pallas kernel (after an XLA quantization pre-pass); elsewhere XLA.
+    """
+    from pallas_kernels import ternary_matmul as km
+
+    x = jnp.asarray(x)
+    _check_2d(x, w, "ternary", "qdot_ternary_a8")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    k, n = w.shape
+    interpret = _interpret()
+    plan = None
+    if interpret is not None:
+        plan, _ = _ternary_adapter(x2, w, x2.shape[0], interpret, mode="a8")
+    if plan is not None:
+        y = plan(x2)
+    else:
+        if _mode == "on":
+            raise ValueError("qdot_ternary_a8: kernel mode 'on' but the kernel cannot run this call")
+        if w.scheme.packing != "2bit":
+            from jaxquant.core.api import dequantize as _deq
+
+            t = jnp.round(_deq(w).astype(jnp.float32) / w.scale).astype(jnp.int8)
+            q, sx = km.quantize_activations(x2)
+            acc = jnp.dot(q, t, preferred_element_type=jnp.int32)
+            y = (acc.astype(jnp.float32) * sx[:, None] * jnp.broadcast_to(w.scale, (n,))[None, :]).astype(x.dtype)
+        else:
+            packing = "k" if w.scheme.granularity == "channel" else "n"
+            y = km.ternary_matmul_reference(x2, w.data, w.scale, k=k, n=n, packing=packing, mode="a8")
+    return y.reshape(*lead, n)

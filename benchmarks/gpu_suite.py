@@ -1,0 +1,573 @@
+"""One command for a lent GPU: correctness checks of every kernel on the device, then the kernel benchmark.
+
+Writes ``benchmarks/results/<device>.md`` (date, commit, JAX version, device, ceilings, correctness table,
+benchmark table) and ``<device>.jsonl`` (raw rows); when ``$OUT`` is set (the device tool's return folder) the
+same files are copied there. Every section runs in its own subprocess with a timeout, so a kernel that fails
+to compile, crashes the process or hangs costs only its own section; the suite keeps a total time budget and
+skips (and reports) what no longer fits.
+
+Usage (from the repository root, nothing to install beyond jax; PYTHONPATH=. is set by the script itself)::
+
+    python benchmarks/gpu_suite.py                      # ~5 minutes on an H100
+    python benchmarks/gpu_suite.py --budget-s 240 --tune
+    python benchmarks/gpu_suite.py --dry-run            # CPU: tiny shapes through the Pallas interpreter
+
+Sections: ``env`` (devices, versions), ``ceilings`` (copy bandwidth, bf16 matmul rate), ``check`` (each kernel
+vs the XLA path and float64 NumPy on ragged shapes, M=1, both activation dtypes, run twice to expose races),
+``bench:<kernel>`` (benchmarks/kernels.py), optionally ``tune`` (a few block configs of the int4 kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (kernel, M values, KxN values, seconds budget): the five main kernels first, at the shapes their goals name
+PLAN = [
+    ("int4_g128", "1,16,256,4096", "4096x4096,8192x8192", 55),
+    ("nf4", "1,16,4096", "8192x8192", 25),
+    ("int8_outlier", "1,16,4096", "8192x8192", 25),
+    ("fp8_w8a8", "1,16,8192", "8192x8192", 25),
+    ("ternary_w158a8", "1,16,4096", "8192x8192", 25),
+    ("int4_g128_asym", "1,16", "8192x8192", 15),
+    ("int8_w8a16", "1,16", "8192x8192", 15),
+    ("fp8_w8a16", "1,16", "8192x8192", 15),
+    ("ternary", "1,16", "8192x8192", 15),
+]
+MAIN_KERNELS = [p[0] for p in PLAN[:5]]
+EXTRA_KERNELS = [p[0] for p in PLAN[5:]]
+
+
+# -------------------------------------------------------------------------------------------------
+# sections (each runs in a child process: python benchmarks/gpu_suite.py --section NAME --result FILE)
+# -------------------------------------------------------------------------------------------------
+def section_env(args) -> dict[str, Any]:
+    import jax
+
+    d = jax.devices()[0]
+    from pallas_kernels.tuning import device_key
+
+    return {
+        "jax": jax.__version__,
+        "python": sys.version.split()[0],
+        "backend": jax.default_backend(),
+        "device_kind": d.device_kind,
+        "device_key": device_key(d.device_kind) if jax.default_backend() == "gpu" else "cpu-dry-run",
+        "num_devices": len(jax.devices()),
+        "core_count": getattr(d, "core_count", None),
+    }
+
+
+def section_ceilings(args) -> dict[str, Any]:
+    from benchmarks.kernels import measure_ceilings
+
+    return measure_ceilings(interpret=args.dry_run)
+
+
+def _check_cases(dry: bool):
+    """(M, K, N, activation dtype): M=1, ragged M/N, a large-M tile path, float16 once."""
+    import jax.numpy as jnp
+
+    if dry:
+        return [(1, 256, 96, jnp.bfloat16), (5, 192, 80, jnp.float16)]
+    return [(1, 512, 384, jnp.bfloat16), (5, 640, 320, jnp.float16), (300, 2048, 768, jnp.bfloat16)]
+
+
+def section_check(args) -> dict[str, Any]:
+    """Each kernel through ``jq.qdot`` (kernels forced on) vs the XLA path and float64 NumPy."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxquant as jq
+    from benchmarks.kernels import SPECS, _activations, _direct_fn
+    from jaxquant.ops import explain_qdot, kernel_mode
+
+    mode = "interpret" if args.dry_run else "auto"  # auto: kernels on the GPU; the path column shows which ran
+    rows = []
+    names = [n for n in args.kernels.split(",") if n]
+    for name in names:
+        spec = SPECS[name]
+        for m, k, n, dt in _check_cases(args.dry_run):
+            row: dict[str, Any] = {"kernel": name, "m": m, "k": k, "n": n, "dtype": jnp.dtype(dt).name}
+            row["key"] = f"{name}:{m}:{k}:{n}:{row['dtype']}"
+            if row["key"] in _skips(args):
+                continue
+            _mark(args, row)
+            t0 = time.time()
+            try:
+                key = jax.random.PRNGKey(m + 3 * k + 7 * n)
+                w = jax.random.normal(key, (k, n), jnp.float32) * 0.05
+                q = jq.quantize(w, spec.scheme())
+                x = _activations(spec.activations, jax.random.fold_in(key, 2), m, k).astype(dt)
+                op = jq.qdot if spec.direct is None else _direct_fn(spec, args.dry_run)
+                with kernel_mode(mode):
+                    row["path"] = explain_qdot(x, q) if spec.direct is None else f"direct {spec.direct}"
+                    f = jax.jit(op)
+                    y1 = np.asarray(f(x, q), np.float64)
+                    y2 = np.asarray(f(x, q), np.float64)
+                with kernel_mode("off"):  # the same function through XLA
+                    yx = np.asarray(jax.jit(op)(x, q), np.float64)
+                wd = np.asarray(jq.dequantize(q).astype(dt), np.float64)
+                y64 = np.asarray(x, np.float64) @ wd
+                nrm = max(np.linalg.norm(y64), 1e-30)
+                row["rel_err_vs_f64"] = float(np.linalg.norm(y1 - y64) / nrm)
+                row["rel_err_vs_xla"] = float(np.linalg.norm(y1 - yx) / max(np.linalg.norm(yx), 1e-30))
+                row["xla_rel_err_vs_f64"] = float(np.linalg.norm(yx - y64) / nrm)
+                row["deterministic"] = bool(np.array_equal(y1, y2))
+                row["finite"] = bool(np.isfinite(y1).all())
+                # kernel and XLA path compute the same function (bf16/f16 output, summation order differ):
+                # <= 1e-2; vs float64 x @ dequant(W): 1e-2 for weight-only kernels, 6e-2 where the
+                # activations are quantized too (LLM.int8, W8A8, W1.58A8)
+                quant_act = spec.direct is not None or spec.activations != "normal"
+                row["ok"] = bool(
+                    row["finite"]
+                    and row["deterministic"]
+                    and row["rel_err_vs_xla"] <= 1e-2
+                    and row["rel_err_vs_f64"] <= (6e-2 if quant_act else 1e-2)
+                    and row["path"].startswith(("kernel", "direct"))
+                )
+            except Exception as e:
+                row["ok"] = False
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                traceback.print_exc()
+            row["seconds"] = round(time.time() - t0, 2)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            _write_partial(args.result, {"rows": rows})
+    return {"rows": rows}
+
+
+def section_bench(args) -> dict[str, Any]:
+    from benchmarks import kernels as kb
+
+    rows_file = args.result + ".rows"
+    argv = [
+        "--kernels",
+        args.kernels,
+        "--json",
+        rows_file,
+        "--budget-s",
+        str(args.budget_s),
+        "--m",
+        args.m,
+        "--kn",
+        args.kn,
+    ]
+    if args.ceilings:
+        argv += ["--ceilings", args.ceilings]
+    if args.skip:
+        argv += ["--skip", args.skip]
+    if args.marker:
+        argv += ["--marker", args.marker]
+    if args.dry_run:
+        argv.append("--cpu-interpret")
+    kb.main(argv)
+    return {"rows": _read_rows(rows_file)}
+
+
+def _tune_candidates(m: int):
+    """int4 g128 configs to time per M bucket; each was compiled for sm_90 with PyPI triton on the CPU first
+    (some interleave/warp combinations abort Triton with "Illegal shared layout")."""
+    from pallas_kernels._common import BlockConfig
+
+    if m <= 16:
+        return [
+            BlockConfig(16, 64, 128, s, 4, st, v) for s in (2, 4, 8) for st in (3, 5) for v in ("strided", "interleave")
+        ] + [BlockConfig(16, 128, 128, 4, 4, 4, "strided"), BlockConfig(16, 32, 128, 4, 4, 4, "strided")]
+    if m <= 256:
+        return [
+            BlockConfig(64, 128, 64, 1, 4, 3, "strided"),
+            BlockConfig(64, 128, 128, 1, 4, 3, "strided"),
+            BlockConfig(64, 128, 64, 1, 8, 3, "interleave"),
+            BlockConfig(64, 64, 128, 2, 4, 4, "strided"),
+            BlockConfig(64, 64, 64, 1, 4, 3, "interleave"),
+            BlockConfig(128, 128, 64, 1, 8, 3, "interleave"),
+        ]
+    return [
+        BlockConfig(128, 128, 64, 1, 8, 3, "interleave"),
+        BlockConfig(128, 128, 128, 1, 8, 3, "interleave"),
+        BlockConfig(128, 128, 64, 1, 8, 4, "strided"),
+        BlockConfig(64, 128, 64, 1, 8, 3, "interleave"),
+        BlockConfig(64, 128, 64, 1, 4, 3, "strided"),
+    ]
+
+
+def section_tune(args) -> dict[str, Any]:
+    """Time a few int4 g128 block configs per M; report the best (rows for pallas_kernels/tuning.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxquant as jq
+    from benchmarks.kernels import time_per_call
+    from pallas_kernels import int4_matmul as km
+
+    t_start = time.time()
+    rows = []
+    ms = [1, 16] if args.dry_run else [int(v) for v in args.m.split(",")]
+    k, n = (256, 256) if args.dry_run else (4096, 4096)
+    for m in ms:
+        key = jax.random.PRNGKey(m)
+        nb = 2 if args.dry_run else (24 if m <= 256 else 3)
+        qs = [
+            jq.quantize(jax.random.normal(jax.random.fold_in(key, b), (k, n)) * 0.02, jq.IntScheme(4, 128))
+            for b in range(nb)
+        ]
+        xs = [jax.random.normal(jax.random.fold_in(key, 100 + b), (m, k), jnp.bfloat16) for b in range(nb)]
+        lay = km.IntLayout(bits=4, mode="sym", k=k, n=n, group_size=128)
+        for cfg in _tune_candidates(m):
+            if time.time() - t_start > args.budget_s:
+                break
+            row = {"m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{m}|{cfg!r}"}
+            if row["key"] in _skips(args):
+                continue
+            _mark(args, row)
+            try:
+                f = jax.jit(
+                    lambda xl, ql, cfg=cfg, lay=lay: [
+                        km.int_matmul(xi, qi.data, qi.scale, None, layout=lay, config=cfg, interpret=args.dry_run)
+                        for xi, qi in zip(xl, ql)
+                    ]
+                )
+                row["t"] = time_per_call(f, (xs, qs), 2 if args.dry_run else 10, 1 if args.dry_run else 3) / nb
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            _write_partial(args.result, {"rows": rows})
+    return {"rows": rows}
+
+
+SECTIONS = {"env": section_env, "ceilings": section_ceilings, "check": section_check, "tune": section_tune}
+
+
+def _skips(args) -> set[str]:
+    return set(args.skip.split(";")) if args.skip else set()
+
+
+def _mark(args, head: dict[str, Any]) -> None:
+    """Record the case about to run, so that the supervisor can skip it if this process dies on it."""
+    if args.marker:
+        with open(args.marker, "w") as f:
+            json.dump(head, f)
+
+
+def _write_partial(path: str | None, obj: Any) -> None:
+    if path:
+        with open(path + ".partial", "w") as f:
+            json.dump(obj, f)
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+# -------------------------------------------------------------------------------------------------
+# orchestration
+# -------------------------------------------------------------------------------------------------
+def _run_section(name: str, extra: list[str], timeout: float, tmp: str, dry: bool) -> dict[str, Any]:
+    """Run one section in a child process; returns its result dict, or one with ``error``."""
+    result = os.path.join(tmp, name.replace(":", "_") + ".json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--section", name, "--result", result, *extra]
+    if dry:
+        cmd.append("--dry-run")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    t0 = time.time()
+    print(f"\n=== section {name} (timeout {timeout:.0f} s) ===", flush=True)
+    log_path = os.path.join(tmp, name.replace(":", "_") + ".log")
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, stdout=log, stderr=subprocess.STDOUT)
+        rc = proc.returncode
+        err = None if rc == 0 else f"exit status {rc}"
+    except subprocess.TimeoutExpired:
+        rc, err = None, f"timed out after {timeout:.0f} s"
+    with open(log_path) as f:
+        log_text = f.read()
+    tail = "\n".join(ln for ln in log_text.splitlines()[-40:])
+    print(tail, flush=True)
+    out: dict[str, Any] = {}
+    if os.path.exists(result):
+        with open(result) as f:
+            out = json.load(f)
+    elif os.path.exists(result + ".partial"):
+        with open(result + ".partial") as f:
+            out = json.load(f)
+    if name.startswith("bench:") and not out.get("rows"):
+        out["rows"] = _read_rows(result + ".rows")
+    if err:
+        out["error"] = err
+        out["log_tail"] = "\n".join(log_text.splitlines()[-25:])
+    out["seconds"] = round(time.time() - t0, 1)
+    print(f"=== section {name}: {'ok' if not err else err} in {out['seconds']} s ===", flush=True)
+    return out
+
+
+def _run_resilient(name: str, extra: list[str], timeout: float, tmp: str, dry: bool) -> dict[str, Any]:
+    """Run a section that reports rows; if its process dies (an LLVM abort in a kernel compile, a crash), record
+    the case it was on as failed and start it again without that case and the cases already done."""
+    deadline = time.time() + timeout
+    marker = os.path.join(tmp, name.replace(":", "_") + ".attempt")
+    rows: list[dict[str, Any]] = []
+    skip: list[str] = []
+    out: dict[str, Any] = {}
+    for attempt in range(4):
+        remaining = deadline - time.time()
+        if remaining < 10:
+            break
+        if os.path.exists(marker):
+            os.remove(marker)
+        args = [*extra, "--marker", marker] + (["--skip", ";".join(skip)] if skip else [])
+        out = _run_section(name if attempt == 0 else f"{name}#retry{attempt}", args, remaining, tmp, dry)
+        new = [r for r in out.get("rows", []) if r.get("key") not in skip]
+        rows += new
+        if "error" not in out or "timed out" in out["error"] or not os.path.exists(marker):
+            break
+        with open(marker) as f:
+            head = json.load(f)
+        if head.get("key") in skip:
+            break
+        rows.append({**head, "ok": False, "error": f"process died on this case ({out['error']})"})
+        skip += [r["key"] for r in new if "key" in r] + [head["key"]]
+        print(f"--- {name}: process died on {head.get('key')}; restarting without it", flush=True)
+    out["rows"] = rows
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return "unknown (no git)"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+
+
+def _check_table(rows: list[dict[str, Any]]) -> str:
+    s = (
+        "| kernel | M | K | N | dtype | ok | rel err vs f64 | rel err vs XLA | XLA vs f64 | deterministic | path |\n"
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---|---|\n"
+    )
+    for r in rows:
+        if "error" in r:
+            s += f"| {r['kernel']} | {r['m']} | {r['k']} | {r['n']} | {r['dtype']} | **FAIL** | – | – | – | – | "
+            s += f"{r['error'][:150]} |\n"
+            continue
+        s += (
+            f"| {r['kernel']} | {r['m']} | {r['k']} | {r['n']} | {r['dtype']} | "
+            f"{'yes' if r['ok'] is True else ('fallback' if r['ok'] == 'fallback' else '**NO**')} | "
+            f"{r['rel_err_vs_f64']:.1e} | {r['rel_err_vs_xla']:.1e} | {r['xla_rel_err_vs_f64']:.1e} | "
+            f"{r['deterministic']} | {r.get('path', '')[:60]} |\n"
+        )
+    return s
+
+
+def _tune_summary(rows: list[dict[str, Any]]) -> str:
+    best: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if "t" in r and (r["m"] not in best or r["t"] < best[r["m"]]["t"]):
+            best[r["m"]] = r
+    s = "| M | K | N | config | µs |\n|---:|---:|---:|---|---:|\n"
+    for r in rows:
+        mark = " **best**" if best.get(r["m"]) is r else ""
+        t = f"{1e6 * r['t']:.1f}" if "t" in r else r.get("error", "")[:100]
+        s += f"| {r['m']} | {r['k']} | {r['n']} | `{r['config']}`{mark} | {t} |\n"
+    return s
+
+
+def orchestrate(a) -> int:
+    t_start = time.time()
+    tmp = tempfile.mkdtemp(prefix="gpu_suite_")
+    report: dict[str, Any] = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    report["commit"] = _git_commit()
+
+    def left() -> float:
+        return a.budget_s - (time.time() - t_start)
+
+    env = _run_section("env", [], 120, tmp, a.dry_run)
+    report["env"] = env
+    if "error" in env:
+        print("environment check failed; stopping", flush=True)
+    ceil = _run_section("ceilings", [], min(90, max(30, left())), tmp, a.dry_run)
+    report["ceilings"] = {k: v for k, v in ceil.items() if k not in ("seconds",)}
+    ceil_file = os.path.join(tmp, "ceilings.json")
+    if "copy_bytes_per_s" in ceil:
+        with open(ceil_file, "w") as f:
+            json.dump({k: v for k, v in ceil.items() if isinstance(v, float)}, f)
+    if a.kernels:
+        plan = [(k, a.m, a.kn, a.per_kernel_s) for k in a.kernels.split(",") if k]
+    else:
+        plan = PLAN
+    if not a.skip_check:
+        chk = _run_resilient(
+            "check",
+            ["--kernels", ",".join(p[0] for p in plan)],
+            min(a.check_timeout_s, max(30, left())),
+            tmp,
+            a.dry_run,
+        )
+        report["check"] = chk
+    bench_rows: list[dict[str, Any]] = []
+    report["sections"] = {}
+    for name, ms, kns, budget in plan:
+        remaining = left()
+        if remaining < 20:
+            bench_rows.append({"kernel": name, "error": "skipped: suite time budget"})
+            continue
+        per = min(budget, remaining - 8)
+        extra_args = ["--kernels", name, "--budget-s", str(per), "--m", ms, "--kn", kns]
+        if os.path.exists(ceil_file):
+            extra_args += ["--ceilings", ceil_file]
+        res = _run_resilient(f"bench:{name}", extra_args, per + 40, tmp, a.dry_run)
+        report["sections"][name] = {k: v for k, v in res.items() if k != "rows"}
+        rows = res.get("rows", [])
+        if not rows and "error" in res:
+            rows = [{"kernel": name, "error": res["error"]}]
+        bench_rows += rows
+    report["bench"] = bench_rows
+    if a.tune and left() > 25:  # only with the time left over
+        report["tune"] = _run_resilient(
+            "tune", ["--budget-s", str(left() - 20), "--m", "1,16,256,4096"], left() + 10, tmp, a.dry_run
+        )
+    report["total_seconds"] = round(time.time() - t_start, 1)
+    _write_report(a, report)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _write_report(a, report: dict[str, Any]) -> None:
+    from benchmarks.kernels import format_table
+
+    env = report.get("env", {})
+    dev = env.get("device_key") or "unknown-device"
+    out_dir = a.out or (
+        os.path.join(tempfile.gettempdir(), "gpu_suite_dry_run")
+        if a.dry_run
+        else os.path.join(ROOT, "benchmarks", "results")
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    md_path = os.path.join(out_dir, f"{dev}.md")
+    ceil = report.get("ceilings", {})
+    lines = [
+        f"# Kernel results on {env.get('device_kind', '?')}",
+        "",
+        f"- date (UTC): {report['started']}",
+        f"- commit: {report['commit']}",
+        f"- JAX {env.get('jax', '?')}, Python {env.get('python', '?')}, backend {env.get('backend', '?')}",
+        f"- written by `benchmarks/gpu_suite.py` in {report['total_seconds']} s"
+        + (" (**dry run: Pallas interpreter on CPU, timings meaningless**)" if a.dry_run else ""),
+    ]
+    if "copy_bytes_per_s" in ceil:
+        lines.append(
+            f"- measured ceilings: device-to-device copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
+            f"bf16 matmul 8192³ {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s"
+        )
+    elif "error" in ceil:
+        lines.append(f"- ceilings: FAILED ({ceil['error']})")
+    lines += [
+        "",
+        "Times are medians per matmul over rotating input sets (> 2x L2), warmed up; × columns are speed-ups "
+        "(bf16 `jnp.dot` time / kernel time, XLA dequant path time / kernel time); % copy BW = fewest bytes "
+        "(packed weights + scales + x + y) / time / copy bandwidth.",
+        "",
+        "## Benchmark",
+        "",
+        format_table(report.get("bench", [])),
+    ]
+    chk = report.get("check")
+    if chk is not None:
+        lines += ["## Correctness on the device", ""]
+        if "error" in chk:
+            lines += [f"check section: {chk['error']}", ""]
+        lines += [_check_table(chk.get("rows", [])), ""]
+    tune = report.get("tune")
+    if tune:
+        lines += ["## int4 g128 block-config sweep (K=N=4096)", "", _tune_summary(tune.get("rows", [])), ""]
+    failed = {k: v for k, v in report.get("sections", {}).items() if "error" in v}
+    if failed:
+        lines += ["## Section failures", ""]
+        for k, v in failed.items():
+            lines += [f"### {k}: {v['error']}", "", "```", v.get("log_tail", ""), "```", ""]
+    text = "\n".join(lines) + "\n"
+    with open(md_path, "w") as f:
+        f.write(text)
+    jsonl = os.path.join(out_dir, f"{dev}.json")
+    with open(jsonl, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print("\n" + text, flush=True)
+    print(f"wrote {md_path} and {jsonl}", flush=True)
+    out_env = os.environ.get("OUT")
+    if out_env and os.path.isdir(out_env):
+        for p in (md_path, jsonl):
+            shutil.copy(p, os.path.join(out_env, os.path.basename(p)))
+        print(f"copied to {out_env}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--dry-run",
+        "--cpu-interpret",
+        action="store_true",
+        dest="dry_run",
+        help="CPU dry run: tiny shapes through the Pallas interpreter, report to a temp folder",
+    )
+    p.add_argument("--budget-s", type=float, default=300.0, help="total time budget of the suite (seconds)")
+    p.add_argument("--per-kernel-s", type=float, default=40.0, help="benchmark budget per kernel with --kernels")
+    p.add_argument("--check-timeout-s", type=float, default=75.0)
+    p.add_argument("--kernels", default="", help="comma list (default: the built-in plan: five main kernels, extras)")
+    p.add_argument("--m", default="1,16,256,4096", help="M values with --kernels")
+    p.add_argument("--kn", default="4096x4096,8192x8192", help="KxN values with --kernels")
+    p.add_argument("--no-tune", dest="tune", action="store_false", help="skip the int4 config sweep")
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results; dry run: a temp folder)")
+    # internal: run one section in this process
+    p.add_argument("--section", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ceilings", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--skip", default="", help=argparse.SUPPRESS)
+    p.add_argument("--marker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.section is None:
+        return orchestrate(a)
+    section = a.section.split("#")[0]  # "#retryN" marks a restart after a crash
+    if section.startswith("bench:"):
+        res = section_bench(a)
+    else:
+        res = SECTIONS[section](a)
+    with open(a.result, "w") as f:
+        json.dump(res, f, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Helpers shared by the Pallas kernels: block configs, masks, interleaving, backend detection.
+
+Rules of the Pallas Triton path these helpers respect (found by lowering and compiling, see PALLAS_NOTES):
+every value inside a kernel has power-of-two dimensions; ``jnp.stack`` only joins two values along a new last
+axis; the K loop runs inside the kernel (``lax.fori_loop``) with a float32 accumulator; edge blocks are handled
+with masked loads/stores (``pallas.triton.load``/``store``), never by reading out of bounds unmasked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = [
+    "BlockConfig",
+    "and_masks",
+    "cdiv",
+    "compiler_params",
+    "gpu_available",
+    "interleave_cols",
+    "interleave_rows",
+    "is_pow2",
+    "load",
+    "row_slice",
+    "store",
+]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
+    return -(-a // b)
+
+
+def is_pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Block sizes and launch parameters of a matmul kernel.
+
+    Attributes:
+      block_m, block_n, block_k: tile of the output (``block_m x block_n``) and logical K rows per loop step;
+        powers of two (Triton).
+      split_k: number of programs sharing one output tile along K; ``> 1`` writes float32 partial sums
+        ``(split_k, M, N)`` that XLA adds afterwards (no atomics, deterministic).
+      num_warps, num_stages: Triton launch parameters (warps per program, software-pipelining depth).
+      variant: kernel-specific code path (e.g. how packed rows are matched to activations).
+    """
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    variant: str = ""
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and is_pow2(v)):
+                raise ValueError(f"BlockConfig.{name} must be a power of two, got {v!r}")
+        if not (isinstance(self.split_k, int) and self.split_k >= 1):
+            raise ValueError(f"BlockConfig.split_k must be an int >= 1, got {self.split_k!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"BlockConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8):
+            raise ValueError(f"BlockConfig.num_stages must be in 1..8, got {self.num_stages!r}")
+
+    def replace(self, **kw) -> BlockConfig:
+        return dataclasses.replace(self, **kw)
+
+
+def compiler_params(cfg: BlockConfig) -> plgpu.CompilerParams:
+    """Triton compiler params (their presence selects the Triton lowering over Mosaic GPU)."""
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@functools.cache
+def gpu_available() -> bool:
+    """True when JAX's default backend is a CUDA GPU (the kernels' target)."""
+    try:
+        return jax.default_backend() == "gpu" and any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def load(ref, mask=None, other=0):
+    """``ref[...]`` as a value, masked where ``mask`` is given (masked-off elements read ``other``)."""
+    if mask is None:
+        return ref[...]
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def store(ref, value, mask=None) -> None:
+    """``ref[...] = value``, masked where ``mask`` is given."""
+    if mask is None:
+        ref[...] = value
+    else:
+        plgpu.store(ref, value, mask=mask)
+
+
+def and_masks(*masks):
+    """Logical and of the non-``None`` masks (broadcasting), or ``None``."""
+    out = None
+    for m in masks:
+        if m is None:
+            continue
+        out = m if out is None else (out & m)
+    return out
+
+
+def interleave_rows(parts: Sequence[jax.Array]) -> jax.Array:
+    """Interleave 2 or 4 ``(R, C)`` tiles along rows: row ``len(parts) * r + j`` of the result is
+    ``parts[j][r]``. Built from transposes, last-axis two-way stacks and one reshape (all Triton-lowerable)."""
+    return interleave_cols([p.T for p in parts]).T
+
+
+def interleave_cols(parts: Sequence[jax.Array]) -> jax.Array:
+    """Interleave 2 or 4 ``(R, C)`` tiles along columns: column ``len(parts) * c + j`` is ``parts[j][:, c]``."""
+    r, c = parts[0].shape
+    if len(parts) == 2:
+        joined = jnp.stack([parts[0], parts[1]], axis=-1)  # (R, C, 2)
+    elif len(parts) == 4:
+        # (R, C, 2, 2) with [.., p, q] = parts[2p + q]
+        joined = jnp.stack(
+            [jnp.stack([parts[0], parts[2]], axis=-1), jnp.stack([parts[1], parts[3]], axis=-1)], axis=-1
+        )
+    else:
+        raise ValueError(f"interleave of {len(parts)} parts is not supported (2 or 4)")
+    return joined.reshape(r, c * len(parts))
+
+
+def row_slice(start, size: int, stride: int = 1):
+    """``pl.ds`` with an optional stride."""
+    if stride == 1:
+        return pl.ds(start, size)
+    return pl.ds(start, size, stride=stride)

@@ -1,0 +1,244 @@
+"""Checking Pallas Triton kernels without a GPU: CUDA lowering, Triton IR extraction, cubin compilation.
+
+Three checks run on a CPU-only machine (see ``docs``/``PALLAS_NOTES``):
+
+1. :func:`export_cuda` lowers a jitted function for ``platforms=["cuda"]`` with :mod:`jax.export`; a Pallas
+   kernel with Triton compiler params becomes a ``__gpu$xla.gpu.triton`` custom call whose backend config
+   carries the kernel's Triton IR as MLIR bytecode.
+2. :func:`triton_calls` pulls every such kernel out of the lowered module (name, IR, ``num_warps``,
+   ``num_stages``, grid); :func:`ir_text` turns the bytecode into textual Triton IR with jaxlib's own Triton
+   dialect (the bytecode of jaxlib's MLIR is not readable by PyPI Triton's MLIR, the text is).
+3. :func:`compile_cubin` compiles that text for an NVIDIA architecture (``sm_90``, ``sm_80``) with PyPI
+   ``triton`` (which bundles ``ptxas``) in a subprocess, since an LLVM error aborts the whole process. It reports
+   registers, spills, shared memory and whether tensor-core instructions (``mma``/``wgmma``) were emitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+__all__ = [
+    "TRITON_CUSTOM_CALL",
+    "CubinReport",
+    "TritonCall",
+    "compile_cubin",
+    "export_cuda",
+    "ir_text",
+    "triton_available",
+    "triton_calls",
+]
+
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonCall:
+    """One Triton kernel found in a lowered module."""
+
+    name: str
+    ir: bytes  # MLIR bytecode of the Triton module, as XLA receives it
+    num_warps: int
+    num_stages: int
+    grid: tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class CubinReport:
+    """Outcome of compiling one kernel for one architecture."""
+
+    ok: bool
+    arch: int
+    message: str = ""
+    n_regs: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    tensor_core: str | None = None  # "wgmma", "mma" or None
+    cubin_bytes: int = 0
+
+
+def export_cuda(fn: Callable, *args: Any) -> str:
+    """Lower ``jax.jit(fn)(*args)`` for CUDA without a GPU and return the StableHLO module text.
+
+    Raises whatever the Pallas Triton lowering raises for unsupported operations.
+    """
+    from jax import export
+
+    exp = export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)],
+    )(*args)
+    return exp.mlir_module()
+
+
+def _read_mlir_string(text: str, start: int) -> tuple[bytes, int]:
+    """Decode the MLIR string literal whose opening quote is at ``start``; return (bytes, index after it)."""
+    assert text[start] == '"'
+    out = bytearray()
+    k = start + 1
+    while text[k] != '"':
+        c = text[k]
+        if c == "\\":
+            nxt = text[k + 1]
+            if nxt == "\\":
+                out.append(0x5C)
+                k += 2
+            elif nxt == '"':
+                out.append(0x22)
+                k += 2
+            elif nxt == "n":
+                out.append(0x0A)
+                k += 2
+            elif nxt == "t":
+                out.append(0x09)
+                k += 2
+            else:
+                out.append(int(text[k + 1 : k + 3], 16))
+                k += 3
+        else:
+            out += c.encode("utf-8")
+            k += 1
+    return bytes(out), k + 1
+
+
+def triton_calls(module_text: str) -> list[TritonCall]:
+    """Every Triton custom call in a lowered StableHLO module (in program order)."""
+    calls = []
+    pos = 0
+    needle = f"@{TRITON_CUSTOM_CALL}("
+    while True:
+        i = module_text.find(needle, pos)
+        if i < 0:
+            break
+        j = module_text.find('ir = "', i)
+        ir, after = _read_mlir_string(module_text, j + 5)
+        head = module_text[i:j]
+        tail = module_text[after : module_text.find("}", after)]
+
+        def _int(key: str, src: str) -> int:
+            m = re.search(rf"{key} = (\d+) : i32", src)
+            return int(m.group(1)) if m else 1
+
+        name_m = re.search(r'name = "([^"]*)"', tail)
+        calls.append(
+            TritonCall(
+                name=name_m.group(1) if name_m else "kernel",
+                ir=ir,
+                num_warps=_int("num_warps", tail),
+                num_stages=_int("num_stages", tail),
+                grid=(_int("grid_x", head), _int("grid_y", head), _int("grid_z", head)),
+            )
+        )
+        pos = after
+    return calls
+
+
+def ir_text(ir: bytes) -> str:
+    """Textual Triton IR of a kernel's bytecode, printed with jaxlib's own MLIR and Triton dialect."""
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir as mlir_ir
+    from jax._src.lib.triton import dialect as tt_dialect
+
+    ctx = jax_mlir.make_ir_context()
+    tt_dialect.register_dialect(ctx)
+    with ctx:
+        module = mlir_ir.Module.parse(ir)
+        return module.operation.get_asm(enable_debug_info=False)
+
+
+def triton_available() -> bool:
+    """Whether PyPI ``triton`` (the ``dev`` extra) is importable, needed by :func:`compile_cubin`."""
+    return importlib.util.find_spec("triton") is not None
+
+
+_WORKER = r"""
+import json, os, re, sys, io, contextlib
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import warnings
+warnings.simplefilter("ignore")
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget, Language
+from triton.compiler.compiler import make_backend
+path, arch, num_warps, num_stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+target = GPUTarget("cuda", arch, 32)
+backend = make_backend(target)
+ctx = ir.context(); ir.load_dialects(ctx); backend.load_dialects(ctx)
+mod = ir.parse_mlir_module(path, ctx)
+mod.context = ctx
+opts = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+stages = {}
+backend.add_stages(stages, opts, Language.TRITON)
+md = {"hash": "0", "target": target, **opts.__dict__}
+cur = mod
+log = io.StringIO()
+ptx = ""
+with contextlib.redirect_stdout(log):
+    for ext, fn in stages.items():
+        cur = fn(cur, md)
+        if ext == "ptx":
+            ptx = cur
+text = log.getvalue()
+regs = re.findall(r"Used (\d+) registers", text)
+spill = re.findall(r"(\d+) bytes spill stores", text)
+tc = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else None)
+print("@@RESULT@@" + json.dumps({"n_regs": int(regs[0]) if regs else None,
+    "spill_bytes": int(spill[0]) if spill else None, "shared_bytes": md.get("shared"),
+    "tensor_core": tc, "cubin_bytes": len(cur)}))
+"""
+
+
+def compile_cubin(
+    ttir: str, arch: int = 90, num_warps: int = 4, num_stages: int = 3, timeout: float = 120.0
+) -> CubinReport:
+    """Compile textual Triton IR to a cubin for ``sm_<arch>`` with PyPI ``triton``, in a subprocess.
+
+    Runs Triton's own pipeline (TTIR passes, TTGIR, LLVM IR, PTX, ``ptxas``) as XLA's Triton backend does.
+    Returns a :class:`CubinReport` (``ok=False`` with the error tail on failure); never raises for a
+    compile failure. Raises ``RuntimeError`` when ``triton`` is not installed.
+    """
+    if not triton_available():
+        raise RuntimeError("compile_cubin needs PyPI triton (pip install 'jaxquant[dev]')")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _WORKER, path, str(arch), str(num_warps), str(num_stages)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return CubinReport(ok=False, arch=arch, message=f"timed out after {timeout:.0f} s")
+    marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    if proc.returncode != 0 or not marker:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        errors = [ln for ln in lines if "error" in ln.lower() and "Traceback" not in ln]
+        return CubinReport(ok=False, arch=arch, message="\n".join(errors[:10] + lines[-8:]))
+    res = json.loads(marker[-1][len("@@RESULT@@") :])
+    return CubinReport(ok=True, arch=arch, **res)
+
+
+def check_kernels(
+    fn: Callable, args: Sequence[Any], archs: Sequence[int] = (90,), timeout: float = 120.0
+) -> list[tuple[TritonCall, list[CubinReport]]]:
+    """Lower ``fn(*args)`` for CUDA, then compile every Triton kernel in it for each of ``archs``."""
+    calls = triton_calls(export_cuda(fn, *args))
+    out = []
+    for call in calls:
+        text = ir_text(call.ir)
+        out.append((call, [compile_cubin(text, a, call.num_warps, call.num_stages, timeout=timeout) for a in archs]))
+    return out

@@ -1,0 +1,179 @@
+"""fp8 matmuls: weight-only (W8A16) and W8A8 with the dynamic activation quantization fused.
+
+Weights (jaxquant ``FP8Scheme``): ``w`` ``(K, N)`` in ``float8_e4m3fn`` or ``float8_e5m2`` with a float32 scale
+``s_w``, per tensor ``()`` or per output column ``(N,)``.
+
+``mode="w8a16"`` computes ``x @ dequant(W)`` exactly as the XLA path rounds it::
+
+    W[k, n] = float32(w[k, n]) * s_w[n]   (rounded to the activation dtype)      y = sum_k x[m, k] W[k, n]
+
+``mode="w8a8"`` quantizes the activations per row on the fly (FMAX = 448 for e4m3, 57344 for e5m2)::
+
+    s_x[m] = max_k |x[m, k]| / FMAX   (XLA pre-pass: one read of x)      q[m, k] = fp8(clip(x[m, k] / s_x[m]))
+    y[m, n] = (sum_k q[m, k] w[k, n]) * s_x[m] * s_w[n]                  (fp8 x fp8 dot, float32 accumulation)
+
+where ``q`` is computed per tile inside the kernel and never written to memory. fp8 dots need sm_89+
+(Ada/Hopper): this kernel does not compile for sm_80. Note: JAX's Pallas Triton lowering does not set
+``maxNumImpreciseAcc``, so on Hopper Triton emits ``mma.sync`` rather than ``wgmma`` for fp8 dots; large-M W8A8
+is compute bound and may be faster through XLA's cuBLASLt fp8 GEMM (see ``jaxquant.ops.qdot_fp8_w8a8``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import BlockConfig, and_masks, cdiv, compiler_params, load, store
+
+__all__ = ["fmax", "fp8_matmul", "fp8_matmul_reference", "row_scales", "supported"]
+
+_FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def fmax(dtype) -> float:
+    """Largest finite value of an fp8 dtype."""
+    return float(ml_dtypes.finfo(np.dtype(jnp.dtype(dtype))).max)
+
+
+def row_scales(x: jax.Array, w_dtype) -> jax.Array:
+    """Per-row activation scales ``max_k |x[m, k]| / FMAX`` (float32 ``(M,)``; 1 for all-zero rows)."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
+    return jnp.where(amax > 0, amax / np.float32(fmax(w_dtype)), 1.0)
+
+
+def quantize_rows(x: jax.Array, sx: jax.Array, w_dtype) -> jax.Array:
+    """``fp8(clip(x / s_x))`` per row (saturating)."""
+    f = np.float32(fmax(w_dtype))
+    return jnp.clip(x.astype(jnp.float32) / sx[:, None], -f, f).astype(w_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "w_dtype"))
+def fp8_matmul_reference(x, w, sw, *, mode: str = "w8a16", w_dtype: str | None = None) -> jax.Array:
+    """XLA reference of :func:`fp8_matmul`."""
+    sw = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (w.shape[1],))
+    if mode == "w8a16":
+        wd = w.astype(jnp.float32) * sw
+        if w_dtype is not None:
+            wd = wd.astype(w_dtype)
+        wd = wd.astype(x.dtype)
+        return jnp.dot(x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+    sx = row_scales(x, w.dtype)
+    q = quantize_rows(x, sx, w.dtype)
+    acc = jnp.dot(q, w, preferred_element_type=jnp.float32)
+    return (acc * sx[:, None] * sw[None, :]).astype(x.dtype)
+
+
+def supported(w_dtype, cfg: BlockConfig, x_dtype) -> str | None:
+    if jnp.dtype(w_dtype) not in _FP8:
+        return f"weight dtype {jnp.dtype(w_dtype).name} is not float8_e4m3fn/float8_e5m2"
+    if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return f"activation dtype {jnp.dtype(x_dtype).name}"
+    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 32:
+        return "block_m, block_n >= 16 and block_k >= 32 needed"
+    return None
+
+
+def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round):
+    if mode == "w8a8":
+        x_ref, w_ref, sw_ref, sx_ref, o_ref = refs
+    else:
+        x_ref, w_ref, sw_ref, o_ref = refs
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = i * bm, j * bn
+    mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
+    nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
+    k_ragged = k % bk != 0
+    sw = load(sw_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask)  # (1, BN) float32
+    cdtype = x_ref.dtype
+    if mode == "w8a8":
+        sx = load(sx_ref.at[pl.ds(m0, bm), pl.ds(0, 1)], mmask)  # (BM, 1)
+        inv_guard = jnp.where(sx > 0, sx, 1.0)
+
+    def body(t, acc):
+        k0 = (sk * steps + t) * bk
+        kmask = (k0 + jnp.arange(bk) < k) if k_ragged else None
+        xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], and_masks(mmask, None if kmask is None else kmask[None]))
+        wt = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], and_masks(nmask, None if kmask is None else kmask[:, None]))
+        if mode == "w8a8":
+            q = jnp.clip(xt.astype(jnp.float32) / inv_guard, -f8max, f8max).astype(wt.dtype)
+            return acc + jnp.dot(q, wt, preferred_element_type=jnp.float32)
+        wd = wt.astype(jnp.float32) * sw
+        if w_round is not None:
+            wd = wd.astype(w_round)
+        return acc + jnp.dot(xt, wd.astype(cdtype), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    if mode == "w8a8":
+        acc = acc * sx * sw
+    omask = and_masks(mmask, nmask)
+    if len(o_ref.shape) == 3:
+        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], acc, omask)
+    else:
+        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
+
+
+def _largest_divisor_at_most(v: int, cap: int) -> int:
+    for d in range(min(cap, v), 0, -1):
+        if v % d == 0:
+            return d
+    return 1
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "config", "w_dtype", "interpret"))
+def fp8_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    sw: jax.Array,
+    *,
+    mode: str = "w8a16",
+    config: BlockConfig,
+    w_dtype: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """fp8 matmul (see module docstring); returns ``(M, N)`` in ``x.dtype``.
+
+    Args:
+      x: activations ``(M, K)``.
+      w: fp8 weight ``(K, N)``; sw: float32 scale ``()`` or ``(N,)``.
+      mode: ``"w8a16"`` (weight-only, exact dequantization) or ``"w8a8"`` (dynamic per-row fp8 activations).
+      w_dtype: ``"w8a16"`` only: the dtype the XLA path rounds the dequantized weight to before casting it to
+        ``x.dtype`` (the QArray's original dtype); ``None`` or float32 skips that rounding.
+    """
+    m, k = x.shape
+    n = w.shape[1]
+    if w.shape[0] != k:
+        raise ValueError(f"fp8_matmul: x {x.shape} and w {w.shape} do not contract")
+    if mode not in ("w8a16", "w8a8"):
+        raise ValueError(f"fp8_matmul: mode must be 'w8a16' or 'w8a8', got {mode!r}")
+    why = supported(w.dtype, config, x.dtype)
+    if why:
+        raise ValueError(f"fp8_matmul: unsupported: {why}")
+    sw2 = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,)).reshape(1, n)
+    operands = [x, w, sw2]
+    if mode == "w8a8":
+        operands.append(row_scales(x, w.dtype).reshape(m, 1))
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    nsteps = cdiv(k, bk)
+    split = _largest_divisor_at_most(nsteps, config.split_k)
+    steps = nsteps // split
+    w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
+    kernel = functools.partial(
+        _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, mode=mode, f8max=fmax(w.dtype), w_round=w_round
+    )
+    out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((m, n), x.dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=(cdiv(m, bm), cdiv(n, bn), split),
+        out_shape=out_shape,
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name=f"fp8_{mode}_matmul",
+    )(*operands)
+    if split > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out

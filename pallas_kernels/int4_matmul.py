@@ -1,0 +1,350 @@
+"""Weight-only integer matmul (W4A16, W8A16, W2A16): ``y = x @ dequant(W)`` with the dequantization fused.
+
+Weights come in jaxquant's ``IntScheme`` storage, read as is (no conversion): for a ``(K, N)`` kernel,
+
+* ``bits=4``: ``uint8 (ceil(K/2), N)``, row ``2r`` in the low nibble of packed row ``r``, row ``2r+1`` high;
+* ``bits=2``: ``uint8 (ceil(K/4), N)``, row ``4r+j`` in bits ``2j..2j+1`` of packed row ``r``;
+* ``bits=8``: ``int8 (K, N)`` (symmetric, signed codes) or ``uint8 (K, N)``;
+* ``scale`` ``(G, N)`` (float16/bfloat16/float32), one row per group of ``group_size`` consecutive K rows (the
+  last group may be shorter); per-channel ``(1, N)`` with ``group_size >= K``;
+* ``zero`` ``(G, N)``: uint8 zero points (``mode="zeropoint"``) or float minima (``mode="minmax"``).
+
+With codes ``c`` and the group's ``s`` (and ``z``), the dequantized weight is (exactly as the XLA reference)::
+
+    sym:       W = (c - 2**(bits-1)) * s        (8-bit int8 storage: W = c * s)
+    zeropoint: W = (c - z) * s
+    minmax:    W = c * s + z
+
+computed in float32, rounded to the activation dtype, then ``y = sum_k x[m, k] W[k, n]`` with a float32
+accumulator (so the kernel and the reference differ only in summation order).
+
+Kernel: grid ``(cdiv(M, BM), cdiv(N, BN), split_k)``; each program loops over its share of K in steps of
+``BK`` rows (``BK`` divides the group size, so one scale row per step): load the packed ``(BK*bits/8, BN)``
+tile, split it into ``8/bits`` code tiles, dequantize, and either
+
+* ``variant="strided"``: multiply code tile ``j`` with the activation columns ``k0 + j + (8/bits) * r``
+  (a strided load of ``x``; no register shuffles; best when ``M`` is small), or
+* ``variant="interleave"``: interleave the tiles back into one ``(BK, BN)`` tile (transposes + two-way stacks)
+  and multiply it with a contiguous ``(BM, BK)`` activation tile (better for large ``M``).
+
+``split_k > 1`` writes float32 partial sums that XLA adds (deterministic; fills the GPU when ``M`` is small).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (
+    BlockConfig,
+    and_masks,
+    cdiv,
+    compiler_params,
+    interleave_rows,
+    load,
+    row_slice,
+    store,
+)
+
+__all__ = [
+    "IntLayout",
+    "dequantize_reference",
+    "int_matmul",
+    "int_matmul_reference",
+    "supported",
+]
+
+_MODES = ("sym", "zeropoint", "minmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class IntLayout:
+    """Static description of the packed weight (hashable: a static jit argument).
+
+    Attributes:
+      bits: 2, 4 or 8.
+      mode: ``"sym"``, ``"zeropoint"`` or ``"minmax"`` (see module docstring).
+      k, n: logical weight shape ``(K, N)``.
+      group_size: K rows per scale row; ``None`` for one scale row (per channel / per tensor).
+    """
+
+    bits: int
+    mode: str
+    k: int
+    n: int
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"IntLayout.bits must be 2, 4 or 8, got {self.bits!r}")
+        if self.mode not in _MODES:
+            raise ValueError(f"IntLayout.mode must be one of {_MODES}, got {self.mode!r}")
+        if self.k <= 0 or self.n <= 0:
+            raise ValueError(f"IntLayout: bad shape ({self.k}, {self.n})")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"IntLayout.group_size must be positive or None, got {self.group_size!r}")
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def packed_rows(self) -> int:
+        return cdiv(self.k, self.per_byte)
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.group_size is None else cdiv(self.k, self.group_size)
+
+
+# -------------------------------------------------------------------------------------------------
+# XLA reference
+# -------------------------------------------------------------------------------------------------
+def _unpack_codes(packed: jax.Array, layout: IntLayout) -> jax.Array:
+    """Codes ``(K, N)`` as int32 (signed for int8 storage)."""
+    if layout.bits == 8:
+        return packed.astype(jnp.int32)[: layout.k]
+    per, b = layout.per_byte, layout.bits
+    p = packed.astype(jnp.int32)
+    parts = [(p >> (b * j)) & ((1 << b) - 1) for j in range(per)]
+    return jnp.stack(parts, axis=1).reshape(-1, packed.shape[1])[: layout.k]
+
+
+def _rows(stat: jax.Array, layout: IntLayout) -> jax.Array:
+    """(G, N) per-group values to (K, N)."""
+    stat = stat.reshape(-1, layout.n)
+    if layout.group_size is None:
+        return jnp.broadcast_to(stat[:1], (layout.k, layout.n))
+    return jnp.repeat(stat, layout.group_size, axis=0, total_repeat_length=layout.groups * layout.group_size)[
+        : layout.k
+    ]
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def dequantize_reference(packed: jax.Array, scale: jax.Array, zero: jax.Array | None, layout: IntLayout) -> jax.Array:
+    """Float32 ``(K, N)`` weight from the packed storage (plain XLA)."""
+    c = _unpack_codes(packed, layout).astype(jnp.float32)
+    s = _rows(scale.astype(jnp.float32), layout)
+    if layout.mode == "sym":
+        off = 0.0 if packed.dtype == jnp.int8 else float(2 ** (layout.bits - 1))
+        return (c - off) * s
+    z = _rows(zero.astype(jnp.float32), layout)
+    if layout.mode == "zeropoint":
+        return (c - z) * s
+    return c * s + z
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "w_dtype"))
+def int_matmul_reference(
+    x: jax.Array,
+    packed: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array | None,
+    layout: IntLayout,
+    w_dtype: str | None = None,
+) -> jax.Array:
+    """XLA path: dequantize (to ``w_dtype`` first, if given) to ``x.dtype``, then ``jnp.dot`` (float32 acc)."""
+    w = dequantize_reference(packed, scale, zero, layout)
+    if w_dtype is not None:
+        w = w.astype(w_dtype)
+    w = w.astype(x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# Pallas kernel
+# -------------------------------------------------------------------------------------------------
+def _largest_pow2_divisor(v: int) -> int:
+    return v & (-v)
+
+
+def _effective_block_k(layout: IntLayout, cfg: BlockConfig) -> int | None:
+    """The K step: ``cfg.block_k`` shrunk to divide the group size; ``None`` when no valid step exists."""
+    bk = cfg.block_k
+    if layout.group_size is not None:
+        bk = min(bk, _largest_pow2_divisor(layout.group_size))
+    # each code tile feeds a dot whose contraction must be >= 16 (mma k16)
+    min_bk = 16 * (layout.per_byte if cfg.variant != "interleave" else 1)
+    min_bk = max(min_bk, layout.per_byte * 8)  # packed tile rows >= 8
+    if bk < min_bk:
+        return None
+    return bk
+
+
+def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
+    """``None`` when the kernel handles this case, else the reason it does not (callers fall back to XLA)."""
+    if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return f"activation dtype {jnp.dtype(x_dtype).name} (need bfloat16/float16/float32)"
+    if _effective_block_k(layout, cfg) is None:
+        need = max(16 * (layout.per_byte if cfg.variant != "interleave" else 1), layout.per_byte * 8)
+        return (
+            f"group_size={layout.group_size} too small for a {layout.bits}-bit K step "
+            f"(the kernel needs groups that are multiples of {need})"
+        )
+    if cfg.block_m < 16 or cfg.block_n < 16:
+        return "block_m and block_n must be >= 16"
+    return None
+
+
+def _largest_divisor_at_most(v: int, cap: int) -> int:
+    for d in range(min(cap, v), 0, -1):
+        if v % d == 0:
+            return d
+    return 1
+
+
+def _kernel(
+    *refs, layout: IntLayout, m: int, bm: int, bn: int, bk: int, steps: int, variant: str, gs: int, w_round=None
+):
+    if layout.mode == "sym":
+        x_ref, w_ref, s_ref, o_ref = refs
+        z_ref = None
+    else:
+        x_ref, w_ref, s_ref, z_ref, o_ref = refs
+    k, n = layout.k, layout.n
+    per, bits = layout.per_byte, layout.bits
+    pk = bk // per  # packed rows per step
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = i * bm, j * bn
+    mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
+    nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
+    k_ragged = k % bk != 0
+    cdtype = x_ref.dtype
+    sym_int8 = w_ref.dtype == jnp.int8
+
+    def body(t, acc):
+        kb = sk * steps + t
+        k0 = kb * bk
+        r0 = kb * pk
+        wmask = and_masks(nmask, (r0 + jnp.arange(pk) < layout.packed_rows)[:, None] if k_ragged else None)
+        p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
+        g = k0 // gs
+        s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        if per == 1:
+            codes = [p]
+        else:
+            codes = [(p >> (bits * jj)) & ((1 << bits) - 1) for jj in range(per)]
+        tiles = []
+        for c in codes:
+            cf = c.astype(jnp.float32)
+            if layout.mode == "sym":
+                w = (cf if sym_int8 else cf - float(2 ** (bits - 1))) * s
+            elif layout.mode == "zeropoint":
+                w = (cf - z) * s
+            else:
+                w = cf * s + z
+            if w_round is not None:
+                w = w.astype(w_round)
+            tiles.append(w.astype(cdtype))
+        if per == 1 or variant == "interleave":
+            w = tiles[0] if per == 1 else interleave_rows(tiles)
+            xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
+            xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask)
+            return acc + jnp.dot(xt, w, preferred_element_type=jnp.float32)
+        # strided activation loads cannot be masked (interpret mode): x is zero-padded to (BM, BK) multiples
+        for jj, w in enumerate(tiles):
+            xt = x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, per)]
+            acc = acc + jnp.dot(xt, w, preferred_element_type=jnp.float32)
+        return acc
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    omask = and_masks(mmask, nmask)
+    if len(o_ref.shape) == 3:  # split-K partial sums
+        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], acc, omask)
+    else:
+        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "config", "w_dtype", "interpret"))
+def int_matmul(
+    x: jax.Array,
+    packed: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array | None,
+    *,
+    layout: IntLayout,
+    config: BlockConfig,
+    w_dtype: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x @ dequant(W)`` for a 2-D ``x (M, K)``, fused in one Pallas (Triton) kernel.
+
+    Args:
+      x: activations ``(M, K)``, bfloat16 / float16 (float32 runs the dot in tf32).
+      packed, scale, zero: the weight storage described in the module docstring (``zero`` is ``None`` for
+        ``mode="sym"``); ``scale``/``zero`` may be ``(N,)`` or ``()`` when ``layout.group_size`` is None.
+      layout: static :class:`IntLayout`.
+      config: block sizes (see :class:`~pallas_kernels._common.BlockConfig`); ``variant`` is ``"strided"``
+        or ``"interleave"``.
+      w_dtype: the dtype the XLA path rounds the float32 dequantized weight to before casting it to
+        ``x.dtype`` (the QArray's original dtype); ``None``/float32: no intermediate rounding.
+      interpret: run the kernel body with the Pallas interpreter (any backend; for tests).
+
+    Returns:
+      ``(M, N)`` in ``x.dtype``.
+
+    Raises:
+      ValueError: shapes disagree with ``layout`` or the case is unsupported (see :func:`supported`).
+    """
+    if x.ndim != 2 or x.shape[1] != layout.k:
+        raise ValueError(f"int_matmul: x must be (M, {layout.k}), got {x.shape}")
+    if packed.shape != (layout.packed_rows, layout.n):
+        raise ValueError(f"int_matmul: packed weight must be {(layout.packed_rows, layout.n)}, got {packed.shape}")
+    why = supported(layout, config, x.dtype)
+    if why:
+        raise ValueError(f"int_matmul: unsupported: {why}")
+    scale = jnp.broadcast_to(scale, (layout.n,)).reshape(1, -1) if scale.ndim < 2 else scale
+    if scale.shape != (layout.groups, layout.n):
+        raise ValueError(f"int_matmul: scale must be {(layout.groups, layout.n)}, got {scale.shape}")
+    operands = [x, packed, scale]
+    if layout.mode != "sym":
+        if zero is None:
+            raise ValueError(f"int_matmul: mode={layout.mode!r} needs zero")
+        zero = jnp.broadcast_to(zero, (layout.n,)).reshape(1, -1) if zero.ndim < 2 else zero
+        if zero.shape != scale.shape:
+            raise ValueError(f"int_matmul: zero must be {scale.shape}, got {zero.shape}")
+        operands.append(zero)
+    m = x.shape[0]
+    bk = _effective_block_k(layout, config)
+    bm, bn = config.block_m, config.block_n
+    nsteps = cdiv(layout.k, bk)
+    variant = config.variant or "strided"
+    if variant == "strided" and layout.per_byte > 1 and (m % bm or layout.k % bk):
+        x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - layout.k)))
+        operands[0] = x
+    split = _largest_divisor_at_most(nsteps, config.split_k)
+    steps = nsteps // split
+    gs = layout.group_size if layout.group_size is not None else nsteps * bk
+    kernel = functools.partial(
+        _kernel,
+        layout=layout,
+        m=m,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        steps=steps,
+        variant=variant,
+        gs=gs,
+        w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
+    )
+    grid = (cdiv(m, bm), cdiv(layout.n, bn), split)
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, m, layout.n), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, layout.n), x.dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name=f"int{layout.bits}_matmul",
+    )(*operands)
+    if split > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out

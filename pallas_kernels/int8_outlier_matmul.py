@@ -1,0 +1,177 @@
+"""LLM.int8() matmul (Dettmers et al. 2022): int8 x int8 -> int32 for the regular feature dims plus a float
+product over the outlier dims, fused into one output with the scale epilogue.
+
+Inputs (jaxquant ``LLMInt8Scheme`` without stored float outlier rows), for activations ``x (M, K)`` and a
+``(K, N)`` weight ``W_q`` (int8) with per-column scales ``s_w (N,)``:
+
+* the outlier dims ``O = {k : max_m |x[m, k]| > threshold}``, compacted: ``idx`` (int32, the first ``count``
+  entries are the members of ``O`` in increasing order) and ``count`` (int32, shape ``(1,)``);
+* the regular part ``x_r = x`` with the columns in ``O`` zeroed, quantized per row:
+  ``s_x[m] = max_k |x_r[m, k]| / 127``, ``x_q = round(x_r / s_x)`` (int8, from :func:`quantize_activations` or
+  the scheme's own quantizer).
+
+The kernel computes, per output tile::
+
+    acc_i[m, n] = sum_k x_q[m, k] W_q[k, n]                          (int8 dot, exact int32 accumulation)
+    acc_o[m, n] = sum_{k in O} float32(x[m, k]) * (W_q[k, n] * s_w[n])  (float32 operands, tf32 on a GPU)
+    y[m, n]     = acc_i[m, n] * s_x[m] * s_w[n] + acc_o[m, n]
+
+which is the scheme's XLA path with the dense masked float matmul replaced by a loop over the ``count``
+outlier rows only (gathered by pointer from ``x`` and ``W_q``): grid ``(cdiv(M, BM), cdiv(N, BN))``, a K loop in
+steps of ``BK`` for the int8 part, then ``cdiv(count, 16)`` steps of 16 gathered outlier dims.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import BlockConfig, and_masks, cdiv, compiler_params, load, store
+
+__all__ = [
+    "int8_outlier_matmul",
+    "int8_outlier_matmul_reference",
+    "outlier_indices",
+    "quantize_activations",
+    "supported",
+]
+
+OUTLIER_CHUNK = 16
+
+
+# -------------------------------------------------------------------------------------------------
+# activation side (XLA) and reference
+# -------------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("threshold", "per_row"))
+def quantize_activations(x: jax.Array, threshold: float | None, per_row: bool = True):
+    """The LLM.int8 activation split: ``(x_q int8, s_x float32 (M,), is_outlier bool (K,))``.
+
+    Plain ``/`` division (the scheme uses a correctly rounded division; results may differ by one code).
+    """
+    x2 = x.astype(jnp.float32)
+    if threshold is None:
+        is_out = jnp.zeros((x2.shape[1],), bool)
+    else:
+        is_out = jnp.max(jnp.abs(x2), axis=0) > threshold
+    x_r = jnp.where(is_out[None, :], 0.0, x2)
+    amax = jnp.max(jnp.abs(x_r), axis=1 if per_row else None, keepdims=True)
+    s = jnp.where(amax > 0, amax / 127.0, 1.0)
+    xq = jnp.clip(jnp.round(x_r / s), -127, 127).astype(jnp.int8)
+    return xq, jnp.broadcast_to(s.reshape(-1), (x2.shape[0],)), is_out
+
+
+def outlier_indices(is_out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Compact a boolean ``(K,)`` outlier mask: ``(idx int32 (K,), count int32 (1,))``; unused entries are 0."""
+    k = is_out.shape[0]
+    idx = jnp.nonzero(is_out, size=k, fill_value=0)[0].astype(jnp.int32)
+    return idx, jnp.sum(is_out, dtype=jnp.int32).reshape(1)
+
+
+@jax.jit
+def int8_outlier_matmul_reference(x, xq, sx, is_out, wq, sw) -> jax.Array:
+    """XLA reference: the int8 product plus a dense masked float product over the outlier dims."""
+    acc = jnp.dot(xq, wq, preferred_element_type=jnp.int32)
+    x_o = jnp.where(is_out[None, :], x.astype(jnp.float32), 0.0)
+    y_o = jnp.dot(x_o, wq.astype(jnp.float32) * sw, preferred_element_type=jnp.float32)
+    return (acc.astype(jnp.float32) * sx[:, None] * sw[None, :] + y_o).astype(x.dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# Pallas kernel
+# -------------------------------------------------------------------------------------------------
+def supported(k: int, n: int, cfg: BlockConfig) -> str | None:
+    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 32:
+        return "block_m, block_n >= 16 and block_k >= 32 needed (int8 mma)"
+    return None
+
+
+def _kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, o_ref, *, m, k, n, bm, bn, bk, outliers):
+    i, j = pl.program_id(0), pl.program_id(1)
+    m0, n0 = i * bm, j * bn
+    mvec = m0 + jnp.arange(bm)
+    mmask = (mvec < m)[:, None] if m % bm else None
+    nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
+    k_ragged = k % bk != 0
+
+    def body(t, acc):
+        k0 = t * bk
+        kmask = (k0 + jnp.arange(bk) < k) if k_ragged else None
+        xq = load(xq_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], and_masks(mmask, None if kmask is None else kmask[None]))
+        wq = load(wq_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], and_masks(nmask, None if kmask is None else kmask[:, None]))
+        return acc + jnp.dot(xq, wq, preferred_element_type=jnp.int32)
+
+    acc_i = jax.lax.fori_loop(0, cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.int32))
+    sw = load(sw_ref.at[pl.ds(n0, bn)], None if nmask is None else nmask[0]).astype(jnp.float32)
+    sx = load(sx_ref.at[pl.ds(m0, bm)], None if mmask is None else mmask[:, 0]).astype(jnp.float32)
+    y = acc_i.astype(jnp.float32) * sx[:, None] * sw[None, :]
+    if outliers:
+        count = cnt_ref[0]
+        rows_safe = jnp.where(mvec < m, mvec, 0) if m % bm else mvec
+
+        def obody(c, acc):
+            pos = c * OUTLIER_CHUNK + jnp.arange(OUTLIER_CHUNK)
+            valid = pos < count
+            kidx = idx_ref[pl.ds(c * OUTLIER_CHUNK, OUTLIER_CHUNK)]
+            kidx = jnp.where(valid, kidx, 0)
+            xo = x_ref[rows_safe[:, None], kidx[None, :]].astype(jnp.float32)  # (BM, 16) gathered columns
+            xo = jnp.where(valid[None, :], xo, 0.0)
+            if nmask is not None:
+                cols = jnp.where(n0 + jnp.arange(bn) < n, n0 + jnp.arange(bn), 0)
+                wo = wq_ref[kidx[:, None], cols[None, :]]
+            else:
+                wo = wq_ref[kidx, pl.ds(n0, bn)]
+            wo = wo.astype(jnp.float32) * sw[None, :]
+            return acc + jnp.dot(xo, wo, preferred_element_type=jnp.float32)
+
+        nchunks = (count + OUTLIER_CHUNK - 1) // OUTLIER_CHUNK
+        y = y + jax.lax.fori_loop(0, nchunks, obody, jnp.zeros((bm, bn), jnp.float32))
+    store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), and_masks(mmask, nmask))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "outliers"))
+def int8_outlier_matmul(
+    x: jax.Array,
+    xq: jax.Array,
+    sx: jax.Array,
+    idx: jax.Array,
+    count: jax.Array,
+    wq: jax.Array,
+    sw: jax.Array,
+    *,
+    config: BlockConfig,
+    outliers: bool = True,
+    interpret: bool = False,
+) -> jax.Array:
+    """The fused LLM.int8 matmul (see module docstring); returns ``(M, N)`` in ``x.dtype``.
+
+    Args:
+      x: original activations ``(M, K)`` (outlier columns are read from here).
+      xq, sx: int8 regular part ``(M, K)`` and its per-row float32 scales ``(M,)``.
+      idx, count: compacted outlier dims (:func:`outlier_indices`).
+      wq, sw: int8 weight ``(K, N)`` and float32 per-column scales ``(N,)``.
+      outliers: ``False`` skips the float part (``threshold=None``).
+    """
+    m, k = x.shape
+    n = wq.shape[1]
+    if xq.shape != (m, k) or wq.shape[0] != k or sw.shape != (n,) or sx.shape != (m,):
+        raise ValueError(
+            f"int8_outlier_matmul: shapes disagree: x {x.shape}, xq {xq.shape}, sx {sx.shape}, wq {wq.shape}, "
+            f"sw {sw.shape}"
+        )
+    why = supported(k, n, config)
+    if why:
+        raise ValueError(f"int8_outlier_matmul: unsupported: {why}")
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    idx = jnp.pad(idx.astype(jnp.int32), (0, cdiv(k, OUTLIER_CHUNK) * OUTLIER_CHUNK - k))
+    kernel = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, outliers=outliers)
+    return pl.pallas_call(
+        kernel,
+        grid=(cdiv(m, bm), cdiv(n, bn)),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name="int8_outlier_matmul",
+    )(x, xq, sx.astype(jnp.float32), idx, count.astype(jnp.int32).reshape(1), wq, sw.astype(jnp.float32))

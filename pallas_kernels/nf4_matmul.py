@@ -1,0 +1,285 @@
+"""NF4 (QLoRA / bitsandbytes layout) weight-only matmul: ``y = x @ dequant(W)`` with the lookup fused.
+
+Storage (jaxquant ``NF4Scheme``, bitsandbytes' layout), for a ``(K, N)`` kernel with ``K`` a multiple of the
+block size ``B`` (64): the torch-oriented weight ``W.T`` (``N x K``) flattened row-major, two codes per byte,
+the even element in the **high** nibble; one float32 absmax per block of ``B`` consecutive values (one block
+never spans two output channels because ``B | K``). Viewed as matrices::
+
+    data   (N, K/2) uint8:  data[n, j] = code(W[2j, n]) << 4 | code(W[2j+1, n])
+    absmax (N, K/B) float32
+
+With the 16-value table ``T`` (``NF4_CODE``)::
+
+    W[k, n] = T[code(W[k, n])] * absmax[n, k // B]
+
+Double quantization stores ``absmax`` as uint8 codes ``q`` of the signed 8-bit dynamic table ``D`` with one
+float32 scale ``a2`` per 256 blocks (flat block index ``b = n * K/B + k // B``) and a float32 ``offset``::
+
+    absmax[b] = D[q[b]] * a2[b // 256] + offset
+
+dequantized inside the kernel too. The float32 weight is rounded to the activation dtype and multiplied with a
+float32 accumulator, as the XLA reference does.
+
+Kernel: grid ``(cdiv(M, BM), cdiv(N, BN), split_k)``; per step of ``BK`` (a multiple of ``B``) K rows, for each
+block: load the ``(BN, B/2)`` byte tile (contiguous along K), split high/low nibbles, look the values up
+(``variant`` ``"lut"``: a pointer gather from the 16-entry table, served by L1; ``"select"``: a 4-level
+``where`` tree over scalar constants), scale by the block's absmax, and multiply with the activation columns
+``k0 + 2j`` / ``k0 + 2j + 1`` (strided loads, ``x`` zero-padded to whole blocks) or, for
+``variant="*-interleave"``, with a contiguous tile after interleaving the two halves along K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (
+    BlockConfig,
+    and_masks,
+    cdiv,
+    compiler_params,
+    interleave_cols,
+    load,
+    row_slice,
+    store,
+)
+
+__all__ = ["NF4Layout", "dequantize_reference", "nf4_matmul", "nf4_matmul_reference", "supported"]
+
+DQ_BLOCK = 256  # blocks per double-quantization scale (bitsandbytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Layout:
+    """Static description of NF4 storage: logical ``(K, N)``, absmax block size, double quantization."""
+
+    k: int
+    n: int
+    block: int = 64
+    double_quant: bool = False
+
+    @property
+    def blocks_per_col(self) -> int:
+        return self.k // self.block
+
+
+# -------------------------------------------------------------------------------------------------
+# XLA reference
+# -------------------------------------------------------------------------------------------------
+def absmax_reference(layout: NF4Layout, scale, dq_scale=None, dq_offset=None, dyn_code=None) -> jax.Array:
+    """Float32 absmax ``(N, K/B)``."""
+    if not layout.double_quant:
+        return scale.astype(jnp.float32).reshape(layout.n, layout.blocks_per_col)
+    nb = layout.n * layout.blocks_per_col
+    vals = jnp.asarray(dyn_code, jnp.float32)[scale.astype(jnp.int32)]
+    a2 = jnp.repeat(dq_scale.astype(jnp.float32), DQ_BLOCK, total_repeat_length=dq_scale.shape[0] * DQ_BLOCK)[:nb]
+    return (vals * a2 + dq_offset).reshape(layout.n, layout.blocks_per_col)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def dequantize_reference(
+    data, scale, layout: NF4Layout, code, dq_scale=None, dq_offset=None, dyn_code=None
+) -> jax.Array:
+    """Float32 ``(K, N)`` weight (plain XLA)."""
+    d = data.reshape(layout.n, layout.k // 2).astype(jnp.int32)
+    codes = jnp.stack([d >> 4, d & 15], axis=-1).reshape(layout.n, layout.k)
+    vals = jnp.asarray(code, jnp.float32)[codes]
+    a = absmax_reference(layout, scale, dq_scale, dq_offset, dyn_code)
+    w_t = (vals.reshape(layout.n, layout.blocks_per_col, layout.block) * a[:, :, None]).reshape(layout.n, layout.k)
+    return w_t.T
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def nf4_matmul_reference(x, data, scale, layout: NF4Layout, code, dq_scale=None, dq_offset=None, dyn_code=None):
+    """XLA path: dequantize to ``x.dtype``, then ``jnp.dot`` with float32 accumulation."""
+    w = dequantize_reference(data, scale, layout, code, dq_scale, dq_offset, dyn_code).astype(x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# Pallas kernel
+# -------------------------------------------------------------------------------------------------
+def supported(layout: NF4Layout, cfg: BlockConfig, x_dtype) -> str | None:
+    """``None`` when the kernel handles this case, else why not (callers fall back to XLA)."""
+    if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return f"activation dtype {jnp.dtype(x_dtype).name}"
+    if layout.block < 32 or layout.block & (layout.block - 1):
+        return f"block size {layout.block} (need a power of two >= 32)"
+    if layout.k % layout.block:
+        return f"K={layout.k} not a multiple of the block size {layout.block} (blocks would span two columns)"
+    if cfg.block_m < 16 or cfg.block_n < 16:
+        return "block_m and block_n must be >= 16"
+    return None
+
+
+def _select_lut(c, code_vals: tuple[float, ...]):
+    """``T[c]`` for int codes ``c`` in 0..15 by a 4-level tree of ``where`` over scalar constants."""
+    b0 = (c & 1) != 0
+    b1 = (c & 2) != 0
+    b2 = (c & 4) != 0
+    b3 = (c & 8) != 0
+    lvl = [jnp.where(b0, np.float32(code_vals[2 * i + 1]), np.float32(code_vals[2 * i])) for i in range(8)]
+    lvl = [jnp.where(b1, lvl[2 * i + 1], lvl[2 * i]) for i in range(4)]
+    lvl = [jnp.where(b2, lvl[2 * i + 1], lvl[2 * i]) for i in range(2)]
+    return jnp.where(b3, lvl[1], lvl[0])
+
+
+def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: int, variant: str, code_vals, w_round):
+    if layout.double_quant:
+        x_ref, w_ref, s_ref, code_ref, dyn_ref, a2_ref, off_ref, o_ref = refs
+    else:
+        x_ref, w_ref, s_ref, code_ref, o_ref = refs
+    n, blk = layout.n, layout.block
+    half = blk // 2
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = i * bm, j * bn
+    rows_n = n0 + jnp.arange(bn)
+    nmask = (rows_n < n)[:, None] if n % bn else None
+    mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
+    interleave = variant.endswith("interleave")
+    use_select = variant.startswith("select")
+    cdtype = x_ref.dtype
+
+    def lookup(c):
+        if use_select:
+            return _select_lut(c, code_vals)
+        return code_ref[c]
+
+    def body(t, acc):
+        kb = sk * steps + t
+        for sb in range(bk // blk):
+            blk_idx = kb * (bk // blk) + sb  # block column
+            k0 = blk_idx * blk
+            p = load(w_ref.at[pl.ds(n0, bn), pl.ds(blk_idx * half, half)], nmask).astype(jnp.int32)
+            if layout.double_quant:
+                qa = load(s_ref.at[pl.ds(n0, bn), pl.ds(blk_idx, 1)], nmask).astype(jnp.int32)
+                flat = rows_n[:, None] * layout.blocks_per_col + blk_idx
+                if n % bn:
+                    flat = jnp.where(rows_n[:, None] < n, flat, 0)
+                a = dyn_ref[qa] * a2_ref[flat // DQ_BLOCK] + off_ref[0]
+            else:
+                a = load(s_ref.at[pl.ds(n0, bn), pl.ds(blk_idx, 1)], nmask)
+            hi = lookup(p >> 4) * a  # rows k0 + 2j
+            lo = lookup(p & 15) * a  # rows k0 + 2j + 1
+            if w_round is not None:
+                hi, lo = hi.astype(w_round), lo.astype(w_round)
+            hi, lo = hi.astype(cdtype), lo.astype(cdtype)
+            dims = (((1,), (1,)), ((), ()))
+            if interleave:
+                w_t = interleave_cols([hi, lo])  # (BN, B): W.T tile in K order
+                xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask)
+                acc = acc + jax.lax.dot_general(xt, w_t, dims, preferred_element_type=jnp.float32)
+            else:
+                xe = x_ref[pl.ds(m0, bm), row_slice(k0, half, 2)]
+                xo = x_ref[pl.ds(m0, bm), row_slice(k0 + 1, half, 2)]
+                acc = acc + jax.lax.dot_general(xe, hi, dims, preferred_element_type=jnp.float32)
+                acc = acc + jax.lax.dot_general(xo, lo, dims, preferred_element_type=jnp.float32)
+        return acc
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    omask = and_masks(mmask, nmask.T if nmask is not None else None)
+    if len(o_ref.shape) == 3:
+        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], acc, omask)
+    else:
+        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
+
+
+def _largest_divisor_at_most(v: int, cap: int) -> int:
+    for d in range(min(cap, v), 0, -1):
+        if v % d == 0:
+            return d
+    return 1
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "config", "interpret", "code_vals", "w_dtype"))
+def nf4_matmul(
+    x: jax.Array,
+    data: jax.Array,
+    scale: jax.Array,
+    code: jax.Array,
+    dq_scale: jax.Array | None = None,
+    dq_offset: jax.Array | None = None,
+    dyn_code: jax.Array | None = None,
+    *,
+    layout: NF4Layout,
+    config: BlockConfig,
+    code_vals: tuple[float, ...] | None = None,
+    w_dtype: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x @ dequant_nf4(W)`` for ``x (M, K)`` in one Pallas (Triton) kernel.
+
+    Args:
+      x: activations ``(M, K)``.
+      data: packed codes, ``(N*K/2,)`` or ``(N, K/2)`` uint8 (bitsandbytes order, see module docstring).
+      scale: float32 absmax ``(N*K/B,)``, or uint8 codes when ``layout.double_quant``.
+      code: the 16 NF4 values (float32); ``code_vals`` the same as a tuple of floats (static), needed by
+        ``variant="select*"``.
+      dq_scale, dq_offset, dyn_code: double quantization: float32 scale per 256 blocks, float32 offset, and the
+        256-value dynamic table.
+      layout, config, interpret: as for :func:`pallas_kernels.int4_matmul.int_matmul`; ``config.variant`` is
+        ``"lut"``, ``"select"``, ``"lut-interleave"`` or ``"select-interleave"``.
+      w_dtype: dtype the XLA path rounds the float32 dequantized weight to first (``None``/float32: none).
+    """
+    k, n, blk = layout.k, layout.n, layout.block
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"nf4_matmul: x must be (M, {k}), got {x.shape}")
+    why = supported(layout, config, x.dtype)
+    if why:
+        raise ValueError(f"nf4_matmul: unsupported: {why}")
+    if data.size != n * k // 2:
+        raise ValueError(f"nf4_matmul: data must hold {n * k // 2} bytes, got {data.size}")
+    variant = config.variant or "lut"
+    if variant.startswith("select") and code_vals is None:
+        raise ValueError("nf4_matmul: variant 'select' needs code_vals")
+    data = data.reshape(n, k // 2)
+    scale = scale.reshape(n, layout.blocks_per_col)
+    m = x.shape[0]
+    bm, bn = config.block_m, config.block_n
+    bk = max(blk, min(config.block_k, blk * _largest_divisor_at_most(layout.blocks_per_col, config.block_k // blk)))
+    while layout.blocks_per_col % (bk // blk):
+        bk //= 2
+    nsteps = k // bk
+    split = _largest_divisor_at_most(nsteps, config.split_k)
+    steps = nsteps // split
+    if not variant.endswith("interleave") and m % bm:
+        x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, 0)))
+    operands = [x, data, scale, jnp.asarray(code, jnp.float32)]
+    if layout.double_quant:
+        if dq_scale is None or dq_offset is None or dyn_code is None:
+            raise ValueError("nf4_matmul: double_quant needs dq_scale, dq_offset and dyn_code")
+        operands += [
+            jnp.asarray(dyn_code, jnp.float32),
+            dq_scale.astype(jnp.float32),
+            jnp.asarray(dq_offset, jnp.float32).reshape(1),
+        ]
+    kernel = functools.partial(
+        _kernel,
+        layout=layout,
+        m=m,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        steps=steps,
+        variant=variant,
+        code_vals=code_vals,
+        w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
+    )
+    grid = (cdiv(m, bm), cdiv(n, bn), split)
+    out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((m, n), x.dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name="nf4_matmul",
+    )(*operands)
+    if split > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out

@@ -1,0 +1,243 @@
+"""Ternary (BitNet b1.58) matmuls: weight-only (W1.58A16) and W1.58A8 with int8 per-token activations.
+
+Weights (jaxquant ``TernaryScheme`` with ``packing="2bit"``): codes ``t + 1`` in {0, 1, 2} for ``t`` in
+{-1, 0, 1}, four per byte, code ``j`` of a byte in bits ``2j..2j+1``, and a float32 absmean scale ``s``:
+
+* ``packing="k"`` (``granularity="channel"``): packed along K, ``uint8 (ceil(K/4), N)``, row ``4r+j`` in
+  bits ``2j`` of packed row ``r``; ``s`` per output column ``(N,)``;
+* ``packing="n"`` (``granularity="tensor"``, the flattened row-major weight, ``N % 4 == 0``): viewed as
+  ``uint8 (K, N/4)``, column ``4c+j`` in bits ``2j`` of byte ``c``; one scale ``()``.
+
+``mode="w16"`` computes ``x @ dequant(W)`` with ``W = t * s`` rounded to the activation dtype (as the XLA path).
+
+``mode="a8"`` is BitNet's W1.58A8 product with activations quantized per token (row) to int8 beforehand
+(:func:`quantize_activations`, an XLA pre-pass: ``s_x[m] = max_k |x[m, k]| / 127``,
+``q = clip(round(x / s_x), -127, 127)``)::
+
+    y[m, n] = (sum_k q[m, k] t[k, n]) * s_x[m] * s[n]          (int8 x int8 -> int32 dot, exact)
+
+Kernel: grid ``(cdiv(M, BM), cdiv(N, BN), split_k)``; per K step of ``BK`` rows: load the packed tile, split
+the four 2-bit fields, subtract 1, then for ``"k"`` packing multiply each field with the strided activation
+columns ``k0 + j + 4r`` (``x`` zero-padded), and for ``"n"`` packing interleave the fields along N into one
+``(BK, BN)`` tile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (
+    BlockConfig,
+    and_masks,
+    cdiv,
+    compiler_params,
+    interleave_cols,
+    load,
+    row_slice,
+    store,
+)
+
+__all__ = [
+    "dequantize_reference",
+    "quantize_activations",
+    "supported",
+    "ternary_matmul",
+    "ternary_matmul_reference",
+]
+
+
+def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token absmax int8 quantization: ``(q int8 (M, K), s_x float32 (M,))``; all-zero rows get ``s_x=1``."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=1)
+    sx = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(xf / sx[:, None]), -127, 127).astype(jnp.int8)
+    return q, sx
+
+
+def _codes(data: jax.Array, k: int, n: int, packing: str) -> jax.Array:
+    """Ternary values ``t`` in {-1, 0, 1} as int32 ``(K, N)``."""
+    p = data.astype(jnp.int32)
+    if packing == "k":
+        parts = [(p >> (2 * j)) & 3 for j in range(4)]
+        c = jnp.stack(parts, axis=1).reshape(-1, n)[:k]
+    else:
+        p = p.reshape(k, n // 4)
+        parts = [(p >> (2 * j)) & 3 for j in range(4)]
+        c = jnp.stack(parts, axis=-1).reshape(k, n)
+    return c - 1
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n", "packing"))
+def dequantize_reference(data, scale, *, k: int, n: int, packing: str) -> jax.Array:
+    """Float32 ``(K, N)`` weight ``t * s``."""
+    return _codes(data, k, n, packing).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n", "packing", "mode", "w_dtype"))
+def ternary_matmul_reference(x, data, scale, *, k: int, n: int, packing: str, mode: str = "w16", w_dtype=None):
+    """XLA reference of :func:`ternary_matmul`."""
+    if mode == "w16":
+        w = dequantize_reference(data, scale, k=k, n=n, packing=packing)
+        if w_dtype is not None:
+            w = w.astype(w_dtype)
+        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    q, sx = quantize_activations(x)
+    t = _codes(data, k, n, packing).astype(jnp.int8)
+    acc = jnp.dot(q, t, preferred_element_type=jnp.int32)
+    s = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,))
+    return (acc.astype(jnp.float32) * sx[:, None] * s[None, :]).astype(x.dtype)
+
+
+def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str) -> str | None:
+    if packing not in ("k", "n"):
+        return f"packing {packing!r}"
+    if packing == "n" and n % 4:
+        return f"tensor-granularity (flat) packing needs N % 4 == 0, got N={n}"
+    if mode == "w16" and jnp.dtype(x_dtype) not in (
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float16),
+        jnp.dtype(jnp.float32),
+    ):
+        return f"activation dtype {jnp.dtype(x_dtype).name}"
+    min_bk = 64 if (packing == "k" and mode == "w16") else (128 if packing == "k" else 32)
+    if cfg.block_k < min_bk or cfg.block_m < 16 or cfg.block_n < 16:
+        return f"block_k >= {min_bk}, block_m, block_n >= 16 needed"
+    return None
+
+
+def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round):
+    if mode == "a8":
+        x_ref, w_ref, s_ref, sx_ref, o_ref = refs
+    else:
+        x_ref, w_ref, s_ref, o_ref = refs
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = i * bm, j * bn
+    mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
+    nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
+    k_ragged = k % bk != 0
+    s = load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask)  # (1, BN) float32
+    cdtype = x_ref.dtype
+    acc_dtype = jnp.int32 if mode == "a8" else jnp.float32
+
+    def as_weight(t):  # int32 values in {-1, 0, 1} -> dot operand
+        if mode == "a8":
+            return t.astype(jnp.int8)
+        w = t.astype(jnp.float32) * s
+        if w_round is not None:
+            w = w.astype(w_round)
+        return w.astype(cdtype)
+
+    def body(t_, acc):
+        k0 = (sk * steps + t_) * bk
+        if packing == "k":
+            pk = bk // 4
+            r0 = k0 // 4
+            rmask = (r0 + jnp.arange(pk) < cdiv(k, 4))[:, None] if k_ragged else None
+            p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], and_masks(nmask, rmask)).astype(jnp.int32)
+            for jj in range(4):
+                wt = as_weight(((p >> (2 * jj)) & 3) - 1)
+                xt = x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, 4)]
+                acc = acc + jnp.dot(xt, wt, preferred_element_type=acc_dtype)
+            return acc
+        q = bn // 4
+        kmask = (k0 + jnp.arange(bk) < k) if k_ragged else None
+        cmask = (n0 // 4 + jnp.arange(q) < n // 4)[None, :] if n % bn else None
+        p = load(
+            w_ref.at[pl.ds(k0, bk), pl.ds(n0 // 4, q)], and_masks(cmask, None if kmask is None else kmask[:, None])
+        )
+        p = p.astype(jnp.int32)
+        wt = as_weight(interleave_cols([((p >> (2 * jj)) & 3) - 1 for jj in range(4)]))
+        xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], and_masks(mmask, None if kmask is None else kmask[None]))
+        return acc + jnp.dot(xt, wt, preferred_element_type=acc_dtype)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), acc_dtype))
+    if mode == "a8":
+        sx = load(sx_ref.at[pl.ds(m0, bm), pl.ds(0, 1)], mmask)
+        y = acc.astype(jnp.float32) * sx * s
+    else:
+        y = acc
+    omask = and_masks(mmask, nmask)
+    if len(o_ref.shape) == 3:
+        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], y, omask)
+    else:
+        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), omask)
+
+
+def _largest_divisor_at_most(v: int, cap: int) -> int:
+    for d in range(min(cap, v), 0, -1):
+        if v % d == 0:
+            return d
+    return 1
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n", "packing", "mode", "config", "w_dtype", "interpret"))
+def ternary_matmul(
+    x: jax.Array,
+    data: jax.Array,
+    scale: jax.Array,
+    *,
+    k: int,
+    n: int,
+    packing: str,
+    mode: str = "w16",
+    config: BlockConfig,
+    w_dtype: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Ternary matmul (see module docstring); returns ``(M, N)`` in ``x.dtype``.
+
+    Args:
+      x: activations ``(M, K)`` (``mode="a8"``: quantized here per token by :func:`quantize_activations`).
+      data: packed codes (``packing="k"``: ``(ceil(K/4), N)``; ``"n"``: ``(K*N/4,)`` or ``(K, N/4)``).
+      scale: float32 ``(N,)`` or ``()``.
+      w_dtype: ``mode="w16"``: dtype the XLA path rounds the dequantized weight to first (``None``: none).
+    """
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"ternary_matmul: x must be (M, {k}), got {x.shape}")
+    if mode not in ("w16", "a8"):
+        raise ValueError(f"ternary_matmul: mode must be 'w16' or 'a8', got {mode!r}")
+    why = supported(k, n, packing, config, x.dtype, mode)
+    if why:
+        raise ValueError(f"ternary_matmul: unsupported: {why}")
+    m = x.shape[0]
+    bm, bn = config.block_m, config.block_n
+    bk = config.block_k
+    nsteps = cdiv(k, bk)
+    split = _largest_divisor_at_most(nsteps, config.split_k)
+    steps = nsteps // split
+    s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
+    if mode == "a8":
+        xin, sx = quantize_activations(x)
+    else:
+        xin, sx = x, None
+    if packing == "k":
+        if data.shape != (cdiv(k, 4), n):
+            raise ValueError(f"ternary_matmul: packed data must be {(cdiv(k, 4), n)}, got {data.shape}")
+        if m % bm or k % bk:  # strided activation loads cannot be masked: zero-pad
+            xin = jnp.pad(xin, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - k)))
+    else:
+        if data.size != k * n // 4:
+            raise ValueError(f"ternary_matmul: packed data must hold {k * n // 4} bytes, got {data.size}")
+        data = data.reshape(k, n // 4)
+    operands = [xin, data, s2] + ([sx.reshape(m, 1)] if mode == "a8" else [])
+    w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
+    kernel = functools.partial(
+        _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, packing=packing, mode=mode, w_round=w_round
+    )
+    out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((m, n), x.dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=(cdiv(m, bm), cdiv(n, bn), split),
+        out_shape=out_shape,
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name=f"ternary_{mode}_matmul",
+    )(*operands)
+    if split > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out

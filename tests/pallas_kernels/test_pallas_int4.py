@@ -1,0 +1,146 @@
+"""int4/int8/int2 weight-only kernel: interpret-mode numerics, CUDA lowering, cubin compilation."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pallas_helpers import (
+    assert_compiles,
+    cuda_lowering,
+    np_group_rows,
+    np_unpack_rows,
+    rel_err,
+    requires_triton,
+    round_to,
+    shape_struct,
+)
+
+import jaxquant as jq
+from pallas_kernels._common import BlockConfig
+from pallas_kernels.int4_matmul import IntLayout, int_matmul, int_matmul_reference, supported
+
+# output rounding bounds, relative (norm): float32 = summation order only; bf16/f16 = one output rounding
+BOUND = {jnp.float32: 1e-5, jnp.bfloat16: 4e-3, jnp.float16: 1e-3}
+
+# (m, k, n, bits, group, symmetric, range, variant, split_k, x dtype)
+CASES = [
+    (1, 256, 128, 4, 128, True, "zeropoint", "strided", 1, jnp.bfloat16),
+    (5, 200, 80, 4, 64, False, "zeropoint", "interleave", 2, jnp.float32),  # ragged K and N, short last group
+    (33, 256, 96, 4, 128, False, "minmax", "strided", 1, jnp.float16),
+    (3, 384, 64, 8, None, True, "zeropoint", "interleave", 3, jnp.float32),
+    (2, 300, 64, 8, 128, False, "zeropoint", "strided", 1, jnp.bfloat16),
+    (4, 256, 64, 2, 64, True, "zeropoint", "strided", 2, jnp.float32),
+]
+
+
+def np_dequant(q, bits, group, symmetric, rng_mode, k, n):
+    """Float64 NumPy dequantization straight from the IntScheme storage definition."""
+    c = np_unpack_rows(np.asarray(q.data), bits, k).astype(np.float64)
+    if symmetric and bits == 8:
+        c = np.asarray(q.data).astype(np.float64)  # plain int8 codes
+    elif symmetric:
+        c = c - 2 ** (bits - 1)
+    s = np_group_rows(np.asarray(q.scale, np.float64), group, k, n)
+    if symmetric:
+        return c * s
+    z = np_group_rows(np.asarray(q.zero, np.float64), group, k, n)
+    return (c - z) * s if rng_mode == "zeropoint" else c * s + z
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}k{c[1]}n{c[2]}b{c[3]}g{c[4]}{c[7]}s{c[8]}")
+def test_interpret_matches_reference_and_float64(case):
+    m, k, n, bits, group, sym, rng_mode, variant, split, dt = case
+    rng = np.random.default_rng(m * 1000 + k + bits)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    scheme = jq.IntScheme(bits=bits, group_size=group, symmetric=sym, range=rng_mode)
+    q = jq.quantize(jnp.asarray(w), scheme)
+    mode = "sym" if sym else rng_mode
+    layout = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=group)
+    wd64 = np_dequant(q, bits, group, sym, rng_mode, k, n)
+    np.testing.assert_array_equal(wd64, np.asarray(jax.jit(jq.dequantize)(q), np.float64))  # layout understood
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    cfg = BlockConfig(block_m=16, block_n=32, block_k=128, split_k=split, variant=variant)
+    zero = None if sym else q.zero
+    y = int_matmul(x, q.data, q.scale, zero, layout=layout, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    yr = int_matmul_reference(x, q.data, q.scale, zero, layout)
+    y64 = np.asarray(x, np.float64) @ round_to(wd64, dt)
+    assert rel_err(y, y64) <= BOUND[dt]
+    assert rel_err(y, yr) <= 2 * BOUND[dt]
+
+
+def test_fresh_inputs_every_config_agree():
+    """Every variant / split / block shape computes the same function on fresh random inputs."""
+    rng = np.random.default_rng(7)
+    k, n, m = 256, 64, 3
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.IntScheme(4, 64, symmetric=False))
+    layout = IntLayout(bits=4, mode="zeropoint", k=k, n=n, group_size=64)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    ref = np.asarray(int_matmul_reference(x, q.data, q.scale, q.zero, layout), np.float64)
+    for cfg in (
+        BlockConfig(16, 16, 64, 1, variant="strided"),
+        BlockConfig(32, 64, 128, 4, variant="interleave"),
+        BlockConfig(16, 64, 32, 2, variant="strided"),
+    ):
+        y = int_matmul(x, q.data, q.scale, q.zero, layout=layout, config=cfg, interpret=True)
+        assert rel_err(y, ref) < 1e-5, cfg
+
+
+def test_unsupported_cases_are_reported():
+    cfg = BlockConfig()
+    assert supported(IntLayout(4, "sym", 256, 64, group_size=16), cfg, jnp.bfloat16)  # group too small
+    assert supported(IntLayout(4, "sym", 256, 64, group_size=128), cfg, jnp.int8)  # activation dtype
+    assert supported(IntLayout(4, "sym", 256, 64, group_size=128), cfg, jnp.bfloat16) is None
+    with pytest.raises(ValueError, match="bits"):
+        IntLayout(3, "sym", 256, 64)
+    with pytest.raises(ValueError, match="power of two"):
+        BlockConfig(block_m=24)
+
+
+LOWER_CASES = [  # (bits, mode, group, variant, m)
+    (4, "sym", 128, "strided", 16),
+    (4, "zeropoint", 64, "interleave", 128),
+    (8, "sym", None, "", 16),
+    (2, "sym", 128, "strided", 16),
+]
+
+
+def _lower(bits, mode, group, variant, m, k=512, n=256):
+    layout = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=group)
+    cfg = BlockConfig(block_m=min(m, 64), block_n=64, block_k=128, split_k=2, variant=variant)
+    g = layout.groups
+    args = [
+        shape_struct((m, k), jnp.bfloat16),
+        shape_struct((layout.packed_rows, n), jnp.int8 if (bits == 8 and mode == "sym") else jnp.uint8),
+        shape_struct((g, n), jnp.float16),
+        shape_struct((g, n), jnp.uint8) if mode != "sym" else None,
+    ]
+    return cuda_lowering(functools.partial(int_matmul, layout=layout, config=cfg), *args)
+
+
+@pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: f"b{c[0]}{c[1]}g{c[2]}{c[3]}m{c[4]}")
+def test_lowers_to_triton_custom_call(case):
+    calls = _lower(*case)
+    assert calls[0].name.startswith(f"int{case[0]}_matmul")
+
+
+@requires_triton
+@pytest.mark.parametrize("case", LOWER_CASES[:3], ids=lambda c: f"b{c[0]}{c[1]}g{c[2]}{c[3]}m{c[4]}")
+def test_compiles_to_cubin_sm90_sm80(case):
+    assert_compiles(_lower(*case), archs=(90, 80))
+
+
+def test_jit_and_vmap_of_dispatch():
+    """qdot through the kernel (interpret) composes with jit and vmap."""
+    rng = np.random.default_rng(3)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((128, 32)), jnp.float32), jq.IntScheme(4, 64))
+    xs = jnp.asarray(rng.standard_normal((2, 3, 128)), jnp.float32)
+    with jq.ops.kernel_mode("interpret"):
+        y = jax.jit(jax.vmap(jq.qdot, in_axes=(0, None)))(xs, q)
+    with jq.ops.kernel_mode("off"):
+        y0 = jax.vmap(jq.qdot, in_axes=(0, None))(xs, q)
+    assert rel_err(y, y0) < 1e-5

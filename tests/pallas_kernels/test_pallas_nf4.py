@@ -1,0 +1,125 @@
+"""NF4 kernel (bitsandbytes layout, optional double quant): interpret numerics, dispatch, lowering, cubin."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pallas_helpers import NF4_VALUES, assert_compiles, cuda_lowering, rel_err, requires_triton, round_to, shape_struct
+
+import jaxquant as jq
+from jaxquant.core.formats import NF4_CODE
+from jaxquant.schemes.nf4 import DYNAMIC_CODE
+from pallas_kernels._common import BlockConfig
+from pallas_kernels.nf4_matmul import NF4Layout, nf4_matmul, supported
+
+CODE_VALS = tuple(float(v) for v in NF4_CODE)
+
+
+def np_dequant(q, k, n, block, dq):
+    """Float64 NumPy NF4 dequantization from the bitsandbytes layout definition (W.T flattened, high nibble
+    first, one absmax per block of ``block`` values)."""
+    d = np.asarray(q.data).astype(np.int64)
+    codes = np.empty(d.size * 2, np.int64)
+    codes[0::2], codes[1::2] = d >> 4, d & 15
+    vals = NF4_VALUES.astype(np.float64)[codes[: k * n]]
+    if dq:
+        qa = np.asarray(q.scale).astype(np.int64)
+        a2 = np.asarray(q.aux["absmax_scale"], np.float32)
+        absmax = (DYNAMIC_CODE[qa] * np.repeat(a2, 256)[: qa.size]).astype(np.float32) + np.float32(
+            q.aux["absmax_offset"]
+        )
+    else:
+        absmax = np.asarray(q.scale, np.float32)
+    wt = vals.reshape(-1, block) * absmax.astype(np.float64)[:, None]
+    return wt.reshape(n, k).T
+
+
+def test_code_table_is_bitsandbytes():
+    np.testing.assert_array_equal(np.asarray(NF4_CODE), NF4_VALUES)
+
+
+# (m, k, n, double_quant, variant, split_k, block_k, x dtype)
+CASES = [
+    (1, 256, 96, False, "lut", 2, 128, jnp.bfloat16),
+    (5, 192, 80, True, "select", 1, 64, jnp.float32),  # ragged N, 3 blocks per column
+    (17, 128, 64, True, "lut-interleave", 1, 128, jnp.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}k{c[1]}n{c[2]}dq{int(c[3])}{c[4]}")
+def test_interpret_matches_float64(case):
+    m, k, n, dq, variant, split, bk, dt = case
+    rng = np.random.default_rng(k + n + m)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.NF4Scheme(64, double_quant=dq))
+    w64 = np_dequant(q, k, n, 64, dq)
+    np.testing.assert_allclose(w64, np.asarray(jax.jit(jq.dequantize)(q), np.float64), rtol=1e-7, atol=1e-7)
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    extra = (q.aux["absmax_scale"], q.aux["absmax_offset"], DYNAMIC_CODE) if dq else ()
+    layout = NF4Layout(k=k, n=n, block=64, double_quant=dq)
+    y = nf4_matmul(
+        x,
+        q.data,
+        q.scale,
+        NF4_CODE,
+        *extra,
+        layout=layout,
+        config=BlockConfig(16, 32, bk, split, variant=variant),
+        code_vals=CODE_VALS,
+        interpret=True,
+    )
+    bound = {jnp.float32: 1e-5, jnp.bfloat16: 4e-3, jnp.float16: 1e-3}[dt]
+    assert rel_err(y, np.asarray(x, np.float64) @ round_to(w64, dt)) <= bound
+
+
+def test_dispatch_equals_xla_path():
+    rng = np.random.default_rng(1)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((128, 48)), jnp.float32), jq.NF4Scheme(double_quant=True))
+    x = jnp.asarray(rng.standard_normal((2, 3, 128)), jnp.bfloat16)
+    with jq.ops.kernel_mode("interpret"):
+        assert jq.ops.explain_qdot(x, q).startswith("kernel: nf4")
+        y = jax.jit(jq.qdot)(x, q)
+    with jq.ops.kernel_mode("off"):
+        y0 = jax.jit(jq.qdot)(x, q)
+    assert y.shape == (2, 3, 48)
+    assert rel_err(y, y0) <= 4e-3
+
+
+def test_unsupported_falls_back():
+    assert supported(NF4Layout(k=100, n=8), BlockConfig(), jnp.bfloat16)  # blocks would span two columns
+    q = jq.quantize(jnp.ones((100, 8), jnp.float32), jq.NF4Scheme())
+    with jq.ops.kernel_mode("interpret"):
+        assert jq.ops.explain_qdot(jnp.ones((1, 100), jnp.bfloat16), q).startswith("xla: K=100")
+
+
+def _lower(dq, variant, m, k=512, n=256):
+    layout = NF4Layout(k=k, n=n, double_quant=dq)
+    nb = k * n // 64
+    args = [
+        shape_struct((m, k), jnp.bfloat16),
+        shape_struct((k * n // 2,), jnp.uint8),
+        shape_struct((nb,), jnp.uint8 if dq else jnp.float32),
+        shape_struct((16,), jnp.float32),
+    ]
+    if dq:
+        args += [
+            shape_struct((nb // 256,), jnp.float32),
+            shape_struct((), jnp.float32),
+            shape_struct((256,), jnp.float32),
+        ]
+    cfg = BlockConfig(min(m, 64), 64, 128, 2, variant=variant)
+    return cuda_lowering(functools.partial(nf4_matmul, layout=layout, config=cfg, code_vals=CODE_VALS), *args)
+
+
+@pytest.mark.parametrize("dq,variant,m", [(False, "lut", 16), (True, "select", 16), (False, "lut-interleave", 128)])
+def test_lowers_to_triton_custom_call(dq, variant, m):
+    assert _lower(dq, variant, m)[0].name == "nf4_matmul"
+
+
+@requires_triton
+@pytest.mark.parametrize("dq,variant,m", [(True, "lut", 16), (False, "select-interleave", 128)])
+def test_compiles_to_cubin_sm90_sm80(dq, variant, m):
+    assert_compiles(_lower(dq, variant, m), archs=(90, 80))

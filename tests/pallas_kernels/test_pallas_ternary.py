@@ -1,0 +1,99 @@
+"""Ternary kernels (W1.58A16 and W1.58A8), both packings: numerics, dispatch, lowering, cubin."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pallas_helpers import (
+    assert_compiles,
+    cuda_lowering,
+    np_unpack_rows,
+    rel_err,
+    requires_triton,
+    round_to,
+    shape_struct,
+)
+
+import jaxquant as jq
+from pallas_kernels._common import BlockConfig
+from pallas_kernels.ternary_matmul import ternary_matmul
+
+
+def np_ternary(q, k, n, gran):
+    """Float64 ternary values ``t`` from the 2-bit packing (along K per channel, row-major flat per tensor)."""
+    if gran == "channel":
+        return np_unpack_rows(np.asarray(q.data), 2, k).astype(np.float64) - 1
+    flat = np_unpack_rows(np.asarray(q.data), 2, k * n)
+    return flat.reshape(k, n).astype(np.float64) - 1
+
+
+@pytest.mark.parametrize(
+    "m,k,n,gran,mode,split,bk",
+    [
+        (1, 256, 96, "channel", "w16", 2, 64),
+        (17, 200, 80, "tensor", "w16", 1, 64),
+        (5, 256, 96, "channel", "a8", 1, 128),
+        (2, 300, 64, "tensor", "a8", 3, 64),
+    ],
+)
+def test_interpret_matches_float64(m, k, n, gran, mode, split, bk):
+    rng = np.random.default_rng(m + k + n)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme(gran))
+    t = np_ternary(q, k, n, gran)
+    s = np.broadcast_to(np.asarray(q.scale, np.float64), (n,))
+    xn = rng.standard_normal((m, k)).astype(np.float32)
+    x = jnp.asarray(xn)
+    pk = "k" if gran == "channel" else "n"
+    y = ternary_matmul(
+        x, q.data, q.scale, k=k, n=n, packing=pk, mode=mode, config=BlockConfig(16, 32, bk, split), interpret=True
+    )
+    if mode == "w16":
+        ref = xn.astype(np.float64) @ round_to(t * s[None, :], jnp.float32)
+        assert rel_err(y, ref) < 1e-5
+    else:
+        sx = np.abs(xn).max(axis=1, keepdims=True) / np.float32(127.0)
+        xq = np.clip(np.round(xn / sx), -127, 127).astype(np.float64)
+        ref = (xq @ t) * sx.astype(np.float64) * s[None, :]
+        assert rel_err(y, ref) < 1e-5
+
+
+def test_dispatch_and_a8_entry_point():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    for gran in ("tensor", "channel"):
+        q = jq.quantize(jnp.asarray(rng.standard_normal((128, 64)), jnp.float32), jq.TernaryScheme(gran))
+        with jq.ops.kernel_mode("interpret"):
+            assert jq.ops.explain_qdot(x, q).startswith("kernel: ternary")
+            y = jax.jit(jq.qdot)(x, q)
+            y8 = jax.jit(jq.ops.qdot_ternary_a8)(x, q)
+        with jq.ops.kernel_mode("off"):
+            y0 = jax.jit(jq.qdot)(x, q)
+            y80 = jax.jit(jq.ops.qdot_ternary_a8)(x, q)
+        assert rel_err(y, y0) <= 4e-3
+        assert rel_err(y8, y80) <= 4e-3
+    q3 = jq.quantize(jnp.ones((128, 64)), jq.TernaryScheme(packing="base3"))
+    with jq.ops.kernel_mode("interpret"):
+        assert jq.ops.explain_qdot(x, q3).startswith("xla:")
+
+
+def _lower(packing, mode, m, k=512, n=256):
+    data = shape_struct((k // 4, n), jnp.uint8) if packing == "k" else shape_struct((k * n // 4,), jnp.uint8)
+    scale = shape_struct((n,) if packing == "k" else (), jnp.float32)
+    cfg = BlockConfig(min(m, 128), 64, 128, 2 if m <= 16 else 1)
+    fn = functools.partial(ternary_matmul, k=k, n=n, packing=packing, mode=mode, config=cfg)
+    return cuda_lowering(fn, shape_struct((m, k), jnp.bfloat16), data, scale)
+
+
+@pytest.mark.parametrize("packing,mode,m", [("k", "w16", 16), ("n", "w16", 128), ("k", "a8", 16), ("n", "a8", 128)])
+def test_lowers_to_triton_custom_call(packing, mode, m):
+    assert _lower(packing, mode, m)[0].name == f"ternary_{mode}_matmul"
+
+
+@requires_triton
+@pytest.mark.parametrize("packing,mode,m", [("k", "a8", 16), ("n", "w16", 16)])
+def test_compiles_to_cubin_sm90_sm80(packing, mode, m):
+    assert_compiles(_lower(packing, mode, m), archs=(90, 80))
