@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["tree_sum", "true_divide", "true_mean"]
+__all__ = ["rounded_product", "tree_sum", "true_divide", "true_mean"]
 
 
 def true_divide(a, b) -> jax.Array:
@@ -53,3 +53,15 @@ def true_mean(x: jax.Array, axis=None) -> jax.Array:
     """Mean with a reproducible sum (:func:`tree_sum`) and a correctly rounded division (:func:`true_divide`)."""
     n = x.size if axis is None else x.shape[axis]
     return true_divide(tree_sum(x, axis=axis), jnp.asarray(n, x.dtype))
+
+
+def rounded_product(a, b) -> jax.Array:
+    """``a * b`` rounded to its dtype on its own, also when an addition follows.
+
+    XLA:CPU contracts ``a*b + c`` into a fused multiply-add, which skips the rounding of the product and flips
+    ``floor(x * id + 0.5)``-style rounding at exact ties (llama.cpp/gguf-py round the product first). An
+    ``optimization_barrier`` does not stop it (it is gone from the compiled program); a select on the product
+    does: the multiply then feeds a select, not the add, so it cannot be fused with it. NaN stays NaN.
+    """
+    p = jnp.asarray(a) * jnp.asarray(b)
+    return jnp.where(jnp.isnan(p), jnp.asarray(np.nan, p.dtype), p)

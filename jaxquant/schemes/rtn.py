@@ -43,7 +43,7 @@ import numpy as np
 
 from jaxquant.core import packing
 from jaxquant.core.formats import int_range
-from jaxquant.core.numerics import true_divide
+from jaxquant.core.numerics import rounded_product, true_divide
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.schemes._grouping import expand_rows, group_view, num_groups, round_scale_up
 
@@ -181,7 +181,7 @@ class IntScheme(Scheme):
             hi = jnp.max(gv, axis=1)
             d = true_divide(hi - lo, np.float32(qmax))
             inv = jnp.where(d == 0, 0.0, true_divide(np.float32(1.0), jnp.where(d == 0, 1.0, d)))
-            q = jnp.clip(jnp.floor((w2 - rows(lo)) * rows(inv) + np.float32(0.5)), 0, qmax)
+            q = jnp.clip(jnp.floor(rounded_product(w2 - rows(lo), rows(inv)) + np.float32(0.5)), 0, qmax)
             data = packing.pack(q.astype(jnp.uint8), self.bits)
             s_st = d.astype(sdt)
             zero = self._store_stats(lo.astype(sdt), orig_shape)
