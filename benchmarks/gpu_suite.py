@@ -11,6 +11,7 @@ Usage (from the repository root, nothing to install beyond jax; PYTHONPATH=. is 
     python benchmarks/gpu_suite.py                      # ~5 minutes on an H100
     python benchmarks/gpu_suite.py --budget-s 240 --tune
     python benchmarks/gpu_suite.py --dry-run            # CPU: tiny shapes through the Pallas interpreter
+    python benchmarks/gpu_suite.py --quick              # ~1-2 min: benchmarks/gpu_quick.py (GEMV + dispatch)
 
 Sections: ``env`` (devices, versions), ``ceilings`` (copy bandwidth, bf16 matmul rate), ``check`` (each kernel
 vs the XLA path and float64 NumPy on ragged shapes, M=1, both activation dtypes, run twice to expose races),
@@ -95,7 +96,8 @@ def section_check(args) -> dict[str, Any]:
     from benchmarks.kernels import SPECS, _activations, _direct_fn
     from jaxquant.ops import explain_qdot, kernel_mode
 
-    mode = "interpret" if args.dry_run else "auto"  # auto: kernels on the GPU; the path column shows which ran
+    # "on": kernels forced on the GPU, also above the tuned M limits (where "auto" now takes the XLA path)
+    mode = "interpret" if args.dry_run else "on"
     rows = []
     names = [n for n in args.kernels.split(",") if n]
     for name in names:
@@ -556,7 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ceilings", default=None, help=argparse.SUPPRESS)
     p.add_argument("--skip", default="", help=argparse.SUPPRESS)
     p.add_argument("--marker", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="run benchmarks/gpu_quick.py instead (about 1-2 min)")
+    a, rest = p.parse_known_args(argv)
+    if a.quick:
+        import gpu_quick
+
+        return gpu_quick.main((["--dry-run"] if a.dry_run else []) + rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.section is None:
         return orchestrate(a)
     section = a.section.split("#")[0]  # "#retryN" marks a restart after a crash

@@ -11,9 +11,11 @@ Both compute the same function: the kernels dequantize exactly as the schemes do
 dtype) and accumulate in float32, so results differ only by summation order. Unsupported cases fall back to
 XLA, never to an approximation.
 
-The kernel mode is ``"auto"`` (kernels on GPU, XLA elsewhere), ``"off"`` (always XLA), ``"interpret"``
-(kernels through the Pallas interpreter on any backend: slow, for tests) or ``"on"`` (kernels on GPU and an
-error instead of a fallback when the kernel cannot run: for benchmarks). Set it with the environment variable
+The kernel mode is ``"auto"`` (kernels on GPU, except for shapes where the device's measurements in
+:mod:`pallas_kernels.tuning` showed the XLA path faster, e.g. large ``M``; XLA elsewhere), ``"off"``
+(always XLA), ``"interpret"`` (kernels through the Pallas interpreter on any backend: slow, for tests) or
+``"on"`` (kernels on GPU, ignoring those limits, and an error instead of a fallback when the kernel cannot run:
+for benchmarks). Set it with the environment variable
 ``JAXQUANT_KERNELS``, :func:`set_kernel_mode` or the :func:`kernel_mode` context manager. It is read when a
 function is traced, so change it before ``jax.jit`` compiles.
 """
@@ -184,13 +186,17 @@ def _w_round(w: QArray, x) -> str | None:
     return None if d in (jnp.dtype(jnp.float32), jnp.dtype(x.dtype)) else d.name
 
 
-def _check_limit(name: str, m: int, interpret: bool) -> str | None:
+def _check_limit(name: str, m: int, interpret: bool, device: str | None = None) -> str | None:
+    """Why the XLA path is taken for ``M`` rows on this device (it measured faster there), or ``None``.
+
+    Applies in "auto" mode only: "on" forces kernels (benchmarks), "interpret" is for tests.
+    """
     from pallas_kernels import tuning
 
-    limit = tuning.max_m(name)
-    if limit is not None and m > limit and not interpret:
-        return f"M={m} above the tuned limit {limit} for {name}"
-    return None
+    if _mode != "auto" or interpret or tuning.use_kernel(name, m, device):
+        return None
+    limit = tuning.max_m(name, device)
+    return f"M={m} above the tuned limit {limit} for {name} on {device or tuning.device_key()} (XLA measured faster)"
 
 
 def _nf4_adapter(x, w: QArray, m: int, interpret: bool):

@@ -12,7 +12,12 @@ Weights (jaxquant ``FP8Scheme``): ``w`` ``(K, N)`` in ``float8_e4m3fn`` or ``flo
     s_x[m] = max_k |x[m, k]| / FMAX   (XLA pre-pass: one read of x)      q[m, k] = fp8(clip(x[m, k] / s_x[m]))
     y[m, n] = (sum_k q[m, k] w[k, n]) * s_x[m] * s_w[n]                  (fp8 x fp8 dot, float32 accumulation)
 
-where ``q`` is computed per tile inside the kernel and never written to memory. fp8 dots need sm_89+
+where ``q`` is computed per tile inside the kernel and never written to memory.
+
+``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``): no dot; each program keeps one float32
+``(BK, BN)`` accumulator per activation row and adds ``x * float32(w)`` elementwise (fp8 x fp8 products are
+exact in float32), reducing over K once at the end. In W8A8 mode the activations are quantized by an XLA
+pre-pass there (a tiny ``(K, M)`` tensor) and the scales applied afterwards. fp8 dots need sm_89+
 (Ada/Hopper): this kernel does not compile for sm_80. Note: JAX's Pallas Triton lowering does not set
 ``maxNumImpreciseAcc``, so on Hopper Triton emits ``mma.sync`` rather than ``wgmma`` for fp8 dots; large-M W8A8
 is compute bound and may be faster through XLA's cuBLASLt fp8 GEMM (see ``jaxquant.ops.qdot_fp8_w8a8``).
@@ -73,6 +78,10 @@ def supported(w_dtype, cfg: BlockConfig, x_dtype) -> str | None:
         return f"weight dtype {jnp.dtype(w_dtype).name} is not float8_e4m3fn/float8_e5m2"
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return f"activation dtype {jnp.dtype(x_dtype).name}"
+    if cfg.variant == "gemv":
+        if cfg.block_m > 8 or cfg.block_n < 16 or cfg.block_k < 8:
+            return "gemv needs block_m <= 8, block_n >= 16 and block_k >= 8"
+        return None
     if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 32:
         return "block_m, block_n >= 16 and block_k >= 32 needed"
     return None
@@ -117,6 +126,83 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round):
         store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
 
 
+def _gemv_kernel(xt_ref, w_ref, sw_ref, o_ref, *, k, n, bm, bn, bk, steps, cdtype, dequant, w_round):
+    """``variant="gemv"``: per-row float32 register accumulators, elementwise multiply-add, no dot."""
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = i * bm, j * bn
+    nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
+    k_ragged = k % bk != 0
+    sw = load(sw_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask)
+
+    def body(t, accs):
+        k0 = (sk * steps + t) * bk
+        kmask = (k0 + jnp.arange(bk) < k)[:, None] if k_ragged else None
+        wd = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], and_masks(nmask, kmask)).astype(jnp.float32)
+        if dequant:  # W8A16: the XLA path's rounding chain
+            wd = wd * sw
+            if w_round is not None:
+                wd = wd.astype(w_round)
+            if cdtype != jnp.float32 or w_round is not None:
+                wd = wd.astype(cdtype).astype(jnp.float32)
+        out = []
+        for mi in range(bm):
+            xc = xt_ref[pl.ds(k0, bk), pl.ds(m0 + mi, 1)].astype(jnp.float32)  # (BK, 1), zero-padded
+            out.append(accs[mi] + xc * wd)
+        return tuple(out)
+
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(bm)))
+    for mi in range(bm):
+        row = jnp.sum(accs[mi], axis=0).reshape(1, bn)
+        if len(o_ref.shape) == 3:
+            store(o_ref.at[sk, pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row, nmask)
+        else:
+            store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), nmask)
+
+
+def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
+    m, k = x.shape
+    n = w.shape[1]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    nsteps = cdiv(k, bk)
+    split = _largest_divisor_at_most(nsteps, config.split_k)
+    steps = nsteps // split
+    mp = cdiv(m, bm) * bm
+    if mode == "w8a8":
+        sx = row_scales(x, w.dtype)
+        xin = quantize_rows(x, sx, w.dtype).astype(jnp.float32)  # exact in float32
+    else:
+        xin = x
+    xt = jnp.pad(xin, ((0, mp - m), (0, nsteps * bk - k))).T  # (Kp, Mp)
+    kernel = functools.partial(
+        _gemv_kernel,
+        k=k,
+        n=n,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        steps=steps,
+        cdtype=jnp.dtype(x.dtype),
+        dequant=mode == "w8a16",
+        w_round=w_round,
+    )
+    f32_out = split > 1 or mode == "w8a8"
+    out_shape = jax.ShapeDtypeStruct((split, mp, n) if split > 1 else (mp, n), jnp.float32 if f32_out else x.dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=(mp // bm, cdiv(n, bn), split),
+        out_shape=out_shape,
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name=f"fp8_{mode}_gemv",
+    )(xt, w, sw2)
+    if split > 1:
+        out = out.sum(axis=0)
+    out = out[:m]
+    if mode == "w8a8":
+        out = out * sx[:, None] * sw2
+    return out.astype(x.dtype)
+
+
 def _largest_divisor_at_most(v: int, cap: int) -> int:
     for d in range(min(cap, v), 0, -1):
         if v % d == 0:
@@ -157,11 +243,13 @@ def fp8_matmul(
     operands = [x, w, sw2]
     if mode == "w8a8":
         operands.append(row_scales(x, w.dtype).reshape(m, 1))
+    w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
+    if config.variant == "gemv":
+        return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, interpret=interpret)
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     nsteps = cdiv(k, bk)
     split = _largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
-    w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
     kernel = functools.partial(
         _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, mode=mode, f8max=fmax(w.dtype), w_round=w_round
     )

@@ -27,7 +27,15 @@ tile, split it into ``8/bits`` code tiles, dequantize, and either
 * ``variant="interleave"``: interleave the tiles back into one ``(BK, BN)`` tile (transposes + two-way stacks)
   and multiply it with a contiguous ``(BM, BK)`` activation tile (better for large ``M``).
 
-``split_k > 1`` writes float32 partial sums that XLA adds (deterministic; fills the GPU when ``M`` is small).
+* ``variant="gemv"`` (small ``M``, memory bound): no tensor-core dot. Each program owns ``BM`` (1..8) rows and a
+  wide ``BN`` column tile and keeps one float32 ``(BK/(8/bits), BN)`` accumulator per row in registers: every
+  K step unpacks the packed tile with shifts/masks, dequantizes it (one scale row per step), multiplies it
+  elementwise by the matching activations broadcast along N, and adds; the accumulator is reduced over K once,
+  at the end. The activations are reordered once by XLA (a ``(K, M)`` copy, tiny at small ``M``) so that each
+  nibble position's activations are a contiguous column.
+
+``split_k > 1`` writes float32 partial sums that XLA adds (deterministic, a second small pass; fills the GPU
+when ``M`` is small).
 """
 
 from __future__ import annotations
@@ -167,12 +175,17 @@ def _effective_block_k(layout: IntLayout, cfg: BlockConfig) -> int | None:
     bk = cfg.block_k
     if layout.group_size is not None:
         bk = min(bk, _largest_pow2_divisor(layout.group_size))
-    # each code tile feeds a dot whose contraction must be >= 16 (mma k16)
-    min_bk = 16 * (layout.per_byte if cfg.variant != "interleave" else 1)
-    min_bk = max(min_bk, layout.per_byte * 8)  # packed tile rows >= 8
-    if bk < min_bk:
+    if bk < _min_block_k(layout, cfg):
         return None
     return bk
+
+
+def _min_block_k(layout: IntLayout, cfg: BlockConfig) -> int:
+    if cfg.variant == "gemv":
+        return layout.per_byte * 8  # packed tile rows >= 8 (no dot)
+    # each code tile feeds a dot whose contraction must be >= 16 (mma k16)
+    min_bk = 16 * (layout.per_byte if cfg.variant != "interleave" else 1)
+    return max(min_bk, layout.per_byte * 8)  # packed tile rows >= 8
 
 
 def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
@@ -180,11 +193,15 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return f"activation dtype {jnp.dtype(x_dtype).name} (need bfloat16/float16/float32)"
     if _effective_block_k(layout, cfg) is None:
-        need = max(16 * (layout.per_byte if cfg.variant != "interleave" else 1), layout.per_byte * 8)
+        need = _min_block_k(layout, cfg)
         return (
             f"group_size={layout.group_size} too small for a {layout.bits}-bit K step "
             f"(the kernel needs groups that are multiples of {need})"
         )
+    if cfg.variant == "gemv":
+        if cfg.block_m > 8 or cfg.block_n < 16:
+            return "gemv needs block_m <= 8 and block_n >= 16"
+        return None
     if cfg.block_m < 16 or cfg.block_n < 16:
         return "block_m and block_n must be >= 16"
     return None
@@ -260,6 +277,73 @@ def _kernel(
         store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
 
 
+def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int, gs: int, w_round=None):
+    """``variant="gemv"``: elementwise multiply-add into per-row register accumulators, no dot."""
+    if layout.mode == "sym":
+        xt_ref, w_ref, s_ref, o_ref = refs
+        z_ref = None
+    else:
+        xt_ref, w_ref, s_ref, z_ref, o_ref = refs
+    k, n = layout.k, layout.n
+    per, bits = layout.per_byte, layout.bits
+    pk = bk // per
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = i * bm, j * bn
+    nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
+    k_ragged = k % bk != 0
+    cdtype = xt_ref.dtype
+    sym_int8 = w_ref.dtype == jnp.int8
+    off = 0.0 if sym_int8 else float(2 ** (bits - 1))
+
+    def body(t, accs):
+        kb = sk * steps + t
+        k0 = kb * bk
+        r0 = kb * pk
+        wmask = and_masks(nmask, (r0 + jnp.arange(pk) < layout.packed_rows)[:, None] if k_ragged else None)
+        p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
+        g = k0 // gs
+        s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        accs = list(accs)
+        for jj in range(per):
+            c = p if per == 1 else (p >> (bits * jj)) & ((1 << bits) - 1)
+            cf = c.astype(jnp.float32)
+            # the same float32 operations as the XLA reference, so the weights round identically
+            if layout.mode == "sym":
+                w = (cf - off) * s if off else cf * s
+            elif layout.mode == "zeropoint":
+                w = (cf - z) * s
+            else:
+                w = cf * s + z
+            if w_round is not None:
+                w = w.astype(w_round)
+            if cdtype != jnp.float32 or w_round is not None:
+                w = w.astype(cdtype).astype(jnp.float32)
+            for mi in range(bm):
+                # activations k0 + jj + per * r, r < pk: a contiguous column of the reordered (K, M) copy
+                xc = xt_ref[pl.ds(k0 + jj * pk, pk), pl.ds(m0 + mi, 1)].astype(jnp.float32)
+                accs[mi] = accs[mi] + xc * w
+        return tuple(accs)
+
+    init = tuple(jnp.zeros((pk, bn), jnp.float32) for _ in range(bm))
+    accs = jax.lax.fori_loop(0, steps, body, init)
+    for mi in range(bm):
+        row = jnp.sum(accs[mi], axis=0).reshape(1, bn)
+        if len(o_ref.shape) == 3:  # split-K partial sums
+            store(o_ref.at[sk, pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row, nmask)
+        else:
+            store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), nmask)
+
+
+def _gemv_activations(x: jax.Array, mp: int, kp: int, bk: int, per: int) -> jax.Array:
+    """``(Kp, Mp)`` copy of ``x`` (zero-padded) with row ``kb*bk + j*pk + r`` = column ``kb*bk + per*r + j``."""
+    m, k = x.shape
+    x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
+    pk = bk // per
+    x = x.reshape(mp, kp // bk, pk, per).transpose(1, 3, 2, 0)  # (steps, per, pk, Mp)
+    return x.reshape(kp, mp)
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "config", "w_dtype", "interpret"))
 def int_matmul(
     x: jax.Array,
@@ -314,6 +398,9 @@ def int_matmul(
     bm, bn = config.block_m, config.block_n
     nsteps = cdiv(layout.k, bk)
     variant = config.variant or "strided"
+    w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
+    if variant == "gemv":
+        return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
     if variant == "strided" and layout.per_byte > 1 and (m % bm or layout.k % bk):
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - layout.k)))
         operands[0] = x
@@ -330,7 +417,7 @@ def int_matmul(
         steps=steps,
         variant=variant,
         gs=gs,
-        w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
+        w_round=w_round,
     )
     grid = (cdiv(m, bm), cdiv(layout.n, bn), split)
     if split > 1:
@@ -348,3 +435,30 @@ def int_matmul(
     if split > 1:
         out = out.sum(axis=0).astype(x.dtype)
     return out
+
+
+def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, nsteps: int, w_round, interpret):
+    m = x.shape[0]
+    bm, bn = config.block_m, config.block_n
+    mp = cdiv(m, bm) * bm
+    xt = _gemv_activations(x, mp, nsteps * bk, bk, layout.per_byte)
+    split = _largest_divisor_at_most(nsteps, config.split_k)
+    steps = nsteps // split
+    gs = layout.group_size if layout.group_size is not None else nsteps * bk
+    kernel = functools.partial(_gemv_kernel, layout=layout, bm=bm, bn=bn, bk=bk, steps=steps, gs=gs, w_round=w_round)
+    grid = (mp // bm, cdiv(layout.n, bn), split)
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, mp, layout.n), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((mp, layout.n), x.dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name=f"int{layout.bits}_gemv",
+    )(xt, *w_operands)
+    if split > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out[:m]

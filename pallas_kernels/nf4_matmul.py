@@ -26,6 +26,15 @@ block: load the ``(BN, B/2)`` byte tile (contiguous along K), split high/low nib
 ``where`` tree over scalar constants), scale by the block's absmax, and multiply with the activation columns
 ``k0 + 2j`` / ``k0 + 2j + 1`` (strided loads, ``x`` zero-padded to whole blocks) or, for
 ``variant="*-interleave"``, with a contiguous tile after interleaving the two halves along K.
+
+``variant="select-gemv"`` (small ``M``, ``block_m <= 8``): no dot; one float32 ``(BN, B/2)`` accumulator per
+activation row in registers, ``acc += x_even * W_hi + x_odd * W_lo`` elementwise (the activations broadcast
+along N), reduced over K once at the end.
+
+The ``select`` tree tests the four code bits directly in the loaded byte (``p & (1 << (4 + i))`` for the high
+nibble, ``p & (1 << i)`` for the low one: no shift or mask to extract the nibble first) and picks among the 16
+constants with 8 + 4 + 2 + 1 = 15 selects: about 4 ALU + 4 compare + 15 select = 23 simple instructions per
+weight, all in registers, against ``lut``'s one gather load per weight (a dependent, uncoalesced memory access).
 """
 
 from __future__ import annotations
@@ -112,17 +121,22 @@ def supported(layout: NF4Layout, cfg: BlockConfig, x_dtype) -> str | None:
         return f"block size {layout.block} (need a power of two >= 32)"
     if layout.k % layout.block:
         return f"K={layout.k} not a multiple of the block size {layout.block} (blocks would span two columns)"
+    if cfg.variant.endswith("gemv"):
+        if cfg.block_m > 8 or cfg.block_n < 16:
+            return "gemv needs block_m <= 8 and block_n >= 16"
+        return None
     if cfg.block_m < 16 or cfg.block_n < 16:
         return "block_m and block_n must be >= 16"
     return None
 
 
-def _select_lut(c, code_vals: tuple[float, ...]):
-    """``T[c]`` for int codes ``c`` in 0..15 by a 4-level tree of ``where`` over scalar constants."""
-    b0 = (c & 1) != 0
-    b1 = (c & 2) != 0
-    b2 = (c & 4) != 0
-    b3 = (c & 8) != 0
+def _select_lut(c, code_vals: tuple[float, ...], shift: int = 0):
+    """``T[(c >> shift) & 15]`` for int ``c`` by a 4-level tree of ``where`` over scalar constants (the code
+    bits are tested in place: ``shift=4`` reads the high nibble of a byte without extracting it)."""
+    b0 = (c & (1 << shift)) != 0
+    b1 = (c & (2 << shift)) != 0
+    b2 = (c & (4 << shift)) != 0
+    b3 = (c & (8 << shift)) != 0
     lvl = [jnp.where(b0, np.float32(code_vals[2 * i + 1]), np.float32(code_vals[2 * i])) for i in range(8)]
     lvl = [jnp.where(b1, lvl[2 * i + 1], lvl[2 * i]) for i in range(4)]
     lvl = [jnp.where(b2, lvl[2 * i + 1], lvl[2 * i]) for i in range(2)]
@@ -142,13 +156,14 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
     nmask = (rows_n < n)[:, None] if n % bn else None
     mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
     interleave = variant.endswith("interleave")
+    gemv = variant.endswith("gemv")
     use_select = variant.startswith("select")
     cdtype = x_ref.dtype
 
-    def lookup(c):
+    def lookup(p, high: bool):
         if use_select:
-            return _select_lut(c, code_vals)
-        return code_ref[c]
+            return _select_lut(p, code_vals, 4 if high else 0)
+        return code_ref[p >> 4] if high else code_ref[p & 15]
 
     def body(t, acc):
         kb = sk * steps + t
@@ -164,13 +179,21 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
                 a = dyn_ref[qa] * a2_ref[flat // DQ_BLOCK] + off_ref[0]
             else:
                 a = load(s_ref.at[pl.ds(n0, bn), pl.ds(blk_idx, 1)], nmask)
-            hi = lookup(p >> 4) * a  # rows k0 + 2j
-            lo = lookup(p & 15) * a  # rows k0 + 2j + 1
+            hi = lookup(p, True) * a  # rows k0 + 2j
+            lo = lookup(p, False) * a  # rows k0 + 2j + 1
             if w_round is not None:
                 hi, lo = hi.astype(w_round), lo.astype(w_round)
             hi, lo = hi.astype(cdtype), lo.astype(cdtype)
             dims = (((1,), (1,)), ((), ()))
-            if interleave:
+            if gemv:  # acc: one (BN, B/2) float32 accumulator per activation row
+                hf, lf = hi.astype(jnp.float32), lo.astype(jnp.float32)
+                accs = []
+                for mi in range(bm):
+                    xe = x_ref[pl.ds(m0 + mi, 1), row_slice(k0, half, 2)].astype(jnp.float32)
+                    xo = x_ref[pl.ds(m0 + mi, 1), row_slice(k0 + 1, half, 2)].astype(jnp.float32)
+                    accs.append(acc[mi] + xe * hf + xo * lf)
+                acc = tuple(accs)
+            elif interleave:
                 w_t = interleave_cols([hi, lo])  # (BN, B): W.T tile in K order
                 xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask)
                 acc = acc + jax.lax.dot_general(xt, w_t, dims, preferred_element_type=jnp.float32)
@@ -181,6 +204,16 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
                 acc = acc + jax.lax.dot_general(xo, lo, dims, preferred_element_type=jnp.float32)
         return acc
 
+    if gemv:
+        accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, half), jnp.float32) for _ in range(bm)))
+        rmask = nmask.T if nmask is not None else None  # (1, BN)
+        for mi in range(bm):  # x (and the output) are padded to whole BM blocks: no row mask
+            row = jnp.sum(accs[mi], axis=1).reshape(1, bn)
+            if len(o_ref.shape) == 3:
+                store(o_ref.at[sk, pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row, rmask)
+            else:
+                store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), rmask)
+        return
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
     omask = and_masks(mmask, nmask.T if nmask is not None else None)
     if len(o_ref.shape) == 3:
@@ -223,7 +256,7 @@ def nf4_matmul(
       dq_scale, dq_offset, dyn_code: double quantization: float32 scale per 256 blocks, float32 offset, and the
         256-value dynamic table.
       layout, config, interpret: as for :func:`pallas_kernels.int4_matmul.int_matmul`; ``config.variant`` is
-        ``"lut"``, ``"select"``, ``"lut-interleave"`` or ``"select-interleave"``.
+        ``"lut"``, ``"select"``, ``"lut-interleave"``, ``"select-interleave"`` or ``"select-gemv"``.
       w_dtype: dtype the XLA path rounds the float32 dequantized weight to first (``None``/float32: none).
     """
     k, n, blk = layout.k, layout.n, layout.block
@@ -271,15 +304,18 @@ def nf4_matmul(
         w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
     )
     grid = (cdiv(m, bm), cdiv(n, bn), split)
-    out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((m, n), x.dtype)
+    mo = cdiv(m, bm) * bm if variant.endswith("gemv") else m  # gemv writes whole (padded) row blocks
+    out_shape = (
+        jax.ShapeDtypeStruct((split, mo, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((mo, n), x.dtype)
+    )
     out = pl.pallas_call(
         kernel,
         grid=grid,
         out_shape=out_shape,
         compiler_params=compiler_params(config),
         interpret=interpret,
-        name="nf4_matmul",
+        name="nf4_gemv" if variant.endswith("gemv") else "nf4_matmul",
     )(*operands)
     if split > 1:
         out = out.sum(axis=0).astype(x.dtype)
-    return out
+    return out[:m]

@@ -20,6 +20,13 @@ Kernel: grid ``(cdiv(M, BM), cdiv(N, BN), split_k)``; per K step of ``BK`` rows:
 the four 2-bit fields, subtract 1, then for ``"k"`` packing multiply each field with the strided activation
 columns ``k0 + j + 4r`` (``x`` zero-padded), and for ``"n"`` packing interleave the fields along N into one
 ``(BK, BN)`` tile.
+
+``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``), ``packing="k"``: the weight-only
+integer GEMV kernel of :mod:`pallas_kernels.int4_matmul` reads the same bytes as a 2-bit ``minmax`` weight with
+``W = c * s - s`` (bit-identical to ``(c - 1) * s`` for ``c`` in {0, 1, 2}). For ``mode="a8"`` it runs on the
+int8 activations as float32 with ``s = 1``: the products and sums (``|sum| <= 127 K < 2**24``) are exact, as
+the int32 dot's, and ``s_x * s`` is applied afterwards. ``packing="n"`` has no GEMV path and uses the dot
+kernel with 16-row tiles.
 """
 
 from __future__ import annotations
@@ -104,6 +111,10 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
         jnp.dtype(jnp.float32),
     ):
         return f"activation dtype {jnp.dtype(x_dtype).name}"
+    if cfg.variant == "gemv":
+        if cfg.block_m > 8 or cfg.block_n < 16 or cfg.block_k < 32:
+            return "gemv needs block_m <= 8, block_n >= 16 and block_k >= 32"
+        return None
     min_bk = 64 if (packing == "k" and mode == "w16") else (128 if packing == "k" else 32)
     if cfg.block_k < min_bk or cfg.block_m < 16 or cfg.block_n < 16:
         return f"block_k >= {min_bk}, block_m, block_n >= 16 needed"
@@ -204,6 +215,12 @@ def ternary_matmul(
     why = supported(k, n, packing, config, x.dtype, mode)
     if why:
         raise ValueError(f"ternary_matmul: unsupported: {why}")
+    if config.variant == "gemv":
+        if packing == "k":
+            return _ternary_gemv(
+                x, data, scale, k=k, n=n, mode=mode, config=config, w_dtype=w_dtype, interpret=interpret
+            )
+        config = config.replace(block_m=16, block_n=64, block_k=128, variant="")  # no GEMV path for "n"
     m = x.shape[0]
     bm, bn = config.block_m, config.block_n
     bk = config.block_k
@@ -241,3 +258,19 @@ def ternary_matmul(
     if split > 1:
         out = out.sum(axis=0).astype(x.dtype)
     return out
+
+
+def _ternary_gemv(x, data, scale, *, k: int, n: int, mode: str, config: BlockConfig, w_dtype, interpret: bool):
+    """``packing="k"`` through the 2-bit integer GEMV kernel (see the module docstring)."""
+    from pallas_kernels import int4_matmul as im
+
+    if data.shape != (cdiv(k, 4), n):
+        raise ValueError(f"ternary_matmul: packed data must be {(cdiv(k, 4), n)}, got {data.shape}")
+    layout = im.IntLayout(bits=2, mode="minmax", k=k, n=n, group_size=None)
+    s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
+    if mode == "w16":
+        return im.int_matmul(x, data, s2, -s2, layout=layout, config=config, w_dtype=w_dtype, interpret=interpret)
+    q, sx = quantize_activations(x)
+    ones = jnp.ones((1, n), jnp.float32)
+    acc = im.int_matmul(q.astype(jnp.float32), data, ones, -ones, layout=layout, config=config, interpret=interpret)
+    return (acc * sx[:, None] * s2).astype(x.dtype)

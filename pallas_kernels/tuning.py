@@ -16,13 +16,52 @@ import jax
 
 from pallas_kernels._common import BlockConfig, cdiv
 
-__all__ = ["LIMITS", "TABLE", "device_key", "get_config", "heuristic", "max_m"]
+__all__ = ["LIMITS", "TABLE", "device_key", "gemv_config", "get_config", "heuristic", "max_m", "use_kernel"]
 
-#: device key -> kernel -> [(max_m, config)]; filled from measurements (none yet: heuristics everywhere)
-TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {}
+# Measured on an NVIDIA H200 (benchmarks/results/h200.md, 2026-11-27, JAX 0.11.2): the int4 g128 block sweep at
+# K=N=4096. M<=16: split_k=4, interleave, 5 stages (14.8 us at M=1, 13.4 us at M=16, vs 23.3 / 21.2 us with the
+# heuristic); M<=256: 64x64x64 interleave (52.9 us vs 70.0 us; the XLA path took 64.1 us); M=4096: 128x128x64
+# interleave, 8 warps (589 us, still 0.40x of the XLA path: routed to XLA by LIMITS below).
+_HOPPER_INT4 = [
+    (16, BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=5, variant="interleave")),
+    (256, BlockConfig(64, 64, 64, split_k=1, num_warps=4, num_stages=3, variant="interleave")),
+    (1 << 62, BlockConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3, variant="interleave")),
+]
+# NF4: the ``lut`` variant (a pointer gather per weight from global memory) measured 0.14x of bf16 on the H200;
+# the ``select`` bit-tree (15 selects on scalar constants, no memory traffic) is used instead, as a GEMV up to
+# M=8 (not yet measured: rows to confirm with benchmarks/gpu_quick.py).
+_HOPPER_NF4 = [
+    (1, BlockConfig(1, 128, 64, split_k=16, num_warps=4, num_stages=4, variant="select-gemv")),
+    (2, BlockConfig(2, 128, 64, split_k=16, num_warps=4, num_stages=4, variant="select-gemv")),
+    (8, BlockConfig(8, 64, 64, split_k=16, num_warps=8, num_stages=4, variant="select-gemv")),
+    (64, BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4, variant="select")),
+]
 
-#: device key -> kernel -> largest M for which the Pallas kernel beats the XLA path
-LIMITS: dict[str, dict[str, int]] = {}
+#: device key -> kernel -> [(max_m, config)]; filled from measurements (other devices: heuristics)
+TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
+    "h200": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4},
+    # H100: same Hopper SM (132 SMs, same Triton code generation), less memory bandwidth; the H200 rows are the
+    # best measured starting point until an H100 sweep exists
+    "h100": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4},
+}
+
+# Largest M at which each kernel beat jaxquant's XLA path on the H200 (× vs XLA >= 1 in
+# benchmarks/results/h200.md): every kernel won at M <= 16 and lost at the next measured M (256 for int4:
+# 0.92x; 4096/8192 for the others: 0.12x-0.59x). Above these, ``qdot`` in "auto" mode takes the XLA path.
+_HOPPER_LIMITS = {
+    "int4": 16,
+    "int8w": 16,
+    "int2w": 16,
+    "nf4": 16,
+    "int8_outlier": 16,
+    "fp8_w8a16": 16,
+    "fp8_w8a8": 16,
+    "ternary": 16,
+    "ternary_a8": 16,
+}
+
+#: device key -> kernel -> largest M for which the Pallas kernel beats the XLA path (measured devices only)
+LIMITS: dict[str, dict[str, int]] = {"h200": dict(_HOPPER_LIMITS), "h100": dict(_HOPPER_LIMITS)}
 
 _ALIASES = (("H200", "h200"), ("H100", "h100"), ("H800", "h100"), ("A100", "a100"), ("L40", "l40"), ("L4", "l4"))
 
@@ -59,6 +98,8 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``.
     """
     sms = sms or _num_sms()
+    if kernel in _GEMV_PER_BYTE and m <= 8:
+        return gemv_config(kernel, m, k, n, sms)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         bn, bk, warps, stages = 64, 128, 4, 4
@@ -73,7 +114,12 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         if kernel == "int2w":
             bk = max(bk, 128)
     elif kernel == "nf4":
-        variant = "lut" if m <= 64 else "lut-interleave"
+        if m <= 8:
+            bm = 1 << (m - 1).bit_length()  # m rounded up to a power of two
+            bn, warps = (128, 4) if bm <= 2 else (64, 8)
+            bk, stages, variant = 64, 4, "select-gemv"
+        else:
+            variant = "select" if m <= 256 else "select-interleave"  # interleave: 128x128 tiles, 8 warps only
     elif kernel in ("ternary", "ternary_a8", "fp8_w8a8", "fp8_w8a16"):
         bk = 128
     tiles = cdiv(m, bm) * cdiv(n, bn)
@@ -85,6 +131,36 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     return BlockConfig(
         block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, variant=variant
     )
+
+
+#: kernels with a ``variant="gemv"`` path, and their weights per byte (K rows per packed row)
+_GEMV_PER_BYTE = {"int4": 2, "int8w": 1, "int2w": 4, "fp8_w8a16": 1, "fp8_w8a8": 1, "ternary": 4, "ternary_a8": 4}
+
+
+def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> BlockConfig:
+    """The ``variant="gemv"`` config for ``M <= 8`` (memory bound) of the kernels in ``_GEMV_PER_BYTE``.
+
+    ``BN=128`` columns per program, ``BM`` = ``M`` rounded up to a power of two, a K step of about
+    ``32 / BM`` packed rows (at least 8; 8 warps and twice that from ``BM=4``), so the per-row float32
+    accumulators stay near 32 registers per thread (100-134 registers in all for sm_90, no spills, compiled on
+    the CPU), and split-K until about four programs per SM. Not yet measured on a GPU.
+    """
+    sms = sms or _num_sms()
+    per = _GEMV_PER_BYTE[kernel]
+    bm = 1
+    while bm < m:
+        bm *= 2
+    bn = 128
+    warps = 4 if bm <= 2 else 8
+    # 2-bit weights unpack four tiles per step: half the packed rows keeps registers in line (209 -> 89 at BM=1)
+    pk = max(8, (32 if warps == 4 else 64) // bm // (2 if per == 4 else 1))
+    bk = pk * per
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    nsteps = cdiv(k, bk)
+    split = 1
+    while tiles * split < 4 * sms and split * 2 <= min(16, nsteps // 4):
+        split *= 2
+    return BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=4, variant="gemv")
 
 
 def get_config(kernel: str, m: int, k: int, n: int, device: str | None = None) -> BlockConfig:
@@ -100,3 +176,13 @@ def max_m(kernel: str, device: str | None = None) -> int | None:
     """Largest ``M`` for which dispatch should use the kernel (``None``: no limit)."""
     dev = device or device_key()
     return LIMITS.get(dev, {}).get(kernel)
+
+
+def use_kernel(kernel: str, m: int, device: str | None = None) -> bool:
+    """Whether ``qdot`` in "auto" mode should run ``kernel`` for ``M`` rows on ``device`` (else the XLA path).
+
+    ``False`` exactly where the device's measurements showed the XLA path faster (``M`` above :data:`LIMITS`);
+    unmeasured devices and kernels always use the kernel.
+    """
+    limit = max_m(kernel, device)
+    return limit is None or m <= limit

@@ -12,7 +12,7 @@ from pallas_helpers import assert_compiles, cuda_lowering, rel_err, requires_tri
 
 import jaxquant as jq
 from pallas_kernels._common import BlockConfig
-from pallas_kernels.fp8_matmul import fmax, fp8_matmul
+from pallas_kernels.fp8_matmul import fmax, fp8_matmul, fp8_matmul_reference
 
 
 @pytest.mark.parametrize(
@@ -58,8 +58,40 @@ def test_dispatch_and_w8a8_entry_point():
     assert rel_err(y8, y0) < 0.05  # fp8 activations: an approximation of x @ dequantize(w)
 
 
-def _lower(mode, m, k=512, n=256, dtype=jnp.float8_e4m3fn):
+@pytest.mark.parametrize(
+    "m,k,n,fmt,gran,bm,split,dt",
+    [
+        (1, 256, 96, "e4m3", "channel", 1, 2, jnp.bfloat16),
+        (5, 200, 80, "e5m2", "tensor", 8, 2, jnp.float32),  # ragged M, K, N
+    ],
+)
+def test_w8a16_gemv_matches_float64_and_xla(m, k, n, fmt, gran, bm, split, dt):
+    rng = np.random.default_rng(k + m + 1)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.FP8Scheme(fmt, gran))
+    w64 = np.asarray(q.data).astype(np.float64) * np.asarray(q.scale, np.float64)
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    cfg = BlockConfig(bm, 32, 32, split, variant="gemv")
+    y = fp8_matmul(x, q.data, q.scale, mode="w8a16", config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    bound = {jnp.float32: 1e-5, jnp.bfloat16: 4e-3, jnp.float16: 1e-3}[dt]
+    assert rel_err(y, np.asarray(x, np.float64) @ round_to(w64, dt)) <= bound
+    assert rel_err(y, fp8_matmul_reference(x, q.data, q.scale, mode="w8a16")) <= 2 * bound
+
+
+def test_w8a8_gemv_matches_reference():
+    rng = np.random.default_rng(5)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((300, 64)), jnp.float32), jq.FP8Scheme("e4m3", "channel"))
+    x = jnp.asarray(rng.standard_normal((3, 300)), jnp.bfloat16)
+    y = fp8_matmul(x, q.data, q.scale, mode="w8a8", config=BlockConfig(4, 32, 64, 2, variant="gemv"), interpret=True)
+    assert rel_err(y, fp8_matmul_reference(x, q.data, q.scale, mode="w8a8")) <= 4e-3
+
+
+def _lower(mode, m, k=512, n=256, dtype=jnp.float8_e4m3fn, gemv=False):
     cfg = BlockConfig(min(m, 128), 64, 128, 2 if m <= 16 else 1)
+    if gemv:
+        from pallas_kernels import tuning
+
+        cfg = tuning.gemv_config("fp8_" + mode, m, k, n, sms=132)
     args = [shape_struct((m, k), jnp.bfloat16), shape_struct((k, n), dtype), shape_struct((n,), jnp.float32)]
     return cuda_lowering(functools.partial(fp8_matmul, mode=mode, config=cfg), *args)
 
@@ -70,7 +102,11 @@ def test_lowers_to_triton_custom_call(mode, m):
 
 
 @requires_triton
-@pytest.mark.parametrize("mode,m", [("w8a16", 16), ("w8a8", 16)])
-def test_compiles_to_cubin_sm90(mode, m):
+@pytest.mark.parametrize(
+    "mode,m,gemv", [("w8a16", 16, False), ("w8a8", 16, False), ("w8a16", 1, True), ("w8a8", 4, True)]
+)
+def test_compiles_to_cubin_sm90(mode, m, gemv):
     """fp8 e4m3 needs sm_89+: compiled for sm_90 only (the kernel does not claim Ampere support)."""
-    assert_compiles(_lower(mode, m), archs=(90,))
+    calls = _lower(mode, m, gemv=gemv)
+    assert calls[0].name == f"fp8_{mode}_{'gemv' if gemv else 'matmul'}"
+    assert_compiles(calls, archs=(90,))

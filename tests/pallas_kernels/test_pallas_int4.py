@@ -73,6 +73,61 @@ def test_interpret_matches_reference_and_float64(case):
     assert rel_err(y, yr) <= 2 * BOUND[dt]
 
 
+# the GEMV path (M <= 8): (m, k, n, bits, group, symmetric, range, block_m, block_k, split_k, x dtype)
+GEMV_CASES = [
+    (1, 256, 128, 4, 128, True, "zeropoint", 1, 64, 2, jnp.bfloat16),
+    (5, 200, 80, 4, 64, False, "zeropoint", 8, 32, 2, jnp.float32),  # ragged K, N and M; short last group
+    (3, 300, 64, 8, 128, False, "minmax", 4, 16, 1, jnp.float16),
+    (2, 384, 64, 8, None, True, "zeropoint", 2, 32, 3, jnp.bfloat16),  # int8 storage, per channel
+]  # 2-bit GEMV: see test_pallas_ternary.py::test_gemv_matches_float64
+
+
+@pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: f"m{c[0]}k{c[1]}n{c[2]}b{c[3]}g{c[4]}bm{c[7]}s{c[9]}")
+def test_gemv_matches_reference_and_float64(case):
+    m, k, n, bits, group, sym, rng_mode, bm, bk, split, dt = case
+    rng = np.random.default_rng(m * 100 + k + bits)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q = jq.quantize(jnp.asarray(w), jq.IntScheme(bits=bits, group_size=group, symmetric=sym, range=rng_mode))
+    layout = IntLayout(bits=bits, mode="sym" if sym else rng_mode, k=k, n=n, group_size=group)
+    wd64 = np_dequant(q, bits, group, sym, rng_mode, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    cfg = BlockConfig(block_m=bm, block_n=32, block_k=bk, split_k=split, variant="gemv")
+    assert supported(layout, cfg, dt) is None
+    zero = None if sym else q.zero
+    y = int_matmul(x, q.data, q.scale, zero, layout=layout, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    y64 = np.asarray(x, np.float64) @ round_to(wd64, dt)
+    assert rel_err(y, y64) <= BOUND[dt]
+    assert rel_err(y, int_matmul_reference(x, q.data, q.scale, zero, layout)) <= 2 * BOUND[dt]
+
+
+def test_gemv_w_dtype_rounding_matches_xla_path():
+    """A float32 QArray with bf16 activations: same rounding chain as the XLA path (weights rounded once)."""
+    rng = np.random.default_rng(11)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((256, 64)), jnp.bfloat16), jq.IntScheme(4, 128))
+    layout = IntLayout(bits=4, mode="sym", k=256, n=64, group_size=128)
+    x = jnp.asarray(rng.standard_normal((1, 256)), jnp.float16)
+    cfg = BlockConfig(block_m=1, block_n=64, block_k=64, split_k=1, variant="gemv")
+    y = int_matmul(x, q.data, q.scale, None, layout=layout, config=cfg, w_dtype="bfloat16", interpret=True)
+    yr = int_matmul_reference(x, q.data, q.scale, None, layout, w_dtype="bfloat16")
+    assert rel_err(y, yr) <= 1e-3
+
+
+def test_heuristic_picks_gemv_for_small_m():
+    from pallas_kernels import tuning
+
+    for name in ("int4", "int8w", "int2w"):
+        for m in (1, 2, 5, 8):
+            cfg = tuning.heuristic(name, m, 8192, 8192, sms=132)
+            assert cfg.variant == "gemv" and cfg.block_m >= m and cfg.split_k > 1
+            layout = IntLayout(
+                bits={"int4": 4, "int8w": 8, "int2w": 2}[name], mode="sym", k=8192, n=8192, group_size=128
+            )
+            assert supported(layout, cfg, jnp.bfloat16) is None, (name, m, cfg)
+        assert tuning.heuristic(name, 16, 8192, 8192, sms=132).variant != "gemv"
+    assert supported(IntLayout(4, "sym", 256, 64, 128), BlockConfig(block_m=16, variant="gemv"), jnp.bfloat16)
+
+
 def test_fresh_inputs_every_config_agree():
     """Every variant / split / block shape computes the same function on fresh random inputs."""
     rng = np.random.default_rng(7)
@@ -102,6 +157,8 @@ def test_unsupported_cases_are_reported():
 
 
 LOWER_CASES = [  # (bits, mode, group, variant, m)
+    (4, "sym", 128, "gemv", 1),
+    (8, "sym", None, "gemv", 4),
     (4, "sym", 128, "strided", 16),
     (4, "zeropoint", 64, "interleave", 128),
     (8, "sym", None, "", 16),
@@ -112,6 +169,10 @@ LOWER_CASES = [  # (bits, mode, group, variant, m)
 def _lower(bits, mode, group, variant, m, k=512, n=256):
     layout = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=group)
     cfg = BlockConfig(block_m=min(m, 64), block_n=64, block_k=128, split_k=2, variant=variant)
+    if variant == "gemv":
+        from pallas_kernels import tuning
+
+        cfg = tuning.gemv_config({4: "int4", 8: "int8w", 2: "int2w"}[bits], m, k, n, sms=132)
     g = layout.groups
     args = [
         shape_struct((m, k), jnp.bfloat16),
@@ -125,11 +186,11 @@ def _lower(bits, mode, group, variant, m, k=512, n=256):
 @pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: f"b{c[0]}{c[1]}g{c[2]}{c[3]}m{c[4]}")
 def test_lowers_to_triton_custom_call(case):
     calls = _lower(*case)
-    assert calls[0].name.startswith(f"int{case[0]}_matmul")
+    assert calls[0].name.startswith(f"int{case[0]}_{'gemv' if case[3] == 'gemv' else 'matmul'}")
 
 
 @requires_triton
-@pytest.mark.parametrize("case", LOWER_CASES[:3], ids=lambda c: f"b{c[0]}{c[1]}g{c[2]}{c[3]}m{c[4]}")
+@pytest.mark.parametrize("case", LOWER_CASES[:5], ids=lambda c: f"b{c[0]}{c[1]}g{c[2]}{c[3]}m{c[4]}")
 def test_compiles_to_cubin_sm90_sm80(case):
     assert_compiles(_lower(*case), archs=(90, 80))
 

@@ -47,6 +47,8 @@ CASES = [
     (1, 256, 96, False, "lut", 2, 128, jnp.bfloat16),
     (5, 192, 80, True, "select", 1, 64, jnp.float32),  # ragged N, 3 blocks per column
     (17, 128, 64, True, "lut-interleave", 1, 128, jnp.float16),
+    (1, 256, 96, False, "select-gemv", 1, 128, jnp.bfloat16),  # two blocks per K step
+    (5, 192, 80, True, "select-gemv", 3, 64, jnp.float32),  # ragged M (block_m 8) and N, double quant
 ]
 
 
@@ -67,12 +69,33 @@ def test_interpret_matches_float64(case):
         NF4_CODE,
         *extra,
         layout=layout,
-        config=BlockConfig(16, 32, bk, split, variant=variant),
+        config=BlockConfig(8 if variant.endswith("gemv") else 16, 32, bk, split, variant=variant),
         code_vals=CODE_VALS,
         interpret=True,
     )
     bound = {jnp.float32: 1e-5, jnp.bfloat16: 4e-3, jnp.float16: 1e-3}[dt]
+    assert y.shape == (m, n)
     assert rel_err(y, np.asarray(x, np.float64) @ round_to(w64, dt)) <= bound
+
+
+def test_select_tree_reads_both_nibbles_in_place():
+    """The bit tree picks T[code] for every code, from either nibble of a byte, without extracting it."""
+    from pallas_kernels.nf4_matmul import _select_lut
+
+    byte = jnp.arange(256, dtype=jnp.int32)
+    np.testing.assert_array_equal(_select_lut(byte, CODE_VALS, 4), NF4_VALUES[np.arange(256) >> 4])
+    np.testing.assert_array_equal(_select_lut(byte, CODE_VALS, 0), NF4_VALUES[np.arange(256) & 15])
+
+
+def test_heuristic_small_m_is_select_gemv():
+    from pallas_kernels import tuning
+
+    for m in (1, 2, 3, 8):
+        cfg = tuning.heuristic("nf4", m, 8192, 8192, sms=132)
+        assert cfg.variant == "select-gemv" and cfg.block_m >= m
+        assert supported(NF4Layout(k=8192, n=8192), cfg, jnp.bfloat16) is None
+    assert tuning.heuristic("nf4", 16, 8192, 8192, sms=132).variant == "select"
+    assert "lut" not in tuning.get_config("nf4", 4, 8192, 8192, device="h200").variant
 
 
 def test_dispatch_equals_xla_path():
@@ -110,7 +133,7 @@ def _lower(dq, variant, m, k=512, n=256):
             shape_struct((), jnp.float32),
             shape_struct((256,), jnp.float32),
         ]
-    cfg = BlockConfig(min(m, 64), 64, 128, 2, variant=variant)
+    cfg = BlockConfig(min(m, 8 if variant.endswith("gemv") else 64), 64, 128, 2, variant=variant)
     return cuda_lowering(functools.partial(nf4_matmul, layout=layout, config=cfg, code_vals=CODE_VALS), *args)
 
 
@@ -120,6 +143,11 @@ def test_lowers_to_triton_custom_call(dq, variant, m):
 
 
 @requires_triton
-@pytest.mark.parametrize("dq,variant,m", [(True, "lut", 16), (False, "select-interleave", 128)])
+@pytest.mark.parametrize(
+    "dq,variant,m",
+    [(True, "lut", 16), (False, "select-interleave", 128), (False, "select-gemv", 1), (True, "select-gemv", 4)],
+)
 def test_compiles_to_cubin_sm90_sm80(dq, variant, m):
-    assert_compiles(_lower(dq, variant, m), archs=(90, 80))
+    calls = _lower(dq, variant, m)
+    assert calls[0].name == ("nf4_gemv" if variant.endswith("gemv") else "nf4_matmul")
+    assert_compiles(calls, archs=(90, 80))

@@ -20,7 +20,7 @@ from pallas_helpers import (
 
 import jaxquant as jq
 from pallas_kernels._common import BlockConfig
-from pallas_kernels.ternary_matmul import ternary_matmul
+from pallas_kernels.ternary_matmul import ternary_matmul, ternary_matmul_reference
 
 
 def np_ternary(q, k, n, gran):
@@ -61,6 +61,36 @@ def test_interpret_matches_float64(m, k, n, gran, mode, split, bk):
         assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "m,k,n,gran,mode,bm,split",
+    [
+        (1, 256, 96, "channel", "w16", 1, 2),
+        (5, 200, 80, "channel", "w16", 8, 2),  # ragged M, K, N
+        (3, 300, 64, "channel", "a8", 4, 1),
+        (2, 256, 64, "tensor", "w16", 2, 2),  # no GEMV path for the flat packing: the dot kernel runs
+    ],
+)
+def test_gemv_matches_float64(m, k, n, gran, mode, bm, split):
+    rng = np.random.default_rng(m + k + n + 1)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme(gran))
+    t = np_ternary(q, k, n, gran)
+    s = np.broadcast_to(np.asarray(q.scale, np.float64), (n,))
+    xn = rng.standard_normal((m, k)).astype(np.float32)
+    pk = "k" if gran == "channel" else "n"
+    cfg = BlockConfig(bm, 32, 64, split, variant="gemv")
+    y = ternary_matmul(jnp.asarray(xn), q.data, q.scale, k=k, n=n, packing=pk, mode=mode, config=cfg, interpret=True)
+    assert y.shape == (m, n)
+    if mode == "w16":
+        ref = xn.astype(np.float64) @ round_to(t * s[None, :], jnp.float32)
+    else:
+        sx = np.abs(xn).max(axis=1, keepdims=True) / np.float32(127.0)
+        xq = np.clip(np.round(xn / sx), -127, 127).astype(np.float64)
+        ref = (xq @ t) * sx.astype(np.float64) * s[None, :]
+    assert rel_err(y, ref) < 1e-5
+    yr = ternary_matmul_reference(jnp.asarray(xn), q.data, q.scale, k=k, n=n, packing=pk, mode=mode)
+    assert rel_err(y, yr) < 1e-5
+
+
 def test_dispatch_and_a8_entry_point():
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
@@ -80,10 +110,14 @@ def test_dispatch_and_a8_entry_point():
         assert jq.ops.explain_qdot(x, q3).startswith("xla:")
 
 
-def _lower(packing, mode, m, k=512, n=256):
+def _lower(packing, mode, m, k=512, n=256, gemv=False):
     data = shape_struct((k // 4, n), jnp.uint8) if packing == "k" else shape_struct((k * n // 4,), jnp.uint8)
     scale = shape_struct((n,) if packing == "k" else (), jnp.float32)
     cfg = BlockConfig(min(m, 128), 64, 128, 2 if m <= 16 else 1)
+    if gemv:
+        from pallas_kernels import tuning
+
+        cfg = tuning.gemv_config("ternary" if mode == "w16" else "ternary_a8", m, k, n, sms=132)
     fn = functools.partial(ternary_matmul, k=k, n=n, packing=packing, mode=mode, config=cfg)
     return cuda_lowering(fn, shape_struct((m, k), jnp.bfloat16), data, scale)
 
@@ -97,3 +131,11 @@ def test_lowers_to_triton_custom_call(packing, mode, m):
 @pytest.mark.parametrize("packing,mode,m", [("k", "a8", 16), ("n", "w16", 16)])
 def test_compiles_to_cubin_sm90_sm80(packing, mode, m):
     assert_compiles(_lower(packing, mode, m), archs=(90, 80))
+
+
+@requires_triton
+@pytest.mark.parametrize("mode,m", [("w16", 1), ("a8", 4)])
+def test_gemv_lowers_and_compiles_sm90(mode, m):
+    calls = _lower("k", mode, m, gemv=True)
+    assert calls[0].name == "int2_gemv"
+    assert_compiles(calls, archs=(90,))

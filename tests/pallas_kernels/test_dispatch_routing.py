@@ -1,0 +1,76 @@
+"""qdot's routing between the Pallas kernels and the XLA path on measured devices (no GPU needed)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxquant as jq
+from jaxquant import ops
+from pallas_kernels import _common, tuning
+
+
+@pytest.fixture
+def fake_h200(monkeypatch):
+    """Pretend the default device is an H200 with a GPU backend (only the dispatch decision is exercised)."""
+    monkeypatch.setattr(_common, "gpu_available", lambda: True)
+    monkeypatch.setattr(tuning, "device_key", lambda kind=None: "h200")
+
+
+def _x(m, k):
+    return jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+
+
+def test_use_kernel_follows_limits():
+    assert tuning.use_kernel("int4", 1, "h200") and tuning.use_kernel("int4", 16, "h200")
+    assert not tuning.use_kernel("int4", 17, "h200") and not tuning.use_kernel("int4", 4096, "h200")
+    assert tuning.use_kernel("int4", 4096, "some_unmeasured_gpu")  # no measurement: kernel everywhere
+    for dev in ("h200", "h100"):
+        for name in ("int4", "int8w", "nf4", "int8_outlier", "fp8_w8a16", "fp8_w8a8", "ternary", "ternary_a8"):
+            assert not tuning.use_kernel(name, 4096, dev), (dev, name)
+    assert tuning.device_key("NVIDIA H200") == "h200" and tuning.device_key("NVIDIA H100 80GB HBM3") == "h100"
+
+
+def test_measured_int4_config_in_table():
+    cfg = tuning.get_config("int4", 1, 8192, 8192, device="h200")
+    assert (cfg.split_k, cfg.variant, cfg.num_stages) == (4, "interleave", 5)
+    assert tuning.get_config("int4", 16, 4096, 4096, device="h100") == cfg
+    assert tuning.get_config("int4", 1, 8192, 8192, device="unmeasured") == tuning.heuristic("int4", 1, 8192, 8192)
+
+
+def test_qdot_routes_large_m_to_xla_on_h200(fake_h200):
+    q = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.IntScheme(bits=4, group_size=128))
+    with ops.kernel_mode("auto"):
+        assert ops.explain_qdot(_x(1, 256), q).startswith("kernel: int4")
+        assert ops.explain_qdot(_x(16, 256), q).startswith("kernel: int4")
+        big = ops.explain_qdot(_x(4096, 256), q)
+        assert big.startswith("xla:") and "M=4096" in big
+        # leading dims count towards M
+        assert ops.explain_qdot(jax.ShapeDtypeStruct((2, 2048, 256), jnp.bfloat16), q).startswith("xla:")
+    with ops.kernel_mode("on"):  # forced kernels (benchmarks) ignore the limits
+        assert ops.explain_qdot(_x(4096, 256), q).startswith("kernel: int4")
+    with ops.kernel_mode("interpret"):
+        assert ops.explain_qdot(_x(4096, 256), q).startswith("kernel: int4")
+
+
+def test_qdot_routes_nf4_and_fp8(fake_h200):
+    qn = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.NF4Scheme(block_size=64))
+    qf = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.FP8Scheme(fmt="e4m3", granularity="channel"))
+    with ops.kernel_mode("auto"):
+        small = ops.explain_qdot(_x(4, 256), qn)
+        assert small.startswith("kernel: nf4") and "select" in small
+        assert ops.explain_qdot(_x(512, 256), qn).startswith("xla:")
+        assert ops.explain_qdot(_x(8, 256), qf).startswith("kernel: fp8_w8a16")
+        assert ops.explain_qdot(_x(4096, 256), qf).startswith("xla:")
+
+
+def test_routed_call_computes_the_xla_result(fake_h200):
+    """A call routed to XLA on the 'GPU' runs (on CPU) exactly the XLA path."""
+    q = jq.quantize(jax.random.normal(jax.random.PRNGKey(0), (256, 64)), jq.IntScheme(bits=4, group_size=128))
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 256), jnp.float32)
+    with ops.kernel_mode("auto"):
+        y = ops.qdot(x, q)
+    with ops.kernel_mode("off"):
+        y0 = ops.qdot(x, q)
+    assert jnp.array_equal(y, y0)
