@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: modules adding subcommands: each has ``register(subparsers)``, whose parsers ``set_defaults(_run=fn)`` with
 #: ``fn(args) -> None`` raising ValueError (or CliError) for user errors
-_PLUGINS: tuple[str, ...] = ()
+_PLUGINS: tuple[str, ...] = ("jaxquant.cli_formats", "jaxquant.cli_generate", "jaxquant.cli_layers", "jaxquant.cli_ptq")
 
 
 def _plugins() -> list:

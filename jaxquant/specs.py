@@ -33,21 +33,26 @@ class UnknownSpecError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """A named recipe: a one-line description plus either static ``rules`` for
-    :func:`jaxquant.quantize_params` or a calibrated ``build``.
+    :func:`jaxquant.quantize_params`, a calibrated ``build`` or a layer-swapping ``build_model``.
 
     ``build(model, calib_tokens, options) -> params`` (for calibrated methods such as GPTQ/AWQ) gets the float
     model, a 1-D int array of calibration-split tokens and a dict of user options, and returns the quantized
     parameter dict (as :func:`jaxquant.models.model_params` would, with QArrays).
+
+    ``build_model(model, calib_tokens, options) -> model`` (for recipes that change the module structure, e.g.
+    swapping linears for :mod:`jaxquant.nn` W8A8 layers) returns a new model; it works on a copy
+    (``nnx.clone``) and leaves ``model`` untouched. ``calib_tokens`` may be ``None`` when the recipe needs none.
     """
 
     name: str
     description: str
     rules: tuple[tuple[str, Scheme | None], ...] = ()
     build: Callable[..., Any] | None = None
+    build_model: Callable[..., Any] | None = None
 
     @property
     def is_float(self) -> bool:
-        return not self.rules and self.build is None
+        return not self.rules and self.build is None and self.build_model is None
 
 
 _FIXED: dict[str, tuple[str, Scheme | None]] = {
@@ -114,7 +119,7 @@ def _int_spec(name: str) -> Spec | None:
 
 #: modules that add SPECs: each exposes ``SPECS`` (a dict name -> Spec of listed SPECs) and may expose
 #: ``parse(name) -> Spec | None`` for SPEC grammars; a module that is not importable is skipped
-_EXTENSIONS: tuple[str, ...] = ()
+_EXTENSIONS: tuple[str, ...] = ("jaxquant.formats.specs", "jaxquant.nn.specs", "jaxquant.algorithms.specs")
 
 
 def _extensions() -> list[Any]:

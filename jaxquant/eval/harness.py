@@ -16,6 +16,7 @@ from jaxquant.eval.perplexity import encode, perplexity
 from jaxquant.io.checkpoint import is_checkpoint
 from jaxquant.io.checkpoint import load_model as load_saved_model
 from jaxquant.models import Llama, load_model, model_params, with_params
+from jaxquant.nn.layers import weight_params
 from jaxquant.specs import Spec, parse_spec
 from jaxquant.transform import quantize_params, report
 
@@ -92,7 +93,12 @@ def quantize_model(
     """Apply a SPEC to a model; returns ``(quantized model, report)``.
 
     Calibrated SPECs (``spec.build``) need ``calib_tokens`` (1-D token ids of the calibration split).
+    Layer-swapping SPECs (``spec.build_model``) return a model with :mod:`jaxquant.nn` layers; the report then
+    covers its ``nnx.Param`` and ``QWeight`` values (:func:`jaxquant.nn.weight_params`).
     """
+    if spec.build_model is not None:
+        qmodel = spec.build_model(model, calib_tokens, dict(options or {}))
+        return qmodel, report(weight_params(qmodel))
     params = model_params(model)
     if spec.build is not None:
         if calib_tokens is None:
@@ -101,7 +107,7 @@ def quantize_model(
     elif spec.rules:
         qparams = quantize_params(params, list(spec.rules), strict=True)
     else:
-        qparams = params
+        return model, report(weight_params(model))
     return with_params(model, qparams), report(qparams)
 
 
@@ -154,7 +160,7 @@ def evaluate(
         model=loaded.name,
         ppl=float(res.ppl),
         bits_per_weight=float(bpw),
-        weight_bytes=int(tree_nbytes(model_params(qmodel))),
+        weight_bytes=int(tree_nbytes(weight_params(qmodel))),
         tokens=int(res.n_tokens),
         seconds=float(res.seconds),
         quantize_seconds=float(tq),
