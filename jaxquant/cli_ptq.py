@@ -1,0 +1,126 @@
+"""``jaxquant quantize``: quantize a model by SPEC (calibrated GPTQ/AWQ/SmoothQuant or any static SPEC) and save it.
+
+::
+
+    jaxquant quantize --scheme gptq-int4-g128-asym --out smollm2-gptq4/ [--model smollm2-135m|PATH]
+        [--calib-samples 128] [--calib-seq-len 512] [--act-order/--no-act-order] [--sequential/--no-sequential]
+        [--damp 0.01] [--text-file F] [--no-progress]
+    jaxquant eval --model smollm2-gptq4/ --scheme fp32        # evaluates the saved model as it is
+
+The folder is a self-describing orbax checkpoint (:func:`jaxquant.io.checkpoint.save_model`: config,
+tokenizer, QArrays, manifest) written atomically; its metadata records the SPEC, the options and the time taken.
+Registered in :data:`jaxquant.cli._PLUGINS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+
+def _positive(name: str):
+    def conv(v: str) -> int:
+        try:
+            i = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v!r}") from None
+        if i < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v!r}")
+        return i
+
+    return conv
+
+
+def _damp(v: str) -> float:
+    try:
+        d = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--damp must be a number, got {v!r}") from None
+    if not 0 <= d < 1e6:
+        raise argparse.ArgumentTypeError(f"--damp must be >= 0 (e.g. 0.01), got {v!r}")
+    return d
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``quantize`` subcommand to ``jaxquant``'s argparse subparsers."""
+    q = subparsers.add_parser("quantize", help="quantize a model by SPEC (GPTQ/AWQ/SmoothQuant/RTN...) and save it")
+    q.add_argument("--scheme", required=True, help="a SPEC, e.g. gptq-int4-g128-asym (see `jaxquant schemes`)")
+    q.add_argument("--out", required=True, help="output folder (a checkpoint; `jaxquant eval --model OUT` reads it)")
+    q.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) or a .gguf file / HF folder")
+    q.add_argument("--text-file", default=None, help="calibrate on this plain-text file (its first half)")
+    q.add_argument("--calib-samples", type=_positive("--calib-samples"), default=None, help="calibration windows")
+    q.add_argument("--calib-seq-len", type=_positive("--calib-seq-len"), default=None, help="tokens per window")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
+    q.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None, help="sequential calibration")
+    q.add_argument("--damp", type=_damp, default=None, help="GPTQ damping (fraction of mean diag(H))")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.set_defaults(_run=_cmd_quantize)
+
+
+def _check_out(out: Path) -> None:
+    from jaxquant.io.checkpoint import is_checkpoint
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
+        raise ValueError(f"--out {out} is a non-empty folder that is not a jaxquant checkpoint; refusing to replace it")
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write into {parent}")
+
+
+def _cmd_quantize(a: argparse.Namespace) -> None:
+    from jaxquant.eval.harness import load, quantize_model
+    from jaxquant.io.checkpoint import save_model
+    from jaxquant.models import model_params
+    from jaxquant.specs import parse_spec
+    from jaxquant.transform import report
+
+    spec = parse_spec(a.scheme)  # fail fast, before loading anything
+    if spec.is_float:
+        raise ValueError(f"SPEC {spec.name!r} quantizes nothing; choose a quantized SPEC")
+    out = Path(a.out)
+    _check_out(out)
+    given = {
+        "calib_samples": a.calib_samples,
+        "calib_seq_len": a.calib_seq_len,
+        "act_order": a.act_order,
+        "sequential": a.sequential,
+        "damp": a.damp,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and spec.build is None and spec.build_model is None:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags}: SPEC {spec.name!r} is not calibrated; these options do not apply")
+    from jaxquant.algorithms.specs import check_options
+
+    check_options(spec.name, given)  # e.g. --act-order with an AWQ SPEC: fail before loading anything
+    loaded = load(a.model, a.text_file)
+    options: dict[str, Any] = dict(given)
+    if spec.build is not None:
+        options["progress"] = not a.no_progress
+        options["log"] = lambda line: print(line, file=sys.stderr, flush=True)
+    calib = loaded.calib_tokens if (spec.build is not None or spec.build_model is not None) else None
+    t0 = time.perf_counter()
+    qmodel, rep = quantize_model(loaded.model, spec, calib, options)
+    seconds = time.perf_counter() - t0
+    meta = {
+        "spec": spec.name,
+        "options": given,
+        "source_model": str(a.model),
+        "quantize_seconds": round(seconds, 3),
+        "bits_per_weight": rep.bits_per_weight,
+    }
+    path = save_model(qmodel, out, tokenizer=loaded.tokenizer, metadata=meta)
+    q_mib = report(model_params(qmodel)).total_bytes / 2**20 if spec.build_model is None else float("nan")
+    print(
+        f"wrote {path}: {spec.name}, {rep.bits_per_weight:.3f} bits/weight on the quantized tensors, "
+        f"{q_mib:.1f} MiB of weights, quantized in {seconds:.1f} s\n"
+        f"evaluate it with: jaxquant eval --model {path} --scheme fp32"
+    )
