@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DEMO_SPECS", "main"]
+__all__ = ["DEMO_SPECS", "main", "positive_arg"]
 
 #: the schemes ``jaxquant demo`` evaluates, in table order
 DEMO_SPECS = (
@@ -40,15 +41,17 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _positive(name: str):
-    def conv(v: str) -> int:
+def positive_arg(name: str, kind: type = int):
+    """argparse ``type=`` converter accepting only positive finite numbers of ``kind`` (int or float)."""
+
+    def conv(v: str):
         try:
-            i = int(v)
+            x = kind(v)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v!r}") from None
-        if i < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v!r}")
-        return i
+            raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {v!r}") from None
+        if not (x > 0 and math.isfinite(x)):
+            raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {v!r}")
+        return x
 
     return conv
 
@@ -60,20 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) or a .gguf file / HF folder")
         sp.add_argument("--text-file", default=None, help="evaluate on this plain-text file (its second half)")
-        sp.add_argument("--seq-len", type=_positive("--seq-len"), default=512, help="window length in tokens")
-        sp.add_argument("--batch-size", type=_positive("--batch-size"), default=4, help="windows per forward call")
+        sp.add_argument("--seq-len", type=positive_arg("--seq-len"), default=512, help="window length in tokens")
+        sp.add_argument("--batch-size", type=positive_arg("--batch-size"), default=4, help="windows per forward call")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="perplexity, bits/weight and size of one quantization SPEC")
     e.add_argument("--scheme", required=True, help="a SPEC, e.g. int4-g128 (see `jaxquant schemes`)")
-    e.add_argument("--max-windows", type=_positive("--max-windows"), default=None, help="only the first N windows")
+    e.add_argument("--max-windows", type=positive_arg("--max-windows"), default=None, help="only the first N windows")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     common(e)
 
     sub.add_parser("schemes", help="list the scheme SPECs")
 
     d = sub.add_parser("demo", help="evaluate the float model and every demo scheme; table + plot")
-    d.add_argument("--max-windows", type=_positive("--max-windows"), default=16, help="windows per scheme (16)")
+    d.add_argument("--max-windows", type=positive_arg("--max-windows"), default=16, help="windows per scheme (16)")
     d.add_argument("--out", default="jaxquant-demo", help="folder for results.json and quantization_map.png")
     d.add_argument("--schemes", default=",".join(DEMO_SPECS), help="comma-separated SPECs to evaluate")
     common(d)

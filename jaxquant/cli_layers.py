@@ -22,20 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from jaxquant.cli import positive_arg as _positive
+
 __all__ = ["register"]
-
-
-def _positive(name: str, kind: type = int):
-    def conv(v: str):
-        try:
-            x = kind(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {v!r}") from None
-        if not (x > 0 and math.isfinite(x)):
-            raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {v!r}")
-        return x
-
-    return conv
 
 
 def _non_negative(name: str, kind: type = int):

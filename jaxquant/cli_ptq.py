@@ -21,20 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jaxquant.cli import positive_arg as _positive
+
 __all__ = ["register"]
-
-
-def _positive(name: str):
-    def conv(v: str) -> int:
-        try:
-            i = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v!r}") from None
-        if i < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v!r}")
-        return i
-
-    return conv
 
 
 def _damp(v: str) -> float:
