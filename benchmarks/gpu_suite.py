@@ -180,11 +180,25 @@ def section_bench(args) -> dict[str, Any]:
     return {"rows": _read_rows(rows_file)}
 
 
-def _tune_candidates(m: int):
+def _tune_candidates(m: int, wide: bool = False):
     """int4 g128 configs to time per M bucket; each was compiled for sm_90 with PyPI triton on the CPU first
-    (some interleave/warp combinations abort Triton with "Illegal shared layout")."""
+    (some interleave/warp combinations abort Triton with "Illegal shared layout").
+
+    ``wide`` (M <= 16 only): the 54-config grid block_n in {64, 128, 256} x split_k in {4, 8, 16} x warps in
+    {4, 8} x stages in {3, 5} x {strided, interleave} (interleave only with block_n=64, or 128 with 8 warps),
+    every one compiled for sm_90 at K=N=8192 with PyPI triton 3.9 on the CPU before the first GPU run.
+    """
+    import itertools
+
     from pallas_kernels._common import BlockConfig
 
+    if wide and m <= 16:
+        grid = itertools.product((64, 128, 256), (4, 8, 16), (4, 8), (3, 5), ("strided", "interleave"))
+        return [
+            BlockConfig(16, bn, 128, s, w, st, v)
+            for bn, s, w, st, v in grid
+            if not (v == "interleave" and (bn == 256 or (bn == 128 and w == 4)))
+        ]
     if m <= 16:
         return [
             BlockConfig(16, 64, 128, s, 4, st, v) for s in (2, 4, 8) for st in (3, 5) for v in ("strided", "interleave")
@@ -219,17 +233,17 @@ def section_tune(args) -> dict[str, Any]:
     t_start = time.time()
     rows = []
     ms = [1, 16] if args.dry_run else [int(v) for v in args.m.split(",")]
-    k, n = (256, 256) if args.dry_run else (4096, 4096)
+    k, n = (256, 256) if args.dry_run else (int(v) for v in args.tune_kn.split("x"))
     for m in ms:
         key = jax.random.PRNGKey(m)
-        nb = 2 if args.dry_run else (24 if m <= 256 else 3)
+        nb = 2 if args.dry_run else max(3, min(24, (24 if m <= 256 else 3) * 4096 * 4096 // (k * n)))
         qs = [
             jq.quantize(jax.random.normal(jax.random.fold_in(key, b), (k, n)) * 0.02, jq.IntScheme(4, 128))
             for b in range(nb)
         ]
         xs = [jax.random.normal(jax.random.fold_in(key, 100 + b), (m, k), jnp.bfloat16) for b in range(nb)]
         lay = km.IntLayout(bits=4, mode="sym", k=k, n=n, group_size=128)
-        for cfg in _tune_candidates(m):
+        for cfg in _tune_candidates(m, wide=args.tune_wide):
             if time.time() - t_start > args.budget_s:
                 break
             row = {"m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{m}|{cfg!r}"}
@@ -456,10 +470,13 @@ def orchestrate(a) -> int:
             rows = [{"kernel": name, "error": res["error"]}]
         bench_rows += rows
     report["bench"] = bench_rows
-    if a.tune and left() > 25:  # only with the time left over
+    tune_s = a.tune_budget_s if a.tune_budget_s is not None else left() - 20
+    if a.tune and tune_s > 5:  # by default only with the time left over
+        tune_args = ["--budget-s", str(tune_s), "--m", a.tune_m, "--tune-kn", a.tune_kn]
         report["tune"] = _run_resilient(
-            "tune", ["--budget-s", str(left() - 20), "--m", "1,16,256,4096"], left() + 10, tmp, a.dry_run
+            "tune", tune_args + (["--tune-wide"] if a.tune_wide else []), tune_s + 30, tmp, a.dry_run
         )
+        report["tune_kn"] = a.tune_kn
     report["total_seconds"] = round(time.time() - t_start, 1)
     _write_report(a, report)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -513,7 +530,9 @@ def _write_report(a, report: dict[str, Any]) -> None:
         lines += [_check_table(chk.get("rows", [])), ""]
     tune = report.get("tune")
     if tune:
-        lines += ["## int4 g128 block-config sweep (K=N=4096)", "", _tune_summary(tune.get("rows", [])), ""]
+        kn = report.get("tune_kn", "4096x4096").split("x")
+        title = f"## int4 g128 block-config sweep (K={kn[0]}, N={kn[1]})"
+        lines += [title, "", _tune_summary(tune.get("rows", [])), ""]
     failed = {k: v for k, v in report.get("sections", {}).items() if "error" in v}
     if failed:
         lines += ["## Section failures", ""]
@@ -550,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", default="1,16,256,4096", help="M values with --kernels")
     p.add_argument("--kn", default="4096x4096,8192x8192", help="KxN values with --kernels")
     p.add_argument("--no-tune", dest="tune", action="store_false", help="skip the int4 config sweep")
+    p.add_argument("--tune-m", default="1,16,256,4096", help="M values of the int4 config sweep")
+    p.add_argument("--tune-kn", default="4096x4096", help="KxN of the int4 config sweep")
+    p.add_argument("--tune-wide", action="store_true", help="sweep the wide 54-config grid (M <= 16)")
+    p.add_argument("--tune-budget-s", type=float, default=None, help="sweep budget (default: time left over)")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results; dry run: a temp folder)")
     # internal: run one section in this process
