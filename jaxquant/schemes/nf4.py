@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.core.formats import NF4_CODE, NF4_MIDPOINTS
-from jaxquant.core.numerics import true_divide, true_mean
+from jaxquant.core.numerics import rounded_product, true_divide, true_mean
 from jaxquant.core.qarray import QArray, Scheme
 
 __all__ = ["DYNAMIC_CODE", "NF4Scheme", "dequantize_dynamic8", "quantize_dynamic8"]
@@ -81,7 +81,9 @@ def dequantize_dynamic8(codes: jax.Array, absmax: jax.Array, block: int = 256) -
     """Inverse of :func:`quantize_dynamic8`."""
     n = codes.shape[0]
     vals = _blocks(jnp.asarray(DYNAMIC_CODE)[codes.astype(jnp.int32)], block)
-    return (vals * absmax[:, None]).reshape(-1)[:n]
+    # rounded_product: the NF4 double-quant caller adds an offset, which XLA:CPU would fuse into an FMA under
+    # jit (one rounding instead of two), making jitted and eager dequantization differ by an ulp
+    return rounded_product(vals, absmax[:, None]).reshape(-1)[:n]
 
 
 @dataclasses.dataclass(frozen=True)
