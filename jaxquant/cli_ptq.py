@@ -48,6 +48,10 @@ def register(subparsers: Any) -> None:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
     q.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None, help="sequential calibration")
     q.add_argument("--damp", type=_damp, default=None, help="GPTQ damping (fraction of mean diag(H))")
+    q.add_argument(
+        "--target-bpw", type=_positive("--target-bpw", float), default=None, help="mixed SPECs: bits/weight target"
+    )
+    q.add_argument("--method", choices=("rtn", "gptq"), default=None, help="mixed SPECs: how the plan is applied")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(_run=_cmd_quantize)
 
@@ -82,19 +86,26 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         "act_order": a.act_order,
         "sequential": a.sequential,
         "damp": a.damp,
+        "target_bpw": a.target_bpw,
+        "method": a.method,
     }
     given = {k: v for k, v in given.items() if v is not None}
     if given and spec.build is None and spec.build_model is None:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ValueError(f"{flags}: SPEC {spec.name!r} is not calibrated; these options do not apply")
+    from jaxquant.algorithms.mixed_specs import check_options as check_mixed
     from jaxquant.algorithms.specs import check_options
 
-    check_options(spec.name, given)  # e.g. --act-order with an AWQ SPEC: fail before loading anything
+    if not check_mixed(spec.name, given):  # e.g. mixed without a target: fail before loading anything
+        check_options(spec.name, given)  # e.g. --act-order with an AWQ SPEC
     loaded = load(a.model, a.text_file)
     options: dict[str, Any] = dict(given)
     if spec.build is not None:
         options["progress"] = not a.no_progress
         options["log"] = lambda line: print(line, file=sys.stderr, flush=True)
+    plans: list[Any] = []
+    if check_mixed(spec.name, given):
+        options["plan_sink"] = plans
     calib = loaded.calib_tokens if (spec.build is not None or spec.build_model is not None) else None
     t0 = time.perf_counter()
     qmodel, rep = quantize_model(loaded.model, spec, calib, options)
@@ -106,6 +117,9 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         "quantize_seconds": round(seconds, 3),
         "bits_per_weight": rep.bits_per_weight,
     }
+    if plans:  # mixed bit widths: the per-tensor plan, printed and saved with the model
+        print(plans[-1].table())
+        meta["mixed_plan"] = plans[-1].to_json()
     path = save_model(qmodel, out, tokenizer=loaded.tokenizer, metadata=meta)
     q_mib = report(model_params(qmodel)).total_bytes / 2**20 if spec.build_model is None else float("nan")
     print(

@@ -119,7 +119,12 @@ def _int_spec(name: str) -> Spec | None:
 
 #: modules that add SPECs: each exposes ``SPECS`` (a dict name -> Spec of listed SPECs) and may expose
 #: ``parse(name) -> Spec | None`` for SPEC grammars; a module that is not importable is skipped
-_EXTENSIONS: tuple[str, ...] = ("jaxquant.formats.specs", "jaxquant.nn.specs", "jaxquant.algorithms.specs")
+_EXTENSIONS: tuple[str, ...] = (
+    "jaxquant.formats.specs",
+    "jaxquant.nn.specs",
+    "jaxquant.algorithms.specs",
+    "jaxquant.algorithms.mixed_specs",
+)
 
 
 def _extensions() -> list[Any]:
