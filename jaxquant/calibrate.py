@@ -57,6 +57,7 @@ __all__ = [
     "block_forward",
     "collect_stats",
     "run_blockwise",
+    "walk_blocks",
 ]
 
 #: the four linear inputs of a block, in execution order
@@ -360,24 +361,75 @@ def run_blockwise(
         raise ValueError("run_blockwise: give exactly one of group_fn= and block_fn=")
     if not isinstance(model, Llama):
         raise TypeError(f"run_blockwise: model must be a jaxquant.models.Llama, got {type(model).__name__}")
-    cfg = model.config
+    params = model_params(model)
+    new_layers: dict[int, Any] = {}
+
+    def keep(li: int, block: dict[str, Any]) -> None:
+        new_layers[li] = block
+
+    walk_blocks(
+        model.config,
+        params["embed"]["embedding"],
+        lambda li: flat_params(params["layers"][li]),
+        windows,
+        keep,
+        group_fn=group_fn,
+        block_fn=block_fn,
+        sequential=sequential,
+        true_sequential=true_sequential,
+        batch_size=batch_size,
+        position_weights=position_weights,
+        progress=progress,
+        desc=desc,
+    )
+    out = dict(params)
+    from jaxquant.models.llama import unflatten_params
+
+    out["layers"] = {li: unflatten_params(p) for li, p in new_layers.items()}
+    return out
+
+
+def walk_blocks(
+    cfg: LlamaConfig,
+    embedding: Any,
+    get_block: Callable[[int], Mapping[str, Any]],
+    windows: Any,
+    on_block: Callable[[int, dict[str, Any]], None],
+    *,
+    group_fn: GroupFn | None = None,
+    block_fn: BlockFn | None = None,
+    sequential: bool = True,
+    true_sequential: bool = True,
+    batch_size: int = 8,
+    position_weights: Any = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+) -> None:
+    """The engine of :func:`run_blockwise`, for models that are never whole in memory (streaming).
+
+    ``get_block(layer)`` returns block ``layer``'s flat parameter dict (``"attn/q_proj/kernel"``, ...; arrays
+    or QArrays) when it is needed, and ``on_block(layer, block)`` receives the rewritten block as soon as it
+    is done (e.g. to write it to disk); nothing else of the block is kept. Only the embedding table, the
+    residual stream of the calibration windows and one block's activations are held at any time. The other
+    arguments are :func:`run_blockwise`'s.
+    """
+    if (group_fn is None) == (block_fn is None):
+        raise ValueError("run_blockwise: give exactly one of group_fn= and block_fn=")
     win = _check_windows(windows, cfg)
     n, t = win.shape
     bs = _batch_size(n, batch_size)
     cw = _position_weights(position_weights, t, bs)
-    params = model_params(model)
-    emb = params["embed"]["embedding"]
-    emb = dequantize(emb) if isinstance(emb, QArray) else jnp.asarray(emb)
+    emb = dequantize(embedding) if isinstance(embedding, QArray) else jnp.asarray(embedding)
     hs = [_embed(emb, jnp.asarray(win[i : i + bs]), cfg=cfg) for i in range(0, n, bs)]
+    del emb
     widths = _widths(cfg)
 
     from tqdm.auto import tqdm
 
-    new_layers: dict[int, Any] = {}
     bar = tqdm(total=cfg.n_layers, unit="block", desc=desc, disable=not progress, file=sys.stderr)
     try:
         for li in range(cfg.n_layers):
-            fp = _float_block(flat_params(params["layers"][li]))
+            fp = _float_block(dict(get_block(li)))
             cur = dict(fp)
             gfn = None if group_fn is None else _checked(group_fn, fp)
             if gfn is not None and sequential and true_sequential:
@@ -400,15 +452,12 @@ def run_blockwise(
                 else:
                     hs = outs
                 del outs
-            new_layers[li] = cur
+            del fp
+            on_block(li, cur)
+            del cur
             bar.update(1)
     finally:
         bar.close()
-    out = dict(params)
-    from jaxquant.models.llama import unflatten_params
-
-    out["layers"] = {li: unflatten_params(p) for li, p in new_layers.items()}
-    return out
 
 
 def _checked(fn: GroupFn, ref: Mapping[str, Any]) -> GroupFn:

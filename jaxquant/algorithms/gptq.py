@@ -31,6 +31,7 @@ __all__ = [
     "LayerRecord",
     "calibration_windows_for",
     "gptq",
+    "gptq_blocks",
     "gptq_model",
     "gptq_with_stats",
     "position_weights",
@@ -164,29 +165,8 @@ def calibration_windows_for(calib_tokens: Any, n_samples: int, seq_len: int, see
     return calibration_windows(arr, n_samples, seq_len, seed)
 
 
-def gptq_model(
-    model: Llama,
-    calib_tokens: Any,
-    config: GPTQConfig,
-    *,
-    progress: bool = True,
-) -> tuple[dict[str, Any], list[LayerRecord]]:
-    """GPTQ-quantize every linear layer of every block of ``model``.
-
-    Args:
-      model: float :class:`~jaxquant.models.Llama`.
-      calib_tokens: 1-D calibration token stream (windows are drawn from it) or ready ``(n, seq_len)`` windows.
-      config: :class:`GPTQConfig`.
-      progress: progress bar.
-
-    Returns:
-      ``(params, records)``: ``model_params``-style dict with QArrays for the block linears, and one
-      :class:`LayerRecord` per GPTQ call (per input group per block).
-    """
-    if not isinstance(config, GPTQConfig):
-        raise TypeError(f"gptq_model: config must be a GPTQConfig, got {type(config).__name__}")
-    windows = calibration_windows_for(calib_tokens, config.n_samples, config.seq_len, config.seed)
-    records: list[LayerRecord] = []
+def _group_fn(config: GPTQConfig, records: list[LayerRecord]) -> Any:
+    """The :func:`jaxquant.calibrate.run_blockwise` callback of GPTQ (appends one record per call)."""
 
     def group_fn(li: int, group: str, st: InputStats, block: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -231,6 +211,33 @@ def gptq_model(
         )
         return block
 
+    return group_fn
+
+
+def gptq_model(
+    model: Llama,
+    calib_tokens: Any,
+    config: GPTQConfig,
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, Any], list[LayerRecord]]:
+    """GPTQ-quantize every linear layer of every block of ``model``.
+
+    Args:
+      model: float :class:`~jaxquant.models.Llama`.
+      calib_tokens: 1-D calibration token stream (windows are drawn from it) or ready ``(n, seq_len)`` windows.
+      config: :class:`GPTQConfig`.
+      progress: progress bar.
+
+    Returns:
+      ``(params, records)``: ``model_params``-style dict with QArrays for the block linears, and one
+      :class:`LayerRecord` per GPTQ call (per input group per block).
+    """
+    if not isinstance(config, GPTQConfig):
+        raise TypeError(f"gptq_model: config must be a GPTQConfig, got {type(config).__name__}")
+    windows = calibration_windows_for(calib_tokens, config.n_samples, config.seq_len, config.seed)
+    records: list[LayerRecord] = []
+    group_fn = _group_fn(config, records)
     params = run_blockwise(
         model,
         windows,
@@ -243,3 +250,42 @@ def gptq_model(
         desc="gptq",
     )
     return params, records
+
+
+def gptq_blocks(
+    model_config: Any,
+    embedding: Any,
+    get_block: Any,
+    calib_tokens: Any,
+    config: GPTQConfig,
+    on_block: Any,
+    *,
+    progress: bool = True,
+) -> list[LayerRecord]:
+    """GPTQ block by block for a model that is never whole in memory (see :func:`jaxquant.calibrate.walk_blocks`).
+
+    ``get_block(layer)`` returns block ``layer``'s flat float parameters; ``on_block(layer, block)`` receives
+    the quantized block (QArrays for the seven linears) as soon as it is done. Computes exactly what
+    :func:`gptq_model` computes (same windows, same callbacks). Returns the :class:`LayerRecord` list.
+    """
+    from jaxquant.calibrate import walk_blocks
+
+    if not isinstance(config, GPTQConfig):
+        raise TypeError(f"gptq_blocks: config must be a GPTQConfig, got {type(config).__name__}")
+    windows = calibration_windows_for(calib_tokens, config.n_samples, config.seq_len, config.seed)
+    records: list[LayerRecord] = []
+    walk_blocks(
+        model_config,
+        embedding,
+        get_block,
+        windows,
+        on_block,
+        group_fn=_group_fn(config, records),
+        sequential=config.sequential,
+        true_sequential=config.true_sequential,
+        batch_size=config.batch_size,
+        position_weights=position_weights(windows.shape[1], config.first_token_weight),
+        progress=progress,
+        desc="gptq",
+    )
+    return records

@@ -15,6 +15,7 @@ from jaxquant.eval.memory import peak_rss_bytes, tree_nbytes
 from jaxquant.eval.perplexity import encode, perplexity
 from jaxquant.io.checkpoint import is_checkpoint
 from jaxquant.io.checkpoint import load_model as load_saved_model
+from jaxquant.io.streaming import is_streamed, load_streamed
 from jaxquant.models import Llama, load_model, model_params, with_params
 from jaxquant.nn.layers import weight_params
 from jaxquant.specs import Spec, parse_spec
@@ -68,7 +69,8 @@ def load(model: str = "smollm2-135m", text_file: str | os.PathLike[str] | None =
 
     Args:
       model: ``"smollm2-135m"`` (fetched into the cache), a path to a ``.gguf`` file / HF checkpoint folder, or a
-        folder written by ``jaxquant quantize`` / :func:`jaxquant.io.checkpoint.save_model` (already quantized).
+        folder written by ``jaxquant quantize`` / :func:`jaxquant.io.checkpoint.save_model` or by
+        ``jaxquant quantize --stream`` / :func:`jaxquant.io.streaming.stream_quantize` (already quantized).
       text_file: a plain-text file to evaluate on (its second half, see :mod:`jaxquant.eval.text`); default:
         the evaluation split of the bundled Wikipedia articles.
     """
@@ -77,6 +79,9 @@ def load(model: str = "smollm2-135m", text_file: str | os.PathLike[str] | None =
     saved_spec = None
     if is_checkpoint(path):
         m, tok, meta = load_saved_model(path)
+        saved_spec = meta.get("spec")
+    elif is_streamed(path):
+        m, tok, meta = load_streamed(path)
         saved_spec = meta.get("spec")
     else:
         m, tok = load_model(path)
