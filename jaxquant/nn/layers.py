@@ -47,9 +47,11 @@ __all__ = [
     "QLinear",
     "QWeight",
     "Stat",
+    "absmax_int8",
     "layer_from_saved",
     "layer_spec",
     "linear_parts",
+    "rms_normalize",
     "ternary_codes",
     "variable_value",
     "weight_params",
@@ -432,21 +434,53 @@ def ternary_codes(q: QArray) -> jax.Array:
     return (t.astype(jnp.int8) - 1).reshape(q.shape)
 
 
+def absmax_int8(x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row (token) absmax int8 quantization of ``(M, K)`` float32 activations (BitNet b1.58, LLM.int8).
+
+    ``s_x = max_k |x_mk| / 127`` (1 for an all-zero row), ``Q8(x) = clip(round(x / s_x), -127, 127)``.
+    Returns ``(codes int8 (M, K), s_x float32 (M, 1))``; ``s_x * codes`` is within ``s_x / 2`` of ``x``.
+    """
+    amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
+    sx = jnp.where(amax > 0, true_divide(amax, jnp.float32(127.0)), 1.0)
+    xq = jnp.clip(jnp.round(true_divide(x2, sx)), -127, 127).astype(jnp.int8)
+    return xq, sx
+
+
+def rms_normalize(x2: jax.Array, eps: float) -> jax.Array:
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, float32, no learnable scale (BitNet's SubLN before the
+    activation quantizer)."""
+    x2 = x2.astype(jnp.float32)
+    return x2 * jax.lax.rsqrt(jnp.mean(x2 * x2, axis=-1, keepdims=True) + jnp.float32(eps))
+
+
 @_register
 class BitLinear(nnx.Module):
-    """BitNet b1.58 inference layer (Ma et al. 2024): ``y = (Q8(x) @ T) * s_x * s_w + b``.
+    """BitNet b1.58 inference layer (Ma et al. 2024): ``y = (Q8(N(x)) @ T) * s_x * s_w + b``.
 
     ``T = clip(round(W / s_w), -1, 1)``, ``s_w = mean |W|`` (:class:`~jaxquant.TernaryScheme`, per tensor or per
     output channel); activations int8 per token ``Q8(x) = clip(round(x / s_x), -127, 127)``,
-    ``s_x = max |x_m| / 127``. The ternary x int8 product accumulates exactly in int32, so the only
-    activation error is the int8 rounding, ``|x - s_x Q8(x)| <= s_x / 2`` per element.
+    ``s_x = max |x_m| / 127`` (:func:`absmax_int8`). ``N`` is the identity, or with ``norm_eps`` set a
+    parameter-free RMSNorm (:func:`rms_normalize`), the normalization BitNet applies before quantizing
+    activations (what :class:`jaxquant.qat.BitLinearTrain` trains and exports to). The ternary x int8 product
+    accumulates exactly in int32, so the only activation error is the int8 rounding,
+    ``|x - s_x Q8(x)| <= s_x / 2`` per element.
     """
 
-    def __init__(self, kernel: jax.Array | QArray, bias: jax.Array | None = None, *, granularity: str = "tensor"):
+    def __init__(
+        self,
+        kernel: jax.Array | QArray,
+        bias: jax.Array | None = None,
+        *,
+        granularity: str = "tensor",
+        norm_eps: float | None = None,
+    ):
         q = _kernel(kernel, TernaryScheme(granularity=granularity), TernaryScheme, "BitLinear")
+        if norm_eps is not None and not (math.isfinite(float(norm_eps)) and float(norm_eps) > 0):
+            raise ValueError(f"BitLinear: norm_eps must be None or a positive number, got {norm_eps!r}")
         self.in_features, self.out_features = q.shape
         self.kernel = QWeight(q)
         self.bias = _bias_param(bias, self.out_features)
+        self.norm_eps = None if norm_eps is None else float(norm_eps)
 
     @classmethod
     def from_linear(cls, module: Any, **kw: Any) -> BitLinear:
@@ -454,18 +488,18 @@ class BitLinear(nnx.Module):
         return cls(kernel, bias, **kw)
 
     def layer_config(self) -> dict[str, Any]:
-        return {}
+        return {} if self.norm_eps is None else {"norm_eps": self.norm_eps}
 
     @classmethod
     def from_saved(cls, config: dict[str, Any], values: dict[str, Any]) -> BitLinear:
         q = values["kernel"]
-        return cls(q, values.get("bias"), granularity=q.scheme.granularity)
+        return cls(q, values.get("bias"), granularity=q.scheme.granularity, norm_eps=config.get("norm_eps"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead, x2 = _flatten_rows(x, self.in_features, "BitLinear")
-        amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
-        sx = jnp.where(amax > 0, true_divide(amax, jnp.float32(127.0)), 1.0)
-        xq = jnp.clip(jnp.round(true_divide(x2, sx)), -127, 127).astype(jnp.int8)
+        if self.norm_eps is not None:
+            x2 = rms_normalize(x2, self.norm_eps)
+        xq, sx = absmax_int8(x2)
         q = variable_value(self.kernel)
         acc = jnp.dot(xq, ternary_codes(q), preferred_element_type=jnp.int32)
         y = acc.astype(jnp.float32) * sx * q.scale

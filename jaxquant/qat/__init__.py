@@ -23,12 +23,26 @@ Dependencies: core, schemes, transform and the nn layers; nothing here imports t
 (the trainer, :mod:`jaxquant.train`, sits above both).
 """
 
+from jaxquant.qat.bitnet import (
+    BLOCK_LINEARS,
+    BitLinearTrain,
+    bitnet_model,
+    bitnet_optimizer,
+    bitnet_schedules,
+    export_bitnet,
+)
 from jaxquant.qat.fake_quant import STE_MODES, clip_mask, export_params, fake_quant, fake_quantize_params, freeze
 from jaxquant.qat.lsq import init_steps, lsq_fake_quant, lsq_quantize
 
 __all__ = [
+    "BLOCK_LINEARS",
     "STE_MODES",
+    "BitLinearTrain",
+    "bitnet_model",
+    "bitnet_optimizer",
+    "bitnet_schedules",
     "clip_mask",
+    "export_bitnet",
     "export_params",
     "fake_quant",
     "fake_quantize_params",
