@@ -73,7 +73,19 @@ def fp8_matmul_reference(x, w, sw, *, mode: str = "w8a16", w_dtype: str | None =
     return (acc * sx[:, None] * sw[None, :]).astype(x.dtype)
 
 
+def k_step(k: int, cfg: BlockConfig) -> int:
+    """The K step: the largest power of two ``<= cfg.block_k`` that divides ``K``.
+
+    fp8 tiles are never masked along K: Triton cannot materialise the masked-off fill value of an fp8 load
+    (``tt.splat`` of an integer to fp8 does not lower), and unfilled rows could hold NaN bit patterns that would
+    reach the sum through ``0 * NaN``. Along N a masked load leaves the fill undefined, which only touches output
+    columns that are never stored.
+    """
+    return min(cfg.block_k, k & -k) if k > 0 else cfg.block_k
+
+
 def supported(w_dtype, cfg: BlockConfig, x_dtype) -> str | None:
+    """``None`` when the kernel can run this call, else the reason (the caller then takes the XLA path)."""
     if jnp.dtype(w_dtype) not in _FP8:
         return f"weight dtype {jnp.dtype(w_dtype).name} is not float8_e4m3fn/float8_e5m2"
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
@@ -96,7 +108,7 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round):
     m0, n0 = i * bm, j * bn
     mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
     nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
-    k_ragged = k % bk != 0
+    assert k % bk == 0, "fp8 tiles are never masked along K (k_step)"
     sw = load(sw_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask)  # (1, BN) float32
     cdtype = x_ref.dtype
     if mode == "w8a8":
@@ -105,9 +117,8 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round):
 
     def body(t, acc):
         k0 = (sk * steps + t) * bk
-        kmask = (k0 + jnp.arange(bk) < k) if k_ragged else None
-        xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], and_masks(mmask, None if kmask is None else kmask[None]))
-        wt = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], and_masks(nmask, None if kmask is None else kmask[:, None]))
+        xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mmask)
+        wt = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], nmask, other=None)  # K divides into bk: no K mask
         if mode == "w8a8":
             q = jnp.clip(xt.astype(jnp.float32) / inv_guard, -f8max, f8max).astype(wt.dtype)
             return acc + jnp.dot(q, wt, preferred_element_type=jnp.float32)
@@ -131,13 +142,12 @@ def _gemv_kernel(xt_ref, w_ref, sw_ref, o_ref, *, k, n, bm, bn, bk, steps, cdtyp
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
     nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
-    k_ragged = k % bk != 0
+    assert k % bk == 0, "fp8 tiles are never masked along K (k_step)"
     sw = load(sw_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask)
 
     def body(t, accs):
         k0 = (sk * steps + t) * bk
-        kmask = (k0 + jnp.arange(bk) < k)[:, None] if k_ragged else None
-        wd = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], and_masks(nmask, kmask)).astype(jnp.float32)
+        wd = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], nmask, other=None).astype(jnp.float32)
         if dequant:  # W8A16: the XLA path's rounding chain
             wd = wd * sw
             if w_round is not None:
@@ -162,7 +172,7 @@ def _gemv_kernel(xt_ref, w_ref, sw_ref, o_ref, *, k, n, bm, bn, bk, steps, cdtyp
 def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
     m, k = x.shape
     n = w.shape[1]
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
     nsteps = cdiv(k, bk)
     split = _largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
@@ -239,6 +249,13 @@ def fp8_matmul(
     why = supported(w.dtype, config, x.dtype)
     if why:
         raise ValueError(f"fp8_matmul: unsupported: {why}")
+    if k_step(k, config) < (8 if config.variant == "gemv" else 32):
+        # K without a power-of-two step (rare: transformer widths are multiples of 64): zero-pad K to whole
+        # blocks, a copy of the weight per call; zeros add nothing to the dot and do not change row absmax
+        kp = cdiv(k, config.block_k) * config.block_k
+        x = jnp.pad(x, ((0, 0), (0, kp - k)))
+        w = jnp.pad(w, ((0, kp - k), (0, 0)))
+        k = kp
     sw2 = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,)).reshape(1, n)
     operands = [x, w, sw2]
     if mode == "w8a8":
@@ -246,7 +263,7 @@ def fp8_matmul(
     w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
     if config.variant == "gemv":
         return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, interpret=interpret)
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
     nsteps = cdiv(k, bk)
     split = _largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split

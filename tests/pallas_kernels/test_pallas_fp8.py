@@ -87,11 +87,12 @@ def test_w8a8_gemv_matches_reference():
 
 
 def _lower(mode, m, k=512, n=256, dtype=jnp.float8_e4m3fn, gemv=False):
-    cfg = BlockConfig(min(m, 128), 64, 128, 2 if m <= 16 else 1)
     if gemv:
         from pallas_kernels import tuning
 
         cfg = tuning.gemv_config("fp8_" + mode, m, k, n, sms=132)
+    else:
+        cfg = BlockConfig(min(m, 128), 64, 128, 2 if m <= 16 else 1)
     args = [shape_struct((m, k), jnp.bfloat16), shape_struct((k, n), dtype), shape_struct((n,), jnp.float32)]
     return cuda_lowering(functools.partial(fp8_matmul, mode=mode, config=cfg), *args)
 
@@ -108,5 +109,24 @@ def test_lowers_to_triton_custom_call(mode, m):
 def test_compiles_to_cubin_sm90(mode, m, gemv):
     """fp8 e4m3 needs sm_89+: compiled for sm_90 only (the kernel does not claim Ampere support)."""
     calls = _lower(mode, m, gemv=gemv)
+    assert calls[0].name == f"fp8_{mode}_{'gemv' if gemv else 'matmul'}"
+    assert_compiles(calls, archs=(90,))
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "mode,m,k,n,gemv",
+    [
+        ("w8a16", 5, 640, 320, True),
+        ("w8a8", 5, 640, 320, True),
+        ("w8a16", 16, 200, 80, False),
+        ("w8a8", 3, 200, 80, True),
+    ],
+)
+def test_ragged_shapes_lower_and_compile(mode, m, k, n, gemv):
+    """Regression (H100 run, 2026-11-27): a masked fp8 load with a fill value emitted ``tt.splat`` of an i32 to
+    fp8, which Pallas cannot lower ("cannot cast ... to f8E4M3FN"): M=5, K=640, N=320 failed. Weight tiles are
+    now masked along N without a fill and never along K (K steps divide K, or K is zero-padded)."""
+    calls = _lower(mode, m, k=k, n=n, gemv=gemv)
     assert calls[0].name == f"fp8_{mode}_{'gemv' if gemv else 'matmul'}"
     assert_compiles(calls, archs=(90,))
