@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--scheme", required=True, help="a SPEC, e.g. int4-g128 (see `jaxquant schemes`)")
     e.add_argument("--max-windows", type=positive_arg("--max-windows"), default=None, help="only the first N windows")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--mesh", default=None, help="run sharded on a device mesh, e.g. model=8 or data=2,model=4")
     common(e)
 
     sub.add_parser("schemes", help="list the scheme SPECs")
@@ -121,9 +122,20 @@ def _cmd_eval(a) -> None:
     from jaxquant.specs import parse_spec
 
     spec = parse_spec(a.scheme)  # fail fast, before loading anything
+    mesh = None
+    if a.mesh is not None:
+        from jaxquant.cli_ptq import _mesh
+
+        mesh = _mesh(a.mesh)
     loaded = load(a.model, a.text_file)
     r = evaluate(
-        loaded, spec, seq_len=a.seq_len, max_windows=a.max_windows, batch_size=a.batch_size, progress=not a.no_progress
+        loaded,
+        spec,
+        seq_len=a.seq_len,
+        max_windows=a.max_windows,
+        batch_size=a.batch_size,
+        progress=not a.no_progress,
+        mesh=mesh,
     )
     if a.json:
         d = r.as_dict()

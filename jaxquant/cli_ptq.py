@@ -6,6 +6,12 @@
         [--calib-samples 128] [--calib-seq-len 512] [--act-order/--no-act-order] [--sequential/--no-sequential]
         [--damp 0.01] [--text-file F] [--no-progress]
     jaxquant eval --model smollm2-gptq4/ --scheme fp32        # evaluates the saved model as it is
+    jaxquant quantize --stream --model HF_FOLDER --scheme int4-g128 --out q/     # larger than RAM: block by block
+    jaxquant quantize --mesh model=8 --scheme int4-g128 --out q/                 # each device quantizes its slice
+
+``--stream`` (:mod:`jaxquant.io.streaming`) reads an HF safetensors folder block by block and writes quantized
+shards as it goes (static SPECs and GPTQ); ``--mesh`` quantizes every kernel split over the mesh's ``model`` axis
+(:mod:`jaxquant.sharding`; on CPU the virtual devices are requested automatically); results are bit-identical.
 
 The folder is a self-describing orbax checkpoint (:func:`jaxquant.io.checkpoint.save_model`: config,
 tokenizer, QArrays, manifest) written atomically; its metadata records the SPEC, the options and the time taken.
@@ -52,6 +58,13 @@ def register(subparsers: Any) -> None:
         "--target-bpw", type=_positive("--target-bpw", float), default=None, help="mixed SPECs: bits/weight target"
     )
     q.add_argument("--method", choices=("rtn", "gptq"), default=None, help="mixed SPECs: how the plan is applied")
+    q.add_argument(
+        "--stream",
+        action="store_true",
+        help="HF safetensors folder -> quantized shards, block by block, never the whole model in memory "
+        "(static SPECs and GPTQ; prints peak RSS)",
+    )
+    q.add_argument("--mesh", default=None, help="device mesh, e.g. model=8 or data=2,model=4 (static SPECs)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(_run=_cmd_quantize)
 
@@ -61,7 +74,9 @@ def _check_out(out: Path) -> None:
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
+    from jaxquant.io.streaming import is_streamed
+
+    if out.is_dir() and any(out.iterdir()) and not (is_checkpoint(out) or is_streamed(out)):
         raise ValueError(f"--out {out} is a non-empty folder that is not a jaxquant checkpoint; refusing to replace it")
     parent = out.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -98,6 +113,14 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
     if not check_mixed(spec.name, given):  # e.g. mixed without a target: fail before loading anything
         check_options(spec.name, given)  # e.g. --act-order with an AWQ SPEC
+    if a.mesh is not None and not spec.rules:
+        raise ValueError(
+            f"--mesh: SPEC {spec.name!r} is calibrated; --mesh applies to static SPECs (RTN, NF4, fp8 ...)"
+        )
+    mesh = _mesh(a.mesh)
+    if a.stream:
+        _stream(a, spec, given, out, mesh)
+        return
     loaded = load(a.model, a.text_file)
     options: dict[str, Any] = dict(given)
     if spec.build is not None:
@@ -108,7 +131,14 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         options["plan_sink"] = plans
     calib = loaded.calib_tokens if (spec.build is not None or spec.build_model is not None) else None
     t0 = time.perf_counter()
-    qmodel, rep = quantize_model(loaded.model, spec, calib, options)
+    if mesh is not None:
+        from jaxquant.models import with_params
+        from jaxquant.sharding import quantize_params_sharded
+
+        qparams = quantize_params_sharded(model_params(loaded.model), list(spec.rules), mesh)
+        qmodel, rep = with_params(loaded.model, qparams), report(qparams)
+    else:
+        qmodel, rep = quantize_model(loaded.model, spec, calib, options)
     seconds = time.perf_counter() - t0
     meta = {
         "spec": spec.name,
@@ -126,4 +156,56 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         f"wrote {path}: {spec.name}, {rep.bits_per_weight:.3f} bits/weight on the quantized tensors, "
         f"{q_mib:.1f} MiB of weights, quantized in {seconds:.1f} s\n"
         f"evaluate it with: jaxquant eval --model {path} --scheme fp32"
+    )
+
+
+def _mesh(spec: str | None) -> Any:
+    """The :class:`jax.sharding.Mesh` of ``--mesh`` (virtual CPU devices are requested first), or ``None``."""
+    if spec is None:
+        return None
+    import math
+
+    from jaxquant.sharding import ensure_host_devices, make_mesh, parse_mesh
+
+    axes = parse_mesh(spec)
+    ensure_host_devices(math.prod(axes.values()))
+    return make_mesh(axes)
+
+
+def _stream(a: argparse.Namespace, spec: Any, given: dict[str, Any], out: Path, mesh: Any) -> None:
+    """``--stream``: :func:`jaxquant.io.streaming.stream_quantize` from an HF folder."""
+    from jaxquant.eval import assets
+    from jaxquant.io.streaming import HFSource, stream_quantize
+
+    path = Path(assets.model_path(a.model))
+    if not path.is_dir():
+        raise ValueError(f"--stream reads an HF safetensors folder (config.json + *.safetensors); {a.model} is not one")
+    if spec.build_model is not None or (spec.build is not None and not spec.name.startswith("gptq-")):
+        raise ValueError(f"--stream: SPEC {spec.name!r} cannot be streamed (static SPECs and GPTQ SPECs can)")
+    src = HFSource(path)
+    calib = None
+    if spec.build is not None:
+        from jaxquant.eval import text
+        from jaxquant.eval.perplexity import encode
+
+        tok = src.tokenizer()
+        if tok is None:
+            raise ValueError(f"--stream {spec.name}: {path} has no tokenizer.json to tokenize the calibration text")
+        calib = encode(text.calib_text(text_file=a.text_file) if a.text_file else text.calib_text(), tok)
+    res = stream_quantize(
+        src,
+        out,
+        spec,
+        calib_tokens=calib,
+        options=given,
+        metadata={"source_model": str(a.model), "options": given},
+        progress=not a.no_progress,
+        mesh=mesh,
+    )
+    per = sorted(res.layer_seconds)[len(res.layer_seconds) // 2] if res.layer_seconds else float("nan")
+    print(
+        f"wrote {res.path}: {spec.name}, {res.n_quantized} tensors quantized, streamed block by block\n"
+        f"source {res.source_bytes / 2**30:.3f} GiB -> output {res.output_bytes / 2**30:.3f} GiB "
+        f"in {res.seconds:.1f} s ({per:.2f} s per block, median); peak RSS {res.peak_rss_bytes / 2**30:.3f} GiB\n"
+        f"evaluate it with: jaxquant eval --model {res.path} --scheme fp32"
     )

@@ -50,6 +50,7 @@ __all__ = [
     "ROW_PARALLEL",
     "accumulate_sharded",
     "array_spec",
+    "ensure_host_devices",
     "gptq_column_parallel",
     "make_mesh",
     "param_dims",
@@ -57,6 +58,7 @@ __all__ = [
     "parse_mesh",
     "qarray_shardings",
     "qarray_specs",
+    "quantize_params_sharded",
     "quantize_sharded",
     "shard_model",
     "shard_params",
@@ -373,3 +375,50 @@ def gptq_column_parallel(
 
 def _fields(q: QArray) -> tuple[Any, Any, Any, Any]:
     return (q.data, q.scale, q.zero, q.aux)
+
+
+def quantize_params_sharded(params: Any, rules: Any, mesh: Mesh, *, axis: str | None = "model") -> Any:
+    """:func:`jaxquant.quantize_params` with every matched kernel quantized by :func:`quantize_sharded` on
+    ``mesh`` (split per :func:`param_dims`); unmatched leaves are placed with :func:`param_shardings`.
+
+    The QArrays are bit-identical to :func:`jaxquant.quantize_params`' (each device quantizes whole groups of
+    its slice); they come back sharded. Raises ``ValueError`` if a rule matches no floating leaf.
+    """
+    from jaxquant.models.llama import param_path
+    from jaxquant.transform import _compile_rules
+
+    compiled = _compile_rules(rules)
+    used = [False] * len(compiled)
+
+    def visit(path, leaf):
+        if isinstance(leaf, QArray) or not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            return leaf
+        p = param_path(path)
+        d = param_dims(p)
+        for i, (rx, scheme, _) in enumerate(compiled):
+            if rx.fullmatch(p):
+                used[i] = True
+                if scheme is not None:
+                    try:
+                        return quantize_sharded(leaf, scheme, mesh, axis=axis, dim=d)
+                    except (ValueError, TypeError) as e:
+                        raise type(e)(f"{p}: {e}") from None
+                break
+        return jax.device_put(leaf, NamedSharding(mesh, array_spec(tuple(leaf.shape), mesh, axis, d)))
+
+    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=lambda x: isinstance(x, QArray))
+    unused = [pat for (_, _, pat), u in zip(compiled, used) if not u]
+    if unused:
+        raise ValueError(f"quantize_params_sharded: rule(s) matched no floating leaf: {unused}")
+    return out
+
+
+def ensure_host_devices(n: int) -> None:
+    """Ask XLA for ``n`` virtual CPU devices (``--xla_force_host_platform_device_count``) unless ``XLA_FLAGS``
+    already sets a count. Works only before JAX starts its backends (the first computation or
+    ``jax.devices()``); the CLI calls it before loading anything. No effect on GPU device counts."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(n)}".strip()

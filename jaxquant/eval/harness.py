@@ -132,18 +132,25 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
     options: dict[str, Any] | None = None,
+    mesh: Any = None,
 ) -> EvalResult:
     """Quantize ``loaded.model`` by ``spec`` and measure perplexity on its evaluation tokens.
 
     ``bits_per_weight`` is averaged over the quantized tensors only (16 for ``bf16``; 32 when nothing is
     quantized); ``weight_bytes`` counts every parameter. A model loaded from a saved quantized checkpoint is
     evaluated as saved with ``spec="fp32"`` (nothing more is quantized) and reported under its saved SPEC.
+    With a ``mesh`` (:func:`jaxquant.sharding.make_mesh`) the quantized model's parameters are sharded over its
+    ``model`` axis (:func:`jaxquant.sharding.shard_model`) and the forward passes run SPMD under ``jax.jit``.
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     t0 = time.perf_counter()
     calib = loaded.calib_tokens if (spec.build is not None or getattr(spec, "build_model", None)) else None
     qmodel, rep = quantize_model(loaded.model, spec, calib, options)
     tq = time.perf_counter() - t0
+    if mesh is not None:
+        from jaxquant.sharding import shard_model
+
+        qmodel = shard_model(qmodel, mesh)
     graphdef, state = nnx.split(qmodel)
     res = perplexity(
         _logits(graphdef),

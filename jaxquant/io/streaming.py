@@ -434,10 +434,12 @@ class StreamResult:
 
 
 def _quantize_flat(
-    flat: Mapping[str, Any], compiled: list[tuple[re.Pattern, Scheme | None]], used: list[bool]
+    flat: Mapping[str, Any], compiled: list[tuple[re.Pattern, Scheme | None]], used: list[bool], mesh: Any = None
 ) -> tuple[dict[str, Any], int]:
-    """:func:`jaxquant.quantize_params`' per-leaf rule on a flat ``{full path: array}`` dict."""
+    """:func:`jaxquant.quantize_params`' per-leaf rule on a flat ``{full path: array}`` dict (on ``mesh``:
+    :func:`jaxquant.sharding.quantize_sharded`, same bits)."""
     from jaxquant.core.api import quantize
+    from jaxquant.sharding import param_dims, quantize_sharded
 
     out: dict[str, Any] = {}
     n = 0
@@ -450,7 +452,10 @@ def _quantize_flat(
                 used[i] = True
                 if scheme is not None:
                     try:
-                        q = quantize(leaf, scheme)
+                        if mesh is None:
+                            q = quantize(leaf, scheme)
+                        else:
+                            q = quantize_sharded(leaf, scheme, mesh, dim=param_dims(p))
                     except (ValueError, TypeError) as e:
                         raise type(e)(f"{p}: {e}") from None
                     out[p] = _to_host(q)
@@ -513,6 +518,7 @@ def stream_quantize(
     metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    mesh: Any = None,
 ) -> StreamResult:
     """Quantize an HF safetensors checkpoint into ``dest`` without ever holding the whole model.
 
@@ -527,6 +533,8 @@ def stream_quantize(
       metadata: extra JSON metadata stored in the manifest (``spec``, ``stream_seconds`` ... are added).
       progress: tqdm bar on stderr.
       log: receives one summary line at the end.
+      mesh: a :class:`jax.sharding.Mesh` (static SPECs only): each kernel is quantized split over its ``model``
+        axis (:func:`jaxquant.sharding.quantize_sharded`; the result is bit-identical).
 
     Returns:
       a :class:`StreamResult` (time, peak RSS, sizes).
@@ -561,6 +569,8 @@ def stream_quantize(
             raise ValueError(f"SPEC {spec_name!r} is calibrated and needs calibration tokens")
     elif options:
         raise ValueError(f"options {sorted(options)} do not apply to the static SPEC {spec_name!r}")
+    if gptq_cfg is not None and mesh is not None:
+        raise ValueError("streaming GPTQ runs on one device; a mesh applies to static SPECs only")
 
     writer = _Writer(dest)
     layer_seconds: list[float] = []
@@ -569,7 +579,7 @@ def stream_quantize(
         if gptq_cfg is None:
             compiled = [(rx, sch) for rx, sch, _ in _compile_rules(rules)]
             used = [False] * len(compiled)
-            head, n = _quantize_flat(src.read(_block_names(cfg)), compiled, used)
+            head, n = _quantize_flat(src.read(_block_names(cfg)), compiled, used, mesh)
             writer.write("head", head)
             n_q += n
             del head
@@ -578,7 +588,7 @@ def stream_quantize(
                     t1 = time.perf_counter()
                     prefix = f"layers/{li}/"
                     flat = {prefix + k: v for k, v in src.block(li).items()}
-                    q, n = _quantize_flat(flat, compiled, used)
+                    q, n = _quantize_flat(flat, compiled, used, mesh)
                     del flat
                     writer.write(f"layer-{li:05d}", q)
                     del q
