@@ -549,7 +549,9 @@ def _write_report(a, report: dict[str, Any]) -> None:
     out_env = os.environ.get("OUT")
     if out_env and os.path.isdir(out_env):
         for p in (md_path, jsonl):
-            shutil.copy(p, os.path.join(out_env, os.path.basename(p)))
+            dst = os.path.join(out_env, os.path.basename(p))
+            if os.path.abspath(dst) != os.path.abspath(p):  # --out $OUT already wrote them there
+                shutil.copy(p, dst)
         print(f"copied to {out_env}", flush=True)
 
 

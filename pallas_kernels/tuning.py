@@ -37,12 +37,29 @@ _HOPPER_NF4 = [
     (64, BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4, variant="select")),
 ]
 
+# GEMV vs the tensor-core kernel at M <= 16, K=N=8192 (benchmarks/results/h200-quick.md, h100.md,
+# h100-fp8-recheck.md): the 16x64x128 split-4 dot kernel beat the GEMV variant at every M for int8 W8A16
+# (H200 M=1: 49.8 vs 65.0 us), ternary W1.58A16 (39.6 vs 49.7) and fp8 W8A16 (49.9 vs 55.7; H100 M=16 47.9 vs
+# M=1 GEMV 57.6, M=5 GEMV 92.9); only fp8 W8A8 at M=1 is faster as a GEMV (H200 46.8 vs 56.5; H100 38.9 us GEMV
+# vs 55.0 us dot at M=16), and at M=5 its GEMV is slow (H100 91.5 us).
+_HOPPER_DOT16 = BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4)
+_HOPPER_SMALL_M = {
+    "int8w": [(16, BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4, variant="strided"))],
+    "ternary": [(16, _HOPPER_DOT16)],
+    "ternary_a8": [(16, _HOPPER_DOT16)],
+    "fp8_w8a16": [(16, _HOPPER_DOT16)],
+    "fp8_w8a8": [
+        (1, BlockConfig(1, 128, 32, split_k=16, num_warps=4, num_stages=4, variant="gemv")),
+        (16, _HOPPER_DOT16),
+    ],
+}
+
 #: device key -> kernel -> [(max_m, config)]; filled from measurements (other devices: heuristics)
 TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
-    "h200": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4},
-    # H100: same Hopper SM (132 SMs, same Triton code generation), less memory bandwidth; the H200 rows are the
-    # best measured starting point until an H100 sweep exists
-    "h100": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4},
+    "h200": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4, **_HOPPER_SMALL_M},
+    # H100: same Hopper SM (132 SMs, same Triton code generation), less memory bandwidth. The 54-config int4
+    # sweep at 8192², M=1 on an H100 (benchmarks/results/h100.md) found the H200 row best there too (34.1 us).
+    "h100": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4, **_HOPPER_SMALL_M},
 }
 
 # Largest M at which each kernel beat jaxquant's XLA path on the H200 (× vs XLA >= 1 in
