@@ -127,6 +127,11 @@ def lsq_quantize(w: jax.Array, step: jax.Array, scheme: Scheme) -> QArray:
     w = jnp.asarray(w)
     step = jnp.asarray(step)
     _check(w, step, scheme)
+    return _lsq_quantize_compiled(w, step, scheme)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _lsq_quantize_compiled(w: jax.Array, step: jax.Array, scheme: IntScheme) -> QArray:
     codes, _, _ = _codes(w, step, scheme)
     _, qmax = int_range(scheme.bits, True)
     if scheme.bits == 8:
