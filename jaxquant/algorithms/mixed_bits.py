@@ -50,6 +50,7 @@ __all__ = [
     "TensorCosts",
     "allocate",
     "budget_bytes",
+    "fisher_costs",
     "rtn_costs",
     "solve",
 ]
@@ -249,6 +250,37 @@ def _nbytes(shape: tuple[int, ...], dtype: str, scheme: IntScheme) -> int:
 def _energy(w: jax.Array, h: jax.Array) -> jax.Array:
     w = w.astype(jnp.float32)
     return jnp.sum(w * jnp.dot(h, w, precision=_HI))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _fisher_error(w: jax.Array, f: jax.Array, scheme: IntScheme) -> jax.Array:
+    from jaxquant.algorithms.awq import fake_quant
+
+    w = w.astype(jnp.float32)
+    e = w - fake_quant(w, scheme)
+    return jnp.sum(f * e * e)
+
+
+def fisher_costs(path: str, w: Any, f: Any, settings: Sequence[Setting] = DEFAULT_SETTINGS) -> TensorCosts:
+    """Like :func:`rtn_costs` with the diagonal-Fisher error ``sum_kn F_kn E_kn^2`` (``f`` of ``w``'s shape).
+
+    ``F_kn = sum_i (d loss_i / d W_kn)^2`` over calibration windows ``i`` (the empirical Fisher, as SqueezeLLM):
+    ``e / 2`` estimates the increase of the summed loss when ``W`` becomes ``W - E``, so errors of different
+    layers are on one scale -- unlike ``tr(E^T H E)``, which measures each layer's own output.
+    """
+    w = jnp.asarray(w)
+    f = jnp.asarray(f, jnp.float32)
+    if w.ndim != 2 or f.shape != w.shape:
+        raise ValueError(
+            f"fisher_costs {path}: need a (K, N) kernel and a Fisher of the same shape, got {w.shape}, {f.shape}"
+        )
+    if not settings:
+        raise ValueError("fisher_costs: no settings")
+    quantize(w, settings[0].scheme)
+    nbytes = [_nbytes(tuple(w.shape), str(w.dtype), s.scheme) for s in settings]
+    errors = [max(float(_fisher_error(w, f, s.scheme)), 0.0) for s in settings]
+    ref = float(jnp.sum(f * w.astype(jnp.float32) ** 2))
+    return TensorCosts(path, int(w.size), tuple(settings), tuple(nbytes), tuple(errors), ref)
 
 
 def rtn_costs(path: str, w: Any, h: Any, settings: Sequence[Setting] = DEFAULT_SETTINGS) -> TensorCosts:

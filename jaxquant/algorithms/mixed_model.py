@@ -19,16 +19,29 @@ are comparable with the uniform SPECs' (``jaxquant eval`` reports bits/weight ov
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-from jaxquant.algorithms.mixed_bits import DEFAULT_SETTINGS, MixedPlan, Setting, TensorCosts, allocate, rtn_costs
+from jaxquant.algorithms.mixed_bits import (
+    DEFAULT_SETTINGS,
+    MixedPlan,
+    Setting,
+    TensorCosts,
+    allocate,
+    fisher_costs,
+    rtn_costs,
+)
 from jaxquant.calibrate import GROUPS, LINEARS, InputStats, run_blockwise
-from jaxquant.models.llama import Llama, model_params
+from jaxquant.models.llama import Llama, flat_params, model_params
 from jaxquant.transform import quantize_params
 
-__all__ = ["MixedConfig", "apply_plan", "cheapest_bpw", "mixed_model", "model_costs"]
+_BLOCK_KERNEL = re.compile(r"layers/\d+/(attn|mlp)/\w+_proj/kernel")
+
+__all__ = ["MixedConfig", "apply_plan", "cheapest_bpw", "fisher_diag", "mixed_model", "model_costs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +51,8 @@ class MixedConfig:
     Attributes:
       target_bpw: average bits/weight over the block linears, scales and zeros included (the budget).
       method: ``"rtn"`` or ``"gptq"`` (how the planned settings are applied).
+      proxy: the sensitivity, ``"fisher"`` (default: measured better on SmolLM2, see the README) or
+        ``"hessian"`` (see :func:`model_costs`).
       settings: the candidate settings of every tensor.
       n_samples, seq_len, seed: calibration windows (:func:`jaxquant.algorithms.gptq.calibration_windows_for`).
       first_token_weight: weight of position 0 of each window in ``H`` (as the GPTQ recipe).
@@ -48,6 +63,7 @@ class MixedConfig:
 
     target_bpw: float
     method: str = "rtn"
+    proxy: str = "fisher"
     settings: tuple[Setting, ...] = DEFAULT_SETTINGS
     n_samples: int = 128
     seq_len: int = 512
@@ -63,6 +79,8 @@ class MixedConfig:
         t = self.target_bpw
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < 64:
             raise ValueError(f"MixedConfig.target_bpw must be a number in (0, 64), got {t!r}")
+        if self.proxy not in ("fisher", "hessian"):
+            raise ValueError(f"MixedConfig.proxy must be 'fisher' or 'hessian', got {self.proxy!r}")
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"MixedConfig.method must be 'rtn' or 'gptq', got {self.method!r}")
         if not self.settings or not all(isinstance(s, Setting) for s in self.settings):
@@ -80,7 +98,6 @@ class MixedConfig:
 def cheapest_bpw(model: Llama, settings: tuple[Setting, ...] = DEFAULT_SETTINGS) -> float:
     """Bits/weight of the block linears when every tensor takes its cheapest setting (no data needed)."""
     from jaxquant.algorithms.mixed_bits import _nbytes
-    from jaxquant.models.llama import flat_params
 
     total = numel = 0
     for layer in model_params(model)["layers"].values():
@@ -91,6 +108,38 @@ def cheapest_bpw(model: Llama, settings: tuple[Setting, ...] = DEFAULT_SETTINGS)
                 total += min(_nbytes(tuple(w.shape), str(w.dtype), s.scheme) for s in settings)
                 numel += int(w.size)
     return 8.0 * total / max(numel, 1)
+
+
+def fisher_diag(model: Llama, windows: Any, *, progress: bool = True) -> dict[str, jax.Array]:
+    """Empirical diagonal Fisher ``F = sum_i (d loss_i / dW)^2`` of every block linear kernel.
+
+    ``loss_i`` is window ``i``'s mean next-token NLL (tokens 2..T, as the perplexity); one backward pass per
+    window. Returns ``{path: (K, N) float32}`` with paths as :func:`jaxquant.models.flat_params`.
+    """
+    from flax import nnx
+    from tqdm.auto import tqdm
+
+    from jaxquant.calibrate import _check_windows
+
+    win = _check_windows(windows, model.config)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def sq_grad(params, tok):
+        def loss(p):
+            logits = nnx.merge(graphdef, p, rest)(tok[None])[0, :-1].astype(jnp.float32)
+            lp = jax.nn.log_softmax(logits, axis=-1)
+            return -jnp.mean(jnp.take_along_axis(lp, tok[1:, None], axis=-1))
+
+        g = flat_params(nnx.to_pure_dict(jax.grad(loss)(params)))
+        return {k: v.astype(jnp.float32) ** 2 for k, v in g.items() if _BLOCK_KERNEL.fullmatch(k)}
+
+    acc: dict[str, jax.Array] | None = None
+    for i in tqdm(range(win.shape[0]), desc="fisher", unit="window", disable=not progress, file=sys.stderr):
+        g = sq_grad(params, jnp.asarray(win[i]))
+        acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
+    assert acc is not None
+    return acc
 
 
 def _windows(calib_tokens: Any, config: MixedConfig) -> Any:
@@ -109,6 +158,7 @@ def model_costs(
     seed: int = 0,
     first_token_weight: float = 20.0,
     batch_size: int = 8,
+    proxy: str = "hessian",
     progress: bool = True,
 ) -> list[TensorCosts]:
     """Bytes and RTN output error of every candidate setting of every block linear (one float forward pass).
@@ -120,6 +170,9 @@ def model_costs(
       n_samples, seq_len, seed: calibration windows drawn from ``calib_tokens``.
       first_token_weight: weight of position 0 in ``H``.
       batch_size: windows per compiled call.
+      proxy: ``"hessian"``: each tensor's own output error ``tr(E^T H E)`` (one forward pass);
+        ``"fisher"``: the diagonal-Fisher loss estimate ``sum F E^2`` (:func:`fisher_diag`, one backward pass per
+        window), which puts the errors of all layers on the scale of the model's loss.
       progress: progress bar.
 
     Returns:
@@ -130,6 +183,17 @@ def model_costs(
 
     windows = calibration_windows_for(calib_tokens, n_samples, seq_len, seed)
     out: list[TensorCosts] = []
+    if proxy == "fisher":
+        fisher = fisher_diag(model, windows, progress=progress)
+        flat = flat_params(model_params(model))
+        for li in range(model.config.n_layers):
+            for g in GROUPS:
+                for name in LINEARS[g]:
+                    path = f"layers/{li}/{name}"
+                    out.append(fisher_costs(path, flat[path], fisher[path], settings))
+        return out
+    if proxy != "hessian":
+        raise ValueError(f"model_costs: proxy must be 'hessian' or 'fisher', got {proxy!r}")
 
     def block_fn(li: int, sts: dict[str, InputStats], block: dict[str, Any]) -> dict[str, Any]:
         for g in GROUPS:
@@ -240,6 +304,7 @@ def mixed_model(
         seed=config.seed,
         first_token_weight=config.first_token_weight,
         batch_size=config.batch_size,
+        proxy=config.proxy,
         progress=progress,
     )
     plan = allocate(costs, config.target_bpw, resolution=config.resolution, method=config.method)

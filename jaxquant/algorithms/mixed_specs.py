@@ -2,14 +2,16 @@
 
 Grammar: ``mixed-{bpw}[-rtn|-gptq]`` (e.g. ``mixed-4.5``, ``mixed-3.5-gptq``): the least-error choice of one
 setting per block linear among int{2,3,4,5,6,8} x g{32,64,128} with zero points, at most ``bpw`` bits/weight on
-average, scales and zeros included (:mod:`jaxquant.algorithms.mixed_model`). ``mixed`` alone takes the target
-from the ``target_bpw`` option (``jaxquant quantize --scheme mixed --target-bpw 4.5``).
+average, scales and zeros included; errors from the diagonal Fisher (or tr(dW H dW^T), option ``proxy``); see
+:mod:`jaxquant.algorithms.mixed_model`. ``mixed`` alone takes the target from the ``target_bpw`` option
+(``jaxquant quantize --scheme mixed --target-bpw 4.5``).
 
 Options (``jaxquant quantize`` flags, or the ``options`` dict of :func:`jaxquant.eval.harness.quantize_model`):
 
 =================  =====================================================================
 ``target_bpw``     the target (needed with ``mixed``; must agree with ``mixed-{bpw}``)
 ``method``         ``rtn`` (default) or ``gptq`` (must agree with a ``-rtn``/``-gptq`` suffix)
+``proxy``          sensitivity: ``fisher`` (default, diagonal Fisher) or ``hessian`` (tr(dW H dW^T))
 ``calib_samples``  calibration windows (128); alias ``calib_windows``
 ``calib_seq_len``  tokens per window (512)
 ``progress``       progress bars (on)
@@ -31,7 +33,7 @@ from jaxquant.specs import Spec
 __all__ = ["SPECS", "check_options", "is_mixed", "parse"]
 
 _RE = re.compile(r"mixed(?:-(?P<bpw>\d+(?:\.\d+)?))?(?:-(?P<method>rtn|gptq))?")
-_ALLOWED = ("target_bpw", "method", "calib_samples", "calib_seq_len", "progress", "log", "plan_sink")
+_ALLOWED = ("target_bpw", "method", "proxy", "calib_samples", "calib_seq_len", "progress", "log", "plan_sink")
 
 
 def is_mixed(name: str) -> bool:
@@ -80,6 +82,8 @@ def _resolve(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"progress must be true or false, got {opts['progress']!r}")
     if "log" in opts and not callable(opts["log"]):
         raise ValueError("log must be a callable taking one string")
+    if opts.get("proxy", "fisher") not in ("fisher", "hessian"):
+        raise ValueError(f"--proxy must be fisher or hessian, got {opts['proxy']!r}")
     if "plan_sink" in opts and not isinstance(opts["plan_sink"], list):
         raise ValueError("plan_sink must be a list")
     return opts
@@ -105,6 +109,7 @@ def _build(name: str):
         config = MixedConfig(
             target_bpw=opts["target_bpw"],
             method=opts["method"],
+            proxy=opts.get("proxy", "fisher"),
             n_samples=int(opts.get("calib_samples", 128)),
             seq_len=int(opts.get("calib_seq_len", 512)),
         )
@@ -130,7 +135,7 @@ def parse(name: str) -> Spec | None:
     target = f"{float(m['bpw']):g} bits/weight" if m["bpw"] else "--target-bpw bits/weight"
     method = {"gptq": "GPTQ", "rtn": "RTN", None: "RTN (or --method gptq)"}[m["method"]]
     desc = (
-        f"mixed bit widths: per-tensor int2..8 x g32/64/128 asym chosen by tr(dW H dW^T) to <= {target} "
+        f"mixed bit widths: per-tensor int2..8 x g32/64/128 asym chosen by Fisher-weighted error to <= {target} "
         f"(exact knapsack), {method}"
     )
     return Spec(name, desc, build=_build(name))
