@@ -5,15 +5,18 @@ Nothing is ever materialised whole. The source is read block by block through ``
 the process's resident set), converted to float32 in the :func:`jaxquant.models.model_params` layout (kernels
 transposed to ``(in, out)``, the names of :mod:`jaxquant.models.hf_loader`), quantized, and written at once:
 
-* static SPECs (RTN ``int4-g128``, ``nf4``, ``fp8-e4m3``, any rule list): tensor by tensor with
+* static SPECs (RTN ``int4-g128``, ``nf4``, ``fp8-e4m3``, any rule list): tensor by tensor (one float32
+  tensor in memory at a time, the block's quantized tensors collected until its shard is written) with
   :func:`jaxquant.quantize`, exactly what :func:`jaxquant.quantize_params` computes on the whole model (the
   same jitted function on the same float32 input: bit-identical, tested);
 * GPTQ SPECs (``gptq-int4-g128`` ...): block by block with sequential calibration
   (:func:`jaxquant.algorithms.gptq.gptq_blocks`): only the residual stream of the calibration windows and one
   block's weights and activations are in memory; same result as :func:`jaxquant.algorithms.gptq.gptq_model`.
 
-Peak host memory is about one block in float32 (twice, while it is converted), plus the calibration
-activations of one block for GPTQ, plus the embedding table (read once, written once), plus the JAX runtime.
+Peak host memory: static SPECs, the largest tensor in float32 (plus its bf16 original while it is converted)
+plus one block's quantized output; GPTQ, one block in float32 plus the calibration activations of one block
+(on the accelerator when there is one); both, plus the embedding table (read once, written once, float32) and
+the JAX runtime. Measured in ``benchmarks/streaming.py`` and ``docs/scaling.md``.
 
 Output folder (format ``jaxquant-stream-1``)::
 
@@ -587,12 +590,14 @@ def stream_quantize(
                 for li in range(cfg.n_layers):
                     t1 = time.perf_counter()
                     prefix = f"layers/{li}/"
-                    flat = {prefix + k: v for k, v in src.block(li).items()}
-                    q, n = _quantize_flat(flat, compiled, used, mesh)
-                    del flat
+                    q = {}
+                    for p in [p for p in src.paths if p.startswith(prefix)]:  # tensor by tensor
+                        one, n = _quantize_flat(src.read([p]), compiled, used, mesh)
+                        q.update(one)
+                        n_q += n
+                        del one
                     writer.write(f"layer-{li:05d}", q)
                     del q
-                    n_q += n
                     layer_seconds.append(time.perf_counter() - t1)
                     bar.update(1)
             unused = [pat for (_, _, pat), u in zip(_compile_rules(rules), used) if not u]
