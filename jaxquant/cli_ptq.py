@@ -5,6 +5,8 @@
     jaxquant quantize --scheme gptq-int4-g128-asym --out smollm2-gptq4/ [--model smollm2-135m|PATH]
         [--calib-samples 128] [--calib-seq-len 512] [--act-order/--no-act-order] [--sequential/--no-sequential]
         [--damp 0.01] [--text-file F] [--no-progress]
+    jaxquant quantize --scheme mixed --target-bpw 4.5 [--method rtn|gptq] [--proxy fisher|hessian] --out DIR
+        (= --scheme mixed-4.5: one setting per tensor to the size target; the plan is printed and saved)
     jaxquant eval --model smollm2-gptq4/ --scheme fp32        # evaluates the saved model as it is
     jaxquant quantize --stream --model HF_FOLDER --scheme int4-g128 --out q/     # larger than RAM: block by block
     jaxquant quantize --mesh model=8 --scheme int4-g128 --out q/                 # each device quantizes its slice
@@ -58,6 +60,7 @@ def register(subparsers: Any) -> None:
         "--target-bpw", type=_positive("--target-bpw", float), default=None, help="mixed SPECs: bits/weight target"
     )
     q.add_argument("--method", choices=("rtn", "gptq"), default=None, help="mixed SPECs: how the plan is applied")
+    q.add_argument("--proxy", choices=("fisher", "hessian"), default=None, help="mixed SPECs: sensitivity measure")
     q.add_argument(
         "--stream",
         action="store_true",
@@ -103,6 +106,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         "damp": a.damp,
         "target_bpw": a.target_bpw,
         "method": a.method,
+        "proxy": a.proxy,
     }
     given = {k: v for k, v in given.items() if v is not None}
     if given and spec.build is None and spec.build_model is None:

@@ -9,7 +9,14 @@ import pytest
 
 import jaxquant as jq
 from jaxquant.algorithms.mixed_bits import MixedPlan, Setting, allocate
-from jaxquant.algorithms.mixed_model import MixedConfig, apply_plan, cheapest_bpw, mixed_model, model_costs
+from jaxquant.algorithms.mixed_model import (
+    MixedConfig,
+    apply_plan,
+    cheapest_bpw,
+    fisher_diag,
+    mixed_model,
+    model_costs,
+)
 from jaxquant.algorithms.mixed_specs import check_options, is_mixed
 from jaxquant.models import Llama, LlamaConfig, flat_params, model_params, unflatten_params, with_params
 from jaxquant.specs import parse_spec
@@ -80,13 +87,44 @@ def test_mixed_beats_uniform_at_equal_size(setup):
     model, win, costs = setup
     uni = jq.quantize_params(model_params(model), [(r"layers/\d+/(attn|mlp)/\w+_proj/kernel", SETS[1].scheme)])
     target = jq.report(uni).bits_per_weight
-    cfg = MixedConfig(target, settings=SETS, n_samples=4, seq_len=16, resolution=1000)
+    cfg = MixedConfig(target, proxy="hessian", settings=SETS, n_samples=4, seq_len=16, resolution=1000)
     params, plan = mixed_model(model, win, cfg, progress=False)
     assert plan.bits_per_weight <= target and jq.report(params).quantized_bytes == plan.total_bytes
     # the summed calibration output error (what the plan minimises) is below uniform int3's at the same size;
     # (on a random model this proxy need not order the final logits' error, so that is not asserted here)
     assert plan.total_error < sum(t.errors[1] for t in costs)
     assert len({e.setting for e in plan.entries}) > 1
+
+
+def test_fisher_matches_float64_gradients_and_orders_settings():
+    model, win = _model(), _windows()
+    fisher = fisher_diag(model, win, progress=False)
+    # independent reference: finite differences of the window loss along one kernel entry
+    path, (k, n) = "layers/0/mlp/down_proj/kernel", (3, 5)
+    flat = flat_params(model_params(model))
+
+    def loss(w, tok):
+        p = dict(flat)
+        p[path] = w
+        logits = np.asarray(with_params(model, unflatten_params(p))(jnp.asarray(tok[None])))[0, :-1].astype(np.float64)
+        m = logits.max(-1, keepdims=True)
+        lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))  # float64 log-softmax
+        return -np.mean(lp[np.arange(len(tok) - 1), tok[1:]])
+
+    w0 = np.asarray(flat[path], np.float64)
+    ref = 0.0
+    for tok in win:
+        d = np.zeros_like(w0)
+        d[k, n] = 1e-2
+        g = (loss(jnp.asarray(w0 + d, jnp.float32), tok) - loss(jnp.asarray(w0 - d, jnp.float32), tok)) / 2e-2
+        ref += g * g
+    assert float(fisher[path][k, n]) == pytest.approx(ref, rel=0.05)
+    assert set(fisher) == {k for k in flat if k.endswith("_proj/kernel")}
+    costs = model_costs(model, win, settings=SETS, n_samples=4, seq_len=16, proxy="fisher", progress=False)
+    for t in costs:
+        assert list(t.errors) == sorted(t.errors, reverse=True) and t.errors[-1] < t.errors[0] < t.ref
+    with pytest.raises(ValueError, match="proxy"):
+        model_costs(model, win, settings=SETS, n_samples=4, seq_len=16, proxy="kl", progress=False)
 
 
 def test_gptq_method_applies_the_plan(setup):
@@ -111,7 +149,13 @@ def test_target_below_the_cheapest_plan():
 
 
 def test_config_validation():
-    for bad in (dict(target_bpw=0), dict(target_bpw=4, method="awq"), dict(target_bpw=4, settings=())):
+    bads = (
+        dict(target_bpw=0),
+        dict(target_bpw=4, method="awq"),
+        dict(target_bpw=4, settings=()),
+        dict(target_bpw=4, proxy="kl"),
+    )
+    for bad in bads:
         with pytest.raises((ValueError, TypeError)):
             MixedConfig(**bad)
 
@@ -130,6 +174,7 @@ def test_specs_and_options():
         ("mixed-1.5", {}, "[2, 16]"),
         ("mixed-4.5", {"calib_samples": 0}, "calib_samples"),
         ("mixed", {"target_bpw": -1}, "positive"),
+        ("mixed-4.5", {"proxy": "kl"}, "--proxy"),
     ):
         with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
             check_options(name, opts)
