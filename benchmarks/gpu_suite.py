@@ -180,7 +180,7 @@ def section_bench(args) -> dict[str, Any]:
     return {"rows": _read_rows(rows_file)}
 
 
-def _tune_candidates(m: int, wide: bool = False):
+def _tune_candidates(m: int, wide: bool = False, postscale: bool = False):
     """int4 g128 configs to time per M bucket; each was compiled for sm_90 with PyPI triton on the CPU first
     (some interleave/warp combinations abort Triton with "Illegal shared layout").
 
@@ -188,10 +188,20 @@ def _tune_candidates(m: int, wide: bool = False):
     {4, 8} x stages in {3, 5} x {strided, interleave} (interleave only with block_n=64, or 128 with 8 warps),
     every one compiled for sm_90 at K=N=8192 with PyPI triton 3.9 on the CPU before the first GPU run.
     """
+    import dataclasses
     import itertools
 
     from pallas_kernels._common import BlockConfig
 
+    if postscale and m <= 16:  # the best measured rows, each with and without "+postscale"
+        base = [
+            BlockConfig(16, 64, 128, 4, 4, 3, "interleave"),
+            BlockConfig(16, 64, 128, 8, 4, 3, "interleave"),
+            BlockConfig(16, 64, 128, 4, 4, 3, "strided"),
+            BlockConfig(16, 128, 128, 8, 8, 3, "interleave"),
+            BlockConfig(16, 128, 128, 4, 8, 3, "strided"),
+        ]
+        return [c for b in base for c in (b, dataclasses.replace(b, variant=b.variant + "+postscale"))]
     if wide and m <= 16:
         grid = itertools.product((64, 128, 256), (4, 8, 16), (4, 8), (3, 5), ("strided", "interleave"))
         return [
@@ -243,7 +253,8 @@ def section_tune(args) -> dict[str, Any]:
         ]
         xs = [jax.random.normal(jax.random.fold_in(key, 100 + b), (m, k), jnp.bfloat16) for b in range(nb)]
         lay = km.IntLayout(bits=4, mode="sym", k=k, n=n, group_size=128)
-        for cfg in _tune_candidates(m, wide=args.tune_wide):
+        y_ref = km.int_matmul_reference(xs[0], qs[0].data, qs[0].scale, None, lay)
+        for cfg in _tune_candidates(m, wide=args.tune_wide, postscale=args.tune_postscale):
             if time.time() - t_start > args.budget_s:
                 break
             row = {"m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{m}|{cfg!r}"}
@@ -258,6 +269,9 @@ def section_tune(args) -> dict[str, Any]:
                     ]
                 )
                 row["t"] = time_per_call(f, (xs, qs), 2 if args.dry_run else 10, 1 if args.dry_run else 3) / nb
+                y = f(xs[:1], qs[:1])[0].astype(jnp.float32)
+                r = y_ref.astype(jnp.float32)
+                row["rel_err_vs_xla"] = float(jnp.linalg.norm(y - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30))
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(json.dumps(row), flush=True)
@@ -412,11 +426,12 @@ def _tune_summary(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if "t" in r and (r["m"] not in best or r["t"] < best[r["m"]]["t"]):
             best[r["m"]] = r
-    s = "| M | K | N | config | µs |\n|---:|---:|---:|---|---:|\n"
+    s = "| M | K | N | config | µs | rel err vs XLA |\n|---:|---:|---:|---|---:|---:|\n"
     for r in rows:
         mark = " **best**" if best.get(r["m"]) is r else ""
         t = f"{1e6 * r['t']:.1f}" if "t" in r else r.get("error", "")[:100]
-        s += f"| {r['m']} | {r['k']} | {r['n']} | `{r['config']}`{mark} | {t} |\n"
+        e = f"{r['rel_err_vs_xla']:.1e}" if "rel_err_vs_xla" in r else "–"
+        s += f"| {r['m']} | {r['k']} | {r['n']} | `{r['config']}`{mark} | {t} | {e} |\n"
     return s
 
 
@@ -474,7 +489,11 @@ def orchestrate(a) -> int:
     if a.tune and tune_s > 5:  # by default only with the time left over
         tune_args = ["--budget-s", str(tune_s), "--m", a.tune_m, "--tune-kn", a.tune_kn]
         report["tune"] = _run_resilient(
-            "tune", tune_args + (["--tune-wide"] if a.tune_wide else []), tune_s + 30, tmp, a.dry_run
+            "tune",
+            tune_args + (["--tune-wide"] if a.tune_wide else []) + (["--tune-postscale"] if a.tune_postscale else []),
+            tune_s + 30,
+            tmp,
+            a.dry_run,
         )
         report["tune_kn"] = a.tune_kn
     report["total_seconds"] = round(time.time() - t_start, 1)
@@ -574,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-m", default="1,16,256,4096", help="M values of the int4 config sweep")
     p.add_argument("--tune-kn", default="4096x4096", help="KxN of the int4 config sweep")
     p.add_argument("--tune-wide", action="store_true", help="sweep the wide 54-config grid (M <= 16)")
+    p.add_argument("--tune-postscale", action="store_true", help="sweep the best rows with/without +postscale")
     p.add_argument("--tune-budget-s", type=float, default=None, help="sweep budget (default: time left over)")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results; dry run: a temp folder)")

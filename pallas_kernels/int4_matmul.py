@@ -27,6 +27,12 @@ tile, split it into ``8/bits`` code tiles, dequantize, and either
 * ``variant="interleave"``: interleave the tiles back into one ``(BK, BN)`` tile (transposes + two-way stacks)
   and multiply it with a contiguous ``(BM, BK)`` activation tile (better for large ``M``).
 
+Either may carry ``+postscale`` (``"strided+postscale"``, ``"interleave+postscale"``; sym and zero-point modes):
+the code tiles hold the exact integers ``c - zero`` in the activation dtype and the step's group scale multiplies
+the ``(BM, BN)`` float32 dot result, ``acc += (x @ (c - z)) * s``, instead of every weight (no per-weight float
+multiply and rounding). Not bit-identical to the XLA path, which rounds ``(c - z) * s`` per weight; it is the
+exact group-scaled product up to float32 accumulation, i.e. closer to float64 ``x @ dequantize(w)``.
+
 * ``variant="gemv"`` (small ``M``, memory bound): no tensor-core dot. Each program owns ``BM`` (1..8) rows and a
   wide ``BN`` column tile and keeps one float32 ``(BK/(8/bits), BN)`` accumulator per row in registers: every
   K step unpacks the packed tile with shifts/masks, dequantizes it (one scale row per step), multiplies it
@@ -184,7 +190,7 @@ def _min_block_k(layout: IntLayout, cfg: BlockConfig) -> int:
     if cfg.variant == "gemv":
         return layout.per_byte * 8  # packed tile rows >= 8 (no dot)
     # each code tile feeds a dot whose contraction must be >= 16 (mma k16)
-    min_bk = 16 * (layout.per_byte if cfg.variant != "interleave" else 1)
+    min_bk = 16 * (layout.per_byte if not cfg.variant.startswith("interleave") else 1)
     return max(min_bk, layout.per_byte * 8)  # packed tile rows >= 8
 
 
@@ -204,7 +210,19 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
         return None
     if cfg.block_m < 16 or cfg.block_n < 16:
         return "block_m and block_n must be >= 16"
+    if cfg.variant not in _DOT_VARIANTS:
+        return f"variant {cfg.variant!r} (int kernels: {', '.join(repr(v) for v in (*_DOT_VARIANTS, 'gemv'))})"
+    if cfg.variant.endswith("+postscale") and layout.mode == "minmax":
+        return "variant '+postscale' needs integer codes minus an integer offset (sym or zeropoint), not minmax"
     return None
+
+
+#: tensor-core variants: how the packed rows meet the activations (``strided`` loads every ``per``-th activation
+#: column per code tile; ``interleave`` rebuilds the tile in K order), and ``+postscale``: the tile holds the
+#: exact integers ``c - zero`` and the group scale multiplies the ``(BM, BN)`` dot result instead of every weight
+#: (fewer instructions per weight; not bit-identical to the XLA path, which rounds ``(c - zero) * s`` to the
+#: activation dtype per weight: the result is closer to float64 ``x @ dequantize(w)`` than that path)
+_DOT_VARIANTS = ("", "strided", "interleave", "strided+postscale", "interleave+postscale")
 
 
 def _largest_divisor_at_most(v: int, cap: int) -> int:
@@ -232,6 +250,7 @@ def _kernel(
     k_ragged = k % bk != 0
     cdtype = x_ref.dtype
     sym_int8 = w_ref.dtype == jnp.int8
+    base, post = variant.split("+")[0], variant.endswith("+postscale")
 
     def body(t, acc):
         kb = sk * steps + t
@@ -241,13 +260,21 @@ def _kernel(
         p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
         g = k0 // gs
         s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
-        z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
+        zi = None if z is None or not post else z.astype(jnp.int32)
+        z = None if z is None else z.astype(jnp.float32)
         if per == 1:
             codes = [p]
         else:
             codes = [(p >> (bits * jj)) & ((1 << bits) - 1) for jj in range(per)]
         tiles = []
         for c in codes:
+            if post:  # integer offsets only: exact in bf16/f16 (|c - z| <= 255); the scale comes after the dot
+                if layout.mode == "sym":
+                    tiles.append((c if sym_int8 else c - (1 << (bits - 1))).astype(cdtype))
+                else:
+                    tiles.append((c - zi).astype(cdtype))
+                continue
             cf = c.astype(jnp.float32)
             if layout.mode == "sym":
                 w = (cf if sym_int8 else cf - float(2 ** (bits - 1))) * s
@@ -258,16 +285,19 @@ def _kernel(
             if w_round is not None:
                 w = w.astype(w_round)
             tiles.append(w.astype(cdtype))
-        if per == 1 or variant == "interleave":
+        if per == 1 or base == "interleave":
             w = tiles[0] if per == 1 else interleave_rows(tiles)
             xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
             xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask)
-            return acc + jnp.dot(xt, w, preferred_element_type=jnp.float32)
+            d = jnp.dot(xt, w, preferred_element_type=jnp.float32)
+            return acc + (d * s if post else d)
         # strided activation loads cannot be masked (interpret mode): x is zero-padded to (BM, BK) multiples
+        d = None
         for jj, w in enumerate(tiles):
             xt = x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, per)]
-            acc = acc + jnp.dot(xt, w, preferred_element_type=jnp.float32)
-        return acc
+            dj = jnp.dot(xt, w, preferred_element_type=jnp.float32)
+            d = dj if d is None else d + dj
+        return acc + (d * s if post else d)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
     omask = and_masks(mmask, nmask)
@@ -401,7 +431,7 @@ def int_matmul(
     w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
     if variant == "gemv":
         return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
-    if variant == "strided" and layout.per_byte > 1 and (m % bm or layout.k % bk):
+    if variant.split("+")[0] == "strided" and layout.per_byte > 1 and (m % bm or layout.k % bk):
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - layout.k)))
         operands[0] = x
     split = _largest_divisor_at_most(nsteps, config.split_k)

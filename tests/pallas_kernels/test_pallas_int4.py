@@ -205,3 +205,64 @@ def test_jit_and_vmap_of_dispatch():
     with jq.ops.kernel_mode("off"):
         y0 = jax.vmap(jq.qdot, in_axes=(0, None))(xs, q)
     assert rel_err(y, y0) < 1e-5
+
+
+# "+postscale": exact integer tiles, group scale applied to the dot result (not bit-identical to the XLA path)
+POST_CASES = [
+    (1, 256, 128, 4, 128, True, "zeropoint", "interleave+postscale", 4, jnp.bfloat16),
+    (5, 200, 80, 4, 64, False, "zeropoint", "strided+postscale", 2, jnp.float16),  # ragged K, N; short group
+    (3, 384, 64, 8, None, True, "zeropoint", "interleave+postscale", 3, jnp.float32),  # int8 per channel
+    (17, 256, 96, 4, 128, False, "zeropoint", "interleave+postscale", 1, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", POST_CASES, ids=lambda c: f"m{c[0]}k{c[1]}n{c[2]}b{c[3]}g{c[4]}{c[7]}")
+def test_postscale_matches_float64(case):
+    """y = sum_g (x_g @ (c_g - z_g)) * s_g in float32: within one output rounding of float64 x @ dequantize(w)
+    (tighter than the XLA path, which also rounds every weight to the activation dtype)."""
+    m, k, n, bits, group, sym, rng_mode, variant, split, dt = case
+    rng = np.random.default_rng(m * 7 + k + bits)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q = jq.quantize(jnp.asarray(w), jq.IntScheme(bits=bits, group_size=group, symmetric=sym, range=rng_mode))
+    layout = IntLayout(bits=bits, mode="sym" if sym else rng_mode, k=k, n=n, group_size=group)
+    wd64 = np_dequant(q, bits, group, sym, rng_mode, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    cfg = BlockConfig(block_m=16, block_n=32, block_k=128, split_k=split, variant=variant)
+    assert supported(layout, cfg, dt) is None
+    zero = None if sym else q.zero
+    y = int_matmul(x, q.data, q.scale, zero, layout=layout, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    x64 = np.asarray(x, np.float64)
+    y64 = x64 @ wd64  # unrounded weights
+    assert rel_err(y, y64) <= BOUND[dt]
+    yr = int_matmul_reference(x, q.data, q.scale, zero, layout)
+    assert rel_err(y, yr) <= 2 * BOUND[dt] + (4e-3 if dt != jnp.float32 else 0.0)
+    if dt != jnp.float32:  # the default variant rounds each weight: postscale is at least as close to float64
+        yd = int_matmul(
+            x, q.data, q.scale, zero, layout=layout, config=cfg.__class__(16, 32, 128, split), interpret=True
+        )
+        assert rel_err(y, y64) <= rel_err(yd, y64) * 1.05 + 1e-7
+
+
+def test_postscale_rejects_minmax_and_unknown_variants():
+    lay = IntLayout(bits=4, mode="minmax", k=256, n=64, group_size=128)
+    assert "minmax" in supported(lay, BlockConfig(16, 32, 128, variant="strided+postscale"), jnp.bfloat16)
+    lay = IntLayout(bits=4, mode="sym", k=256, n=64, group_size=128)
+    assert "variant" in supported(lay, BlockConfig(16, 32, 128, variant="postscale"), jnp.bfloat16)
+
+
+@requires_triton
+@pytest.mark.parametrize("variant,mode", [("interleave+postscale", "sym"), ("strided+postscale", "zeropoint")])
+def test_postscale_compiles_to_cubin_sm90(variant, mode):
+    layout = IntLayout(bits=4, mode=mode, k=8192, n=256, group_size=128)
+    cfg = BlockConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3, variant=variant)
+    g = layout.groups
+    args = [
+        shape_struct((1, 8192), jnp.bfloat16),
+        shape_struct((layout.packed_rows, 256), jnp.uint8),
+        shape_struct((g, 256), jnp.float16),
+        shape_struct((g, 256), jnp.uint8) if mode != "sym" else None,
+    ]
+    calls = cuda_lowering(functools.partial(int_matmul, layout=layout, config=cfg), *args)
+    assert calls[0].name.startswith("int4_matmul")
+    assert_compiles(calls, archs=(90,))
