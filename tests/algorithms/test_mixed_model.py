@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant.algorithms.mixed_bits import MixedPlan, Setting, allocate
+from jaxquant.algorithms.mixed_bits import MixedPlan, Setting, TensorCosts, allocate
 from jaxquant.algorithms.mixed_model import (
     MixedConfig,
     apply_plan,
@@ -129,8 +129,11 @@ def test_fisher_matches_float64_gradients_and_orders_settings():
 
 def test_gptq_method_applies_the_plan(setup):
     model, win, costs = setup
-    plan = allocate(costs, 3.5, method="gptq")
-    cfg = MixedConfig(3.5, method="gptq", settings=SETS, n_samples=4, seq_len=16)
+    # two candidates (int3/int4 g32: 3.75/4.75 bpw) keep the GPTQ compilations few
+    two = [TensorCosts(t.path, t.numel, t.settings[1:3], t.nbytes[1:3], t.errors[1:3], t.ref) for t in costs]
+    plan = allocate(two, 4.2, method="gptq")
+    assert len({e.setting for e in plan.entries}) == 2
+    cfg = MixedConfig(4.2, method="gptq", settings=SETS[1:3], n_samples=4, seq_len=16, clip_search=False)
     params = apply_plan(model, plan, win, cfg, progress=False)
     flat = flat_params(params)
     for e in plan.entries:

@@ -74,11 +74,10 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("proxy", ["fisher", "hessian"])
-def test_quantize_mixed_save_and_eval(capsys, tiny_model_dir, proxy):
-    model, txt, out = tiny_model_dir / "model", tiny_model_dir / "text.txt", tiny_model_dir / f"mixed-{proxy}"
+def test_quantize_mixed_save_and_eval(capsys, tiny_model_dir):
+    model, txt, out = tiny_model_dir / "model", tiny_model_dir / "text.txt", tiny_model_dir / "mixed"
     common = ["--model", str(model), "--text-file", str(txt), "--no-progress"]
-    rc = main(["quantize", "--scheme", "mixed", "--target-bpw", "3.5", "--proxy", proxy, "--out", str(out),
+    rc = main(["quantize", "--scheme", "mixed", "--target-bpw", "3.5", "--out", str(out),
                "--calib-samples", "2", "--calib-seq-len", "32", *common])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     cap = capsys.readouterr()
@@ -90,7 +89,6 @@ def test_quantize_mixed_save_and_eval(capsys, tiny_model_dir, proxy):
     qm, _, meta = load_model(out)
     assert meta["spec"] == "mixed" and meta["options"] == {
         "target_bpw": 3.5,
-        "proxy": proxy,
         "calib_samples": 2,
         "calib_seq_len": 32,
     }
