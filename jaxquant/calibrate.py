@@ -404,6 +404,8 @@ def walk_blocks(
     position_weights: Any = None,
     progress: bool = True,
     desc: str = "calibrate",
+    mesh: Any = None,
+    data_axis: str = "data",
 ) -> None:
     """The engine of :func:`run_blockwise`, for models that are never whole in memory (streaming).
 
@@ -412,6 +414,11 @@ def walk_blocks(
     is done (e.g. to write it to disk); nothing else of the block is kept. Only the embedding table, the
     residual stream of the calibration windows and one block's activations are held at any time. The other
     arguments are :func:`run_blockwise`'s.
+
+    ``mesh`` (a :class:`jax.sharding.Mesh`): data-parallel calibration. Every batch of windows is split over
+    the mesh axis ``data_axis`` (``batch_size`` must be divisible by its size); the jitted stages then run
+    SPMD and XLA turns each ``X^T X`` into per-device products plus an all-reduce, so every device holds
+    ``1 / size`` of the activations. The statistics equal the single-device ones up to float32 summation order.
     """
     if (group_fn is None) == (block_fn is None):
         raise ValueError("run_blockwise: give exactly one of group_fn= and block_fn=")
@@ -422,6 +429,18 @@ def walk_blocks(
     emb = dequantize(embedding) if isinstance(embedding, QArray) else jnp.asarray(embedding)
     hs = [_embed(emb, jnp.asarray(win[i : i + bs]), cfg=cfg) for i in range(0, n, bs)]
     del emb
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        size = int(mesh.shape[data_axis]) if data_axis in mesh.shape else 0
+        if not size or bs % size:
+            raise ValueError(
+                f"data-parallel calibration: batches of {bs} windows do not split over mesh axis {data_axis!r} "
+                f"(size {size or 'missing'})"
+            )
+        hs = [jax.device_put(h, NamedSharding(mesh, P(data_axis, None, None))) for h in hs]
+        cw = jax.device_put(cw, NamedSharding(mesh, P(data_axis, None)))
     widths = _widths(cfg)
 
     from tqdm.auto import tqdm

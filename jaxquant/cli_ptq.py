@@ -13,7 +13,8 @@
 
 ``--stream`` (:mod:`jaxquant.io.streaming`) reads an HF safetensors folder block by block and writes quantized
 shards as it goes (static SPECs and GPTQ); ``--mesh`` quantizes every kernel split over the mesh's ``model`` axis
-(:mod:`jaxquant.sharding`; on CPU the virtual devices are requested automatically); results are bit-identical.
+(:mod:`jaxquant.sharding`; on CPU the virtual devices are requested automatically; bit-identical results), and
+for GPTQ with ``--stream`` calibrates data-parallel over its ``data`` axis.
 
 The folder is a self-describing orbax checkpoint (:func:`jaxquant.io.checkpoint.save_model`: config,
 tokenizer, QArrays, manifest) written atomically; its metadata records the SPEC, the options and the time taken.
@@ -67,7 +68,12 @@ def register(subparsers: Any) -> None:
         help="HF safetensors folder -> quantized shards, block by block, never the whole model in memory "
         "(static SPECs and GPTQ; prints peak RSS)",
     )
-    q.add_argument("--mesh", default=None, help="device mesh, e.g. model=8 or data=2,model=4 (static SPECs)")
+    q.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. model=8 or data=2,model=4: static SPECs split each kernel over 'model'; "
+        "GPTQ with --stream splits the calibration batches over 'data'",
+    )
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(_run=_cmd_quantize)
 
@@ -117,10 +123,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
     if not check_mixed(spec.name, given):  # e.g. mixed without a target: fail before loading anything
         check_options(spec.name, given)  # e.g. --act-order with an AWQ SPEC
-    if a.mesh is not None and not spec.rules:
-        raise ValueError(
-            f"--mesh: SPEC {spec.name!r} is calibrated; --mesh applies to static SPECs (RTN, NF4, fp8 ...)"
-        )
+    if a.mesh is not None and not spec.rules and not (a.stream and spec.name.startswith("gptq-")):
+        raise ValueError(f"--mesh: SPEC {spec.name!r}: --mesh applies to static SPECs and to GPTQ with --stream")
     mesh = _mesh(a.mesh)
     if a.stream:
         _stream(a, spec, given, out, mesh)

@@ -261,12 +261,14 @@ def gptq_blocks(
     on_block: Any,
     *,
     progress: bool = True,
+    mesh: Any = None,
 ) -> list[LayerRecord]:
     """GPTQ block by block for a model that is never whole in memory (see :func:`jaxquant.calibrate.walk_blocks`).
 
     ``get_block(layer)`` returns block ``layer``'s flat float parameters; ``on_block(layer, block)`` receives
     the quantized block (QArrays for the seven linears) as soon as it is done. Computes exactly what
     :func:`gptq_model` computes (same windows, same callbacks). Returns the :class:`LayerRecord` list.
+    ``mesh``: data-parallel calibration over its ``data`` axis (see :func:`jaxquant.calibrate.walk_blocks`).
     """
     from jaxquant.calibrate import walk_blocks
 
@@ -287,5 +289,6 @@ def gptq_blocks(
         position_weights=position_weights(windows.shape[1], config.first_token_weight),
         progress=progress,
         desc="gptq",
+        mesh=mesh,
     )
     return records

@@ -565,8 +565,10 @@ def stream_quantize(
       metadata: extra JSON metadata stored in the manifest (``spec``, ``stream_seconds`` ... are added).
       progress: tqdm bar on stderr.
       log: receives one summary line at the end.
-      mesh: a :class:`jax.sharding.Mesh` (static SPECs only): each kernel is quantized split over its ``model``
-        axis (:func:`jaxquant.sharding.quantize_sharded`; the result is bit-identical).
+      mesh: a :class:`jax.sharding.Mesh`. Static SPECs: each kernel is quantized split over the ``model`` axis
+        (:func:`jaxquant.sharding.quantize_sharded`; bit-identical result). GPTQ: the calibration batches are
+        split over the ``data`` axis (:func:`jaxquant.calibrate.walk_blocks`; Hessians equal up to float32
+        summation order, so a few codes may differ from a one-device run).
 
     Returns:
       a :class:`StreamResult` (time, peak RSS, sizes).
@@ -601,8 +603,8 @@ def stream_quantize(
             raise ValueError(f"SPEC {spec_name!r} is calibrated and needs calibration tokens")
     elif options:
         raise ValueError(f"options {sorted(options)} do not apply to the static SPEC {spec_name!r}")
-    if gptq_cfg is not None and mesh is not None:
-        raise ValueError("streaming GPTQ runs on one device; a mesh applies to static SPECs only")
+    if gptq_cfg is not None and mesh is not None and "data" not in mesh.shape:
+        raise ValueError("streaming GPTQ on a mesh calibrates data-parallel: the mesh needs a 'data' axis")
 
     writer = _Writer(dest)
     layer_seconds: list[float] = []
@@ -651,7 +653,14 @@ def stream_quantize(
                 t_last[0] = now
 
             records = gptq_blocks(
-                cfg, emb, lambda li: src.block(li, on_device=True), calib_tokens, gptq_cfg, on_block, progress=progress
+                cfg,
+                emb,
+                lambda li: src.block(li, on_device=True),
+                calib_tokens,
+                gptq_cfg,
+                on_block,
+                progress=progress,
+                mesh=mesh,
             )
             n_q = sum(len(r.linears) for r in records)
             method = "gptq"
