@@ -57,9 +57,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/ptq_table.json")
     ap.add_argument("--rows", default=None, help="comma-separated SPECs (default: the README table)")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows of every calibrated row")
+    ap.add_argument("--clip-search", action="store_true", help="GPTQ rows: static groups from a clipping search")
     a = ap.parse_args()
 
     from jaxquant.eval.harness import evaluate, load
+    from jaxquant.specs import parse_spec
 
     labels = dict(ROWS)
     specs = [s.strip() for s in a.rows.split(",")] if a.rows else [s for s, _ in ROWS]
@@ -74,7 +77,13 @@ def main() -> None:
     head = "| method | SPEC | bpw | ppl | Δ vs fp32 | quantize s | eval s |\n|---|---|---:|---:|---:|---:|---:|"
     print(head, flush=True)
     for spec in specs:
-        r = evaluate(loaded, spec, max_windows=a.max_windows, progress=a.progress)
+        sp = parse_spec(spec)
+        opts = {}
+        if sp.build is not None and a.calib_samples:
+            opts["calib_samples"] = a.calib_samples
+        if spec.startswith("gptq-") and a.clip_search:
+            opts["clip_search"] = True
+        r = evaluate(loaded, sp, max_windows=a.max_windows, progress=a.progress, options=opts or None)
         if spec == "fp32":
             base = r.ppl
         delta = "–" if spec == "fp32" else f"{100 * (r.ppl / base - 1):+.1f}%"
@@ -93,6 +102,8 @@ def main() -> None:
     meta = {
         "machine": machine,
         "max_windows": a.max_windows,
+        "calib_samples": a.calib_samples,
+        "clip_search": a.clip_search,
         "seq_len": 512,
         "total_seconds": time.perf_counter() - t_all,
         "results": results,

@@ -46,6 +46,7 @@ GPTQ_DEFAULTS: dict[str, Any] = dict(
     sequential=True,
     true_sequential=True,
     first_token_weight=20.0,
+    clip_search=False,
 )
 
 #: recipe defaults of the AWQ SPECs
@@ -55,7 +56,7 @@ _RE = re.compile(r"(?P<method>gptq|awq)-int(?P<bits>[2-8])(?:-g(?P<g>\d+))?(?P<a
 
 _COMMON = ("calib_samples", "calib_seq_len", "progress", "log")
 _ALLOWED = {
-    "gptq": (*_COMMON, "act_order", "sequential", "damp"),
+    "gptq": (*_COMMON, "act_order", "sequential", "damp", "clip_search"),
     "awq": (*_COMMON, "sequential"),
     "smoothquant": _COMMON,
 }
@@ -75,7 +76,7 @@ def _options(method: str, options: dict[str, Any] | None) -> dict[str, Any]:
             raise ValueError(f"{k} must be a positive integer, got {opts[k]!r}")
     if "calib_seq_len" in opts and opts["calib_seq_len"] < 2:
         raise ValueError(f"calib_seq_len must be at least 2, got {opts['calib_seq_len']}")
-    for k in ("act_order", "sequential", "progress"):
+    for k in ("act_order", "sequential", "clip_search", "progress"):
         if k in opts and not isinstance(opts[k], bool):
             raise ValueError(f"{k} must be true or false, got {opts[k]!r}")
     if "damp" in opts:
@@ -98,7 +99,7 @@ def _gptq_build(scheme: IntScheme) -> Callable[..., Any]:
     def build(model: Any, calib_tokens: Any, options: dict[str, Any] | None = None) -> dict[str, Any]:
         opts = _options("gptq", options)
         kw = {**GPTQ_DEFAULTS, **_window_opts(opts, GPTQ_DEFAULTS)}
-        for k in ("act_order", "sequential", "damp"):
+        for k in ("act_order", "sequential", "damp", "clip_search"):
             if k in opts:
                 kw[k] = type(GPTQ_DEFAULTS[k])(opts[k])
         config = GPTQConfig(scheme=scheme, **kw)

@@ -230,3 +230,14 @@ def test_smoothquant_beats_plain_w8a8():
         SmoothQuantConfig(alpha=2.0)
     with pytest.raises(ValueError, match="groups"):
         SmoothQuantConfig(groups=("nope",))
+
+
+def test_clip_search_option_is_gptq_only_and_boolean():
+    from jaxquant.algorithms.specs import GPTQ_DEFAULTS, check_options
+
+    assert GPTQ_DEFAULTS["clip_search"] is False  # off by default: not measured to help (README)
+    assert check_options("gptq-int4-g128-asym", {"clip_search": True})
+    with pytest.raises(ValueError, match="clip_search must be true or false"):
+        check_options("gptq-int4-g128-asym", {"clip_search": "yes"})
+    with pytest.raises(ValueError, match="--clip-search"):
+        check_options("awq-int4-g128-asym", {"clip_search": True})
