@@ -218,17 +218,22 @@ class Trainer:
       config: :class:`TrainConfig`.
       train_tokens: 1-D token ids (the calibration split as bytes).
       eval_tokens: 1-D token ids for :meth:`evaluate` (optional).
+      model: start from this (float, e.g. pretrained) model instead of a random initialisation; its config must
+        be ``config.model``. Restoring a checkpoint of such a run needs the same ``model`` (its structure).
     """
 
-    def __init__(self, config: TrainConfig, train_tokens: Any, eval_tokens: Any = None):
+    def __init__(self, config: TrainConfig, train_tokens: Any, eval_tokens: Any = None, *, model: Llama | None = None):
         self.config = c = config
+        if model is not None and getattr(model, "config", None) != c.model:
+            raise ValueError("Trainer: model.config differs from config.model")
         self.train_tokens = np.asarray(train_tokens, np.int32).reshape(-1)
         if self.train_tokens.size < c.seq_len + 1:
             raise ValueError(f"the training stream has {self.train_tokens.size} tokens, fewer than seq_len + 1")
         if self.train_tokens.size and int(self.train_tokens.max()) >= c.model.vocab_size:
             raise ValueError("training tokens exceed the model's vocabulary")
         self.eval_tokens = None if eval_tokens is None else np.asarray(eval_tokens, np.int32).reshape(-1)
-        model = Llama(c.model, rngs=nnx.Rngs(c.seed))
+        if model is None:
+            model = Llama(c.model, rngs=nnx.Rngs(c.seed))
         if c.mode == "bitnet":
             model = bitnet_model(model)
         elif c.mode == "fp8":
