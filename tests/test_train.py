@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant.models import forward
+from jaxquant.models import Llama, forward
 from jaxquant.nn import BitLinear
 from jaxquant.qat.fp8 import Fp8Meta
 from jaxquant.train import ByteTokenizer, TrainConfig, Trainer, non_embedding_params, tiny_config
@@ -143,3 +143,13 @@ def test_config_errors():
         Trainer(TrainConfig(tiny_config("0.1M", vocab_size=100), seq_len=8), np.arange(200))
     with pytest.raises(ValueError, match="unknown size"):
         tiny_config("3B")
+
+
+def test_start_from_a_given_model():
+    cfg = _cfg("float", steps=2)
+    given = Trainer(cfg, TRAIN, model=Llama(MODEL, rngs=nnx.Rngs(cfg.seed)))
+    fresh = Trainer(cfg, TRAIN)
+    for a, b in zip(_leaves(given.state), _leaves(fresh.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="config"):
+        Trainer(cfg, TRAIN, model=Llama(tiny_config("0.5M"), rngs=nnx.Rngs(0)))
