@@ -63,11 +63,11 @@ def _plot(uniform: list[dict], mixed: list[dict], base: float, path: Path) -> No
         m = sorted((r for r in mixed if r["proxy"] == proxy), key=lambda r: r["bits_per_weight"])
         ax.plot([r["bits_per_weight"] for r in m], [r["ppl"] for r in m], "o-", label=f"mixed RTN ({proxy} proxy)")
     for r in uniform:
-        ax.scatter(r["bits_per_weight"], r["ppl"], marker="s", color="C1")
+        ax.scatter(r["bits_per_weight"], r["ppl"], marker="s", color="k")
         ax.annotate(
             r["scheme"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
         )
-    ax.scatter([], [], marker="s", color="C1", label="uniform RTN")
+    ax.scatter([], [], marker="s", color="k", label="uniform RTN")
     ax.axhline(base, color="gray", linestyle="--", linewidth=1, label=f"fp32 {base:.2f}")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight of the block linears (scales, zeros included)")
