@@ -73,7 +73,7 @@ class MixedConfig:
     resolution: int = 100_000
     damp: float = 0.01
     act_order: bool = True
-    clip_search: bool = True
+    clip_search: bool = False
 
     def __post_init__(self):
         t = self.target_bpw
