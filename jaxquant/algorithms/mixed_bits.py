@@ -9,6 +9,9 @@ fp16 scales plus zero points -- and causes the calibration-weighted output error
 
 with ``H_t`` the (token-weighted, mean) second moment of the tensor's input captured by :mod:`jaxquant.calibrate`
 (the GPTQ Hessian up to a factor 2): ``e_tj`` is the mean squared error of the layer's output per token.
+(:func:`rtn_costs`). :func:`fisher_costs` gives the alternative ``e_tj = sum F_t * E^2`` with ``F_t`` the empirical
+diagonal Fisher of the model's loss, which puts all layers on the scale of the loss (measured the better allocator on
+SmolLM2; see the README).
 Given a target average ``bpw`` over the tensors, the allocator solves the multiple-choice knapsack
 
     minimise  sum_t e_{t, j_t}      subject to   sum_t c_{t, j_t} <= B = floor(bpw * sum_t numel_t / 8)
