@@ -433,14 +433,15 @@ def walk_blocks(
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        size = int(mesh.shape[data_axis]) if data_axis in mesh.shape else 0
-        if not size or bs % size:
+        size = int(mesh.shape[data_axis]) if data_axis in mesh.shape else 1
+        if bs % size:
             raise ValueError(
                 f"data-parallel calibration: batches of {bs} windows do not split over mesh axis {data_axis!r} "
-                f"(size {size or 'missing'})"
+                f"(size {size})"
             )
-        hs = [jax.device_put(h, NamedSharding(mesh, P(data_axis, None, None))) for h in hs]
-        cw = jax.device_put(cw, NamedSharding(mesh, P(data_axis, None)))
+        d = data_axis if data_axis in mesh.shape else None  # no data axis: activations replicated
+        hs = [jax.device_put(h, NamedSharding(mesh, P(d, None, None))) for h in hs]
+        cw = jax.device_put(cw, NamedSharding(mesh, P(d, None)))
     widths = _widths(cfg)
 
     from tqdm.auto import tqdm

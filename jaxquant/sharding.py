@@ -52,6 +52,7 @@ __all__ = [
     "array_spec",
     "ensure_host_devices",
     "gptq_column_parallel",
+    "gptq_column_parallel_with_stats",
     "make_mesh",
     "param_dims",
     "param_shardings",
@@ -344,10 +345,30 @@ def gptq_column_parallel(
     """GPTQ with the kernel's output columns split over ``axis`` and ``h`` replicated (no communication).
 
     Each device runs :func:`jaxquant.algorithms.gptq_core.gptq` on its ``N / devices`` columns; the result is a
-    QArray sharded as :func:`qarray_shardings` ``(dim="out")``. Needs ``N`` divisible by the axis size and no
-    ``g_idx`` (use ``static_groups=True`` with ``act_order``).
+    QArray sharded as :func:`qarray_shardings` ``(dim="out")``, bit-identical to one device's. Needs ``N``
+    divisible by the axis size and no ``g_idx`` (use ``static_groups=True`` with ``act_order``).
     """
-    from jaxquant.algorithms.gptq_core import gptq
+    q, _ = gptq_column_parallel_with_stats(w, h, scheme, mesh, axis=axis, with_stats=False, **gptq_kw)
+    return q
+
+
+def gptq_column_parallel_with_stats(
+    w: jax.Array,
+    h: jax.Array,
+    scheme: Any,
+    mesh: Mesh,
+    *,
+    axis: str = "model",
+    group_params: tuple[Any, Any] | None = None,
+    **gptq_kw: Any,
+) -> tuple[QArray, Any]:
+    """:func:`gptq_column_parallel` returning :class:`~jaxquant.algorithms.gptq_core.GPTQStats` too.
+
+    ``group_params`` (``(scale, zero)`` in the QArray layout, e.g. from a clip search) are split with their
+    columns. The losses ``tr(E^T H E)`` are sums over columns: each device's share is ``psum`` med (so they equal
+    the one-device values up to summation order); the damping depends on ``H`` only.
+    """
+    from jaxquant.algorithms.gptq_core import GPTQStats, gptq_with_stats
 
     w = jnp.asarray(w)
     h = jnp.asarray(h, jnp.float32)
@@ -356,21 +377,32 @@ def gptq_column_parallel(
         raise ValueError(f"gptq_column_parallel: output features {w.shape[-1]} not divisible by {n} devices")
     if gptq_kw.get("act_order") and not gptq_kw.get("static_groups") and getattr(scheme, "granularity", "") == "group":
         raise ValueError("gptq_column_parallel: act_order with dynamic groups needs g_idx; use static_groups=True")
+    gp: tuple[Any, ...] = ()
+    gp_specs: tuple[Any, ...] = ()
+    if group_params is not None:
+        gp = tuple(jnp.asarray(x) for x in group_params if x is not None)
+        gp_specs = tuple(P(*([None] * (x.ndim - 1)), axis) for x in gp)
 
-    def local(wi, hi):
-        return gptq(wi, hi, scheme, **gptq_kw)
+    def local(wi, hi, *gpi):
+        params = None
+        if gpi:
+            params = (gpi[0], gpi[1] if len(gpi) > 1 else None)
+        q, st = gptq_with_stats(wi, hi, scheme, group_params=params, **gptq_kw)
+        st = GPTQStats(
+            jax.lax.psum(st.loss, axis), jax.lax.psum(st.rtn_loss, axis), jax.lax.psum(st.ref, axis), st.damp
+        )
+        return _fields(q), st
 
-    full = jax.eval_shape(lambda x, y: gptq(x, y, scheme, **gptq_kw), w, h)
-    out_specs = qarray_specs(full, mesh, axis, "out")
-    # the per-device QArray has the local logical shape; the global one is rebuilt below
+    full = jax.eval_shape(lambda x, y: gptq_with_stats(x, y, scheme, **gptq_kw)[0], w, h)
+    out_specs = (_fields(qarray_specs(full, mesh, axis, "out")), GPTQStats(P(), P(), P(), P()))
+    in_specs = (P(None, axis), P(), *gp_specs)
     # check=False: GPTQ's lax.cond mixes per-device (varying) and replicated values, which is fine here
-    in_specs = (P(None, axis), P())
-    fields = _shard_map(lambda wi, hi: _fields(local(wi, hi)), mesh, in_specs, _fields(out_specs), check=False)
-    f = jax.jit(fields)
-    ws = jax.device_put(w, NamedSharding(mesh, P(None, axis)))
-    hs = jax.device_put(h, NamedSharding(mesh, P()))
-    data, scale, zero, aux = f(ws, hs)
-    return QArray(data=data, scale=scale, zero=zero, aux=aux, scheme=full.scheme, shape=full.shape, dtype=full.dtype)
+    f = jax.jit(_shard_map(local, mesh, in_specs, out_specs, check=False))
+    args = [jax.device_put(w, NamedSharding(mesh, P(None, axis))), jax.device_put(h, NamedSharding(mesh, P()))]
+    args += [jax.device_put(x, NamedSharding(mesh, sp)) for x, sp in zip(gp, gp_specs)]
+    (data, scale, zero, aux), stats = f(*args)
+    q = QArray(data=data, scale=scale, zero=zero, aux=aux, scheme=full.scheme, shape=full.shape, dtype=full.dtype)
+    return q, stats
 
 
 def _fields(q: QArray) -> tuple[Any, Any, Any, Any]:

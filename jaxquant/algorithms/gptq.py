@@ -165,8 +165,13 @@ def calibration_windows_for(calib_tokens: Any, n_samples: int, seq_len: int, see
     return calibration_windows(arr, n_samples, seq_len, seed)
 
 
-def _group_fn(config: GPTQConfig, records: list[LayerRecord]) -> Any:
-    """The :func:`jaxquant.calibrate.run_blockwise` callback of GPTQ (appends one record per call)."""
+def _group_fn(config: GPTQConfig, records: list[LayerRecord], mesh: Any = None) -> Any:
+    """The :func:`jaxquant.calibrate.run_blockwise` callback of GPTQ (appends one record per call).
+
+    With a ``mesh`` that has a ``model`` axis of size > 1, each GPTQ call runs column-parallel over it
+    (:func:`jaxquant.sharding.gptq_column_parallel_with_stats`: bit-identical codes for the same Hessian).
+    """
+    tp = int(mesh.shape["model"]) if mesh is not None and "model" in mesh.shape else 1
 
     def group_fn(li: int, group: str, st: InputStats, block: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -183,16 +188,19 @@ def _group_fn(config: GPTQConfig, records: list[LayerRecord]) -> Any:
             if config.scheme.granularity == "channel":
                 scale, zero = scale[0], zero[0]
             group_params = (scale, zero)
-        q, s = gptq_with_stats(
-            w,
-            h,
-            config.scheme,
+        kw = dict(
             damp=config.damp,
             block_size=config.block_size,
             act_order=config.act_order,
             static_groups=config.static_groups,
             group_params=group_params,
         )
+        if tp > 1 and w.shape[1] % tp == 0:
+            from jaxquant.sharding import gptq_column_parallel_with_stats
+
+            q, s = gptq_column_parallel_with_stats(w, h, config.scheme, mesh, axis="model", **kw)
+        else:
+            q, s = gptq_with_stats(w, h, config.scheme, **kw)
         parts = [q] if len(ws) == 1 else split_columns(q, [x.shape[1] for x in ws])
         block = dict(block)
         for nm, p in zip(names, parts):
@@ -268,7 +276,8 @@ def gptq_blocks(
     ``get_block(layer)`` returns block ``layer``'s flat float parameters; ``on_block(layer, block)`` receives
     the quantized block (QArrays for the seven linears) as soon as it is done. Computes exactly what
     :func:`gptq_model` computes (same windows, same callbacks). Returns the :class:`LayerRecord` list.
-    ``mesh``: data-parallel calibration over its ``data`` axis (see :func:`jaxquant.calibrate.walk_blocks`).
+    ``mesh``: data-parallel calibration over its ``data`` axis (see :func:`jaxquant.calibrate.walk_blocks`)
+    and column-parallel GPTQ over its ``model`` axis (:func:`_group_fn`).
     """
     from jaxquant.calibrate import walk_blocks
 
@@ -282,7 +291,7 @@ def gptq_blocks(
         get_block,
         windows,
         on_block,
-        group_fn=_group_fn(config, records),
+        group_fn=_group_fn(config, records, mesh),
         sequential=config.sequential,
         true_sequential=config.true_sequential,
         batch_size=config.batch_size,

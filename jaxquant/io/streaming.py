@@ -568,7 +568,8 @@ def stream_quantize(
       mesh: a :class:`jax.sharding.Mesh`. Static SPECs: each kernel is quantized split over the ``model`` axis
         (:func:`jaxquant.sharding.quantize_sharded`; bit-identical result). GPTQ: the calibration batches are
         split over the ``data`` axis (:func:`jaxquant.calibrate.walk_blocks`; Hessians equal up to float32
-        summation order, so a few codes may differ from a one-device run).
+        summation order, so codes may differ from a one-device run) and each GPTQ call's columns over the
+        ``model`` axis (bit-identical for a given Hessian).
 
     Returns:
       a :class:`StreamResult` (time, peak RSS, sizes).
@@ -603,8 +604,8 @@ def stream_quantize(
             raise ValueError(f"SPEC {spec_name!r} is calibrated and needs calibration tokens")
     elif options:
         raise ValueError(f"options {sorted(options)} do not apply to the static SPEC {spec_name!r}")
-    if gptq_cfg is not None and mesh is not None and "data" not in mesh.shape:
-        raise ValueError("streaming GPTQ on a mesh calibrates data-parallel: the mesh needs a 'data' axis")
+    if gptq_cfg is not None and mesh is not None and not ({"data", "model"} & set(mesh.shape)):
+        raise ValueError("streaming GPTQ on a mesh uses its 'data' and/or 'model' axes; the mesh has neither")
 
     writer = _Writer(dest)
     layer_seconds: list[float] = []
