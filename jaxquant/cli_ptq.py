@@ -210,7 +210,9 @@ def _stream(a: argparse.Namespace, spec: Any, given: dict[str, Any], out: Path, 
         progress=not a.no_progress,
         mesh=mesh,
     )
-    per = sorted(res.layer_seconds)[len(res.layer_seconds) // 2] if res.layer_seconds else float("nan")
+    import statistics
+
+    per = statistics.median(res.layer_seconds) if res.layer_seconds else float("nan")
     print(
         f"wrote {res.path}: {spec.name}, {res.n_quantized} tensors quantized, streamed block by block\n"
         f"source {res.source_bytes / 2**30:.3f} GiB -> output {res.output_bytes / 2**30:.3f} GiB "
