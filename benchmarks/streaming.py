@@ -7,8 +7,9 @@ For each layer count a random bfloat16 Llama checkpoint (``dim``/``hidden``, ``-
 4, sharded safetensors of <= 1 GiB) is generated block by block into ``--dir`` (never whole in memory),
 quantized with ``jaxquant.io.streaming.stream_quantize`` in a *fresh child process* per scheme (so each peak RSS is that
 run's alone: ``VmHWM`` of the child), then deleted. Schemes: RTN ``int4-g128`` at every size, GPTQ
-``gptq-int4-g128`` (the SPEC's recipe: act-order, static groups from a clip search, true-sequential; random
-calibration tokens, ``--calib-samples`` x ``--calib-seq-len``) at the ``--gptq-layers`` sizes.
+``gptq-int4-g128`` (the SPEC's recipe: act-order, static groups, true-sequential, first token x20; the runs in
+``benchmarks/results/streaming*.md`` had the clip search on, the SPEC default then; random calibration tokens,
+``--calib-samples`` x ``--calib-seq-len``) at the ``--gptq-layers`` sizes.
 
 Prints a markdown table and writes ``OUT.md`` and ``OUT.jsonl``.
 """

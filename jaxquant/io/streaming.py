@@ -517,14 +517,15 @@ def _gptq_config(spec_name: str, options: Mapping[str, Any]) -> Any:
         raise ValueError(
             f"SPEC {spec_name!r} cannot be streamed: streaming supports static SPECs (RTN, NF4, fp8 ...) and GPTQ"
         )
-    opts = _options("gptq", dict(options))
+    options = dict(options)
+    batch_size = options.pop("batch_size", None)
+    opts = _options("gptq", options)
     kw = {**GPTQ_DEFAULTS, **_window_opts(opts, GPTQ_DEFAULTS)}
-    for k in ("act_order", "sequential", "damp"):
-        if k in opts:
+    for k in ("act_order", "sequential", "damp", "clip_search"):
+        if k in opts and k in GPTQ_DEFAULTS:
             kw[k] = type(GPTQ_DEFAULTS[k])(opts[k])
-    for k in ("batch_size",):
-        if k in options:
-            kw[k] = int(options[k])
+    if batch_size is not None:
+        kw["batch_size"] = batch_size  # GPTQConfig validates it
     scheme = IntScheme(bits=int(m["bits"]), group_size=int(m["g"]) if m["g"] else None, symmetric=not m["asym"])
     return GPTQConfig(scheme=scheme, **kw)
 
@@ -561,7 +562,7 @@ def stream_quantize(
         ``[(path_regex, scheme_or_None), ...]`` as for :func:`jaxquant.quantize_params`.
       calib_tokens: 1-D calibration token ids (or ready ``(n, seq_len)`` windows); GPTQ only.
       options: GPTQ options as for the GPTQ SPECs (``calib_samples``, ``calib_seq_len``, ``act_order``,
-        ``sequential``, ``damp``) plus ``batch_size`` (windows per compiled call).
+        ``sequential``, ``damp``, ``clip_search``) plus ``batch_size`` (windows per compiled call).
       metadata: extra JSON metadata stored in the manifest (``spec``, ``stream_seconds`` ... are added).
       progress: tqdm bar on stderr.
       log: receives one summary line at the end.

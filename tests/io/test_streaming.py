@@ -125,3 +125,16 @@ def test_peak_rss_reset():
     if reset_peak_rss():
         assert peak_rss_bytes() < before
     assert peak_rss_bytes() > 0
+
+
+def test_gptq_options_follow_the_spec():
+    from jaxquant.algorithms.specs import GPTQ_DEFAULTS
+
+    c = _gptq_config("gptq-int4-g64-asym", {"calib_samples": 4, "batch_size": 2, "clip_search": True})
+    assert (c.n_samples, c.batch_size, c.clip_search) == (4, 2, True)
+    assert c.scheme.group_size == 64 and not c.scheme.symmetric
+    assert c.first_token_weight == GPTQ_DEFAULTS["first_token_weight"]
+    with pytest.raises(ValueError, match="batch_size"):
+        _gptq_config("gptq-int4-g128", {"batch_size": 0})
+    with pytest.raises(ValueError, match="do not apply"):
+        _gptq_config("gptq-int4-g128", {"alpha": 0.5})
