@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant.models import Llama, forward
+from jaxquant.models import Llama, LlamaConfig, forward
 from jaxquant.nn import BitLinear
 from jaxquant.qat.fp8 import Fp8Meta
 from jaxquant.train import ByteTokenizer, TrainConfig, Trainer, non_embedding_params, tiny_config
@@ -31,7 +31,8 @@ def _text(n_words: int, seed: int) -> str:
 TOK = ByteTokenizer()
 TRAIN = TOK.encode(_text(3000, 0))
 EVAL = TOK.encode(_text(600, 1))
-MODEL = tiny_config("0.1M", max_seq_len=32)
+# one block keeps compilation (most of these tests' time) short
+MODEL = LlamaConfig(256, 32, 1, 2, 1, 64, tie_embeddings=True, max_seq_len=32)
 
 
 def _cfg(mode: str = "float", **kw) -> TrainConfig:
