@@ -32,12 +32,15 @@ from jaxquant.qat.bitnet import (
     export_bitnet,
 )
 from jaxquant.qat.fake_quant import STE_MODES, clip_mask, export_params, fake_quant, fake_quantize_params, freeze
+from jaxquant.qat.fp8 import Fp8Meta, Fp8TrainLinear, fp8_dot, fp8_model
 from jaxquant.qat.lsq import init_steps, lsq_fake_quant, lsq_quantize
 
 __all__ = [
     "BLOCK_LINEARS",
     "STE_MODES",
     "BitLinearTrain",
+    "Fp8Meta",
+    "Fp8TrainLinear",
     "bitnet_model",
     "bitnet_optimizer",
     "bitnet_schedules",
@@ -46,6 +49,8 @@ __all__ = [
     "export_params",
     "fake_quant",
     "fake_quantize_params",
+    "fp8_dot",
+    "fp8_model",
     "freeze",
     "init_steps",
     "lsq_fake_quant",
