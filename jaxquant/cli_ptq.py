@@ -4,7 +4,7 @@
 
     jaxquant quantize --scheme gptq-int4-g128-asym --out smollm2-gptq4/ [--model smollm2-135m|PATH]
         [--calib-samples 128] [--calib-seq-len 512] [--act-order/--no-act-order] [--sequential/--no-sequential]
-        [--damp 0.01] [--text-file F] [--no-progress]
+        [--damp 0.01] [--clip-search/--no-clip-search] [--text-file F] [--no-progress]
     jaxquant quantize --scheme mixed --target-bpw 4.5 [--method rtn|gptq] [--proxy fisher|hessian] --out DIR
         (= --scheme mixed-4.5: one setting per tensor to the size target; the plan is printed and saved)
     jaxquant eval --model smollm2-gptq4/ --scheme fp32        # evaluates the saved model as it is
@@ -58,6 +58,12 @@ def register(subparsers: Any) -> None:
     q.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None, help="sequential calibration")
     q.add_argument("--damp", type=_damp, default=None, help="GPTQ damping (fraction of mean diag(H))")
     q.add_argument(
+        "--clip-search",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ: each group's grid from a clipping search on the calibration Hessian (SPEC default: on)",
+    )
+    q.add_argument(
         "--target-bpw", type=_positive("--target-bpw", float), default=None, help="mixed SPECs: bits/weight target"
     )
     q.add_argument("--method", choices=("rtn", "gptq"), default=None, help="mixed SPECs: how the plan is applied")
@@ -110,6 +116,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         "act_order": a.act_order,
         "sequential": a.sequential,
         "damp": a.damp,
+        "clip_search": a.clip_search,
         "target_bpw": a.target_bpw,
         "method": a.method,
         "proxy": a.proxy,

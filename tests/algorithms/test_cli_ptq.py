@@ -28,6 +28,7 @@ def _err(capsys) -> str:
         (["--scheme", "int4-g128", "--damp", "0.1"], "not calibrated"),
         (["--scheme", "awq-int4-g128-asym", "--act-order"], "--act-order"),
         (["--scheme", "smoothquant-int8-w8a8", "--damp", "0.1"], "--damp"),
+        (["--scheme", "awq-int4-g128-asym", "--no-clip-search"], "--clip-search"),
     ],
 )
 def test_option_errors_before_loading(capsys, tmp_path, args, needle):
