@@ -46,7 +46,7 @@ GPTQ_DEFAULTS: dict[str, Any] = dict(
     sequential=True,
     true_sequential=True,
     first_token_weight=20.0,
-    clip_search=False,
+    clip_search=True,
 )
 
 #: recipe defaults of the AWQ SPECs
@@ -189,7 +189,7 @@ def parse(name: str) -> Spec | None:
     if method == "gptq":
         d = GPTQ_DEFAULTS
         desc = (
-            f"GPTQ {scheme.describe()}, fp16 scales: act-order, static groups, true-sequential, "
+            f"GPTQ {scheme.describe()}, fp16 scales: act-order, static groups from a clip search, true-sequential, "
             f"first token x{d['first_token_weight']:g} in H, {d['n_samples']}x{d['seq_len']} calibration tokens"
         )
         return Spec(name, desc, build=_gptq_build(scheme))
