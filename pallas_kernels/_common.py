@@ -107,6 +107,14 @@ def store(ref, value, mask=None) -> None:
         plgpu.store(ref, value, mask=mask)
 
 
+def largest_divisor_at_most(v: int, cap: int) -> int:
+    """The largest divisor of ``v`` that is ``<= cap`` (at least 1): the split-K count that divides the K steps."""
+    for d in range(min(cap, v), 0, -1):
+        if v % d == 0:
+            return d
+    return 1
+
+
 def and_masks(*masks):
     """Logical and of the non-``None`` masks (broadcasting), or ``None``."""
     out = None

@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import BlockConfig, and_masks, cdiv, compiler_params, load, store
+from pallas_kernels._common import BlockConfig, and_masks, cdiv, compiler_params, largest_divisor_at_most, load, store
 
 __all__ = ["fmax", "fp8_matmul", "fp8_matmul_reference", "row_scales", "supported"]
 
@@ -174,7 +174,7 @@ def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
     n = w.shape[1]
     bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
     nsteps = cdiv(k, bk)
-    split = _largest_divisor_at_most(nsteps, config.split_k)
+    split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     mp = cdiv(m, bm) * bm
     if mode == "w8a8":
@@ -211,13 +211,6 @@ def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
     if mode == "w8a8":
         out = out * sx[:, None] * sw2
     return out.astype(x.dtype)
-
-
-def _largest_divisor_at_most(v: int, cap: int) -> int:
-    for d in range(min(cap, v), 0, -1):
-        if v % d == 0:
-            return d
-    return 1
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "config", "w_dtype", "interpret"))
@@ -265,7 +258,7 @@ def fp8_matmul(
         return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, interpret=interpret)
     bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
     nsteps = cdiv(k, bk)
-    split = _largest_divisor_at_most(nsteps, config.split_k)
+    split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     kernel = functools.partial(
         _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, mode=mode, f8max=fmax(w.dtype), w_round=w_round

@@ -59,6 +59,7 @@ from pallas_kernels._common import (
     cdiv,
     compiler_params,
     interleave_rows,
+    largest_divisor_at_most,
     load,
     row_slice,
     store,
@@ -223,13 +224,6 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
 #: (fewer instructions per weight; not bit-identical to the XLA path, which rounds ``(c - zero) * s`` to the
 #: activation dtype per weight: the result is closer to float64 ``x @ dequantize(w)`` than that path)
 _DOT_VARIANTS = ("", "strided", "interleave", "strided+postscale", "interleave+postscale")
-
-
-def _largest_divisor_at_most(v: int, cap: int) -> int:
-    for d in range(min(cap, v), 0, -1):
-        if v % d == 0:
-            return d
-    return 1
 
 
 def _kernel(
@@ -434,7 +428,7 @@ def int_matmul(
     if variant.split("+")[0] == "strided" and layout.per_byte > 1 and (m % bm or layout.k % bk):
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - layout.k)))
         operands[0] = x
-    split = _largest_divisor_at_most(nsteps, config.split_k)
+    split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     gs = layout.group_size if layout.group_size is not None else nsteps * bk
     kernel = functools.partial(
@@ -472,7 +466,7 @@ def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, ns
     bm, bn = config.block_m, config.block_n
     mp = cdiv(m, bm) * bm
     xt = _gemv_activations(x, mp, nsteps * bk, bk, layout.per_byte)
-    split = _largest_divisor_at_most(nsteps, config.split_k)
+    split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     gs = layout.group_size if layout.group_size is not None else nsteps * bk
     kernel = functools.partial(_gemv_kernel, layout=layout, bm=bm, bn=bn, bk=bk, steps=steps, gs=gs, w_round=w_round)

@@ -53,6 +53,7 @@ from pallas_kernels._common import (
     cdiv,
     compiler_params,
     interleave_cols,
+    largest_divisor_at_most,
     load,
     row_slice,
     store,
@@ -222,13 +223,6 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
         store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
 
 
-def _largest_divisor_at_most(v: int, cap: int) -> int:
-    for d in range(min(cap, v), 0, -1):
-        if v % d == 0:
-            return d
-    return 1
-
-
 @functools.partial(jax.jit, static_argnames=("layout", "config", "interpret", "code_vals", "w_dtype"))
 def nf4_matmul(
     x: jax.Array,
@@ -274,11 +268,11 @@ def nf4_matmul(
     scale = scale.reshape(n, layout.blocks_per_col)
     m = x.shape[0]
     bm, bn = config.block_m, config.block_n
-    bk = max(blk, min(config.block_k, blk * _largest_divisor_at_most(layout.blocks_per_col, config.block_k // blk)))
+    bk = max(blk, min(config.block_k, blk * largest_divisor_at_most(layout.blocks_per_col, config.block_k // blk)))
     while layout.blocks_per_col % (bk // blk):
         bk //= 2
     nsteps = k // bk
-    split = _largest_divisor_at_most(nsteps, config.split_k)
+    split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     if not variant.endswith("interleave") and m % bm:
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, 0)))

@@ -43,6 +43,7 @@ from pallas_kernels._common import (
     cdiv,
     compiler_params,
     interleave_cols,
+    largest_divisor_at_most,
     load,
     row_slice,
     store,
@@ -179,13 +180,6 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round):
         store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), omask)
 
 
-def _largest_divisor_at_most(v: int, cap: int) -> int:
-    for d in range(min(cap, v), 0, -1):
-        if v % d == 0:
-            return d
-    return 1
-
-
 @functools.partial(jax.jit, static_argnames=("k", "n", "packing", "mode", "config", "w_dtype", "interpret"))
 def ternary_matmul(
     x: jax.Array,
@@ -225,7 +219,7 @@ def ternary_matmul(
     bm, bn = config.block_m, config.block_n
     bk = config.block_k
     nsteps = cdiv(k, bk)
-    split = _largest_divisor_at_most(nsteps, config.split_k)
+    split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
     if mode == "a8":
