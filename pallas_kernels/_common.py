@@ -22,12 +22,14 @@ __all__ = [
     "and_masks",
     "cdiv",
     "compiler_params",
+    "exact_int_f32",
     "gpu_available",
     "interleave_cols",
     "interleave_rows",
     "is_pow2",
     "load",
     "row_slice",
+    "split_cols",
     "store",
 ]
 
@@ -151,3 +153,27 @@ def row_slice(start, size: int, stride: int = 1):
     if stride == 1:
         return pl.ds(start, size)
     return pl.ds(start, size, stride=stride)
+
+
+def exact_int_f32(c: jax.Array, off) -> jax.Array:
+    """``float32(c - off)`` for non-negative integer codes ``c < 2**23`` and an integer-valued ``off`` (a Python
+    int or a float32 array of integers ``< 2**23``), exactly, with integer ops and one float subtraction: the
+    code OR-ed into the mantissa of 2**23 is the float ``2**23 + c``; ``2**23 + off`` is subtracted. Avoids the
+    int-to-float conversion (``I2F``, a quarter-rate instruction on sm_90) of ``c.astype(float32)``. Not used for
+    signed int8 codes: there the extra ``(v & 0xFF) ^ 0x80`` costs more instructions than the ``I2F`` it saves
+    (606 vs 414 per K-loop trip of the sm_90 W8A16 tile, ``benchmarks/kernel_sass.py``)."""
+    f = jax.lax.bitcast_convert_type(c | jnp.int32(0x4B000000), jnp.float32)
+    return f - (8388608.0 + off)
+
+
+def split_cols(x: jax.Array, parts: int) -> list[jax.Array]:
+    """The column sets ``x[:, j::parts]`` (``parts`` a power of two) of a ``(R, C)`` tile, ``j = 0..parts-1``, split in
+    registers (reshape + two-way unstack, Triton's ``split``): the contiguous alternative to ``parts`` strided
+    loads, which are neither vectorized nor pipelined by Triton."""
+    xs = [x]
+    while len(xs) < parts:  # [0::2, 1::2] -> halves [0::4, 2::4], [1::4, 3::4] -> [0::4, 1::4, 2::4, 3::4]
+        halves = [jax.lax.unstack(v.reshape(v.shape[0], v.shape[1] // 2, 2), axis=2) for v in xs]
+        xs = [h[0] for h in halves] + [h[1] for h in halves]
+    if len(xs) != parts:
+        raise ValueError(f"split_cols: parts must be a power of two, got {parts}")
+    return xs

@@ -11,6 +11,9 @@ Three checks run on a CPU-only machine (see ``docs``/``PALLAS_NOTES``):
 3. :func:`compile_cubin` compiles that text for an NVIDIA architecture (``sm_90``, ``sm_80``) with PyPI
    ``triton`` (which bundles ``ptxas``) in a subprocess, since an LLVM error aborts the whole process. It reports
    registers, spills, shared memory and whether tensor-core instructions (``mma``/``wgmma``) were emitted.
+4. :func:`sass` disassembles that cubin with the ``nvdisasm`` Triton bundles, and :func:`loop_profile` counts the
+   instructions of the kernel's K loop by opcode: a static measure of the work per weight (e.g. int-to-float
+   conversions, shared-memory traffic) that can be compared between kernel variants without a GPU.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ import jax
 __all__ = [
     "TRITON_CUSTOM_CALL",
     "CubinReport",
+    "LoopProfile",
     "TritonCall",
     "compile_cubin",
     "export_cuda",
     "ir_text",
+    "loop_profile",
+    "sass",
     "triton_available",
     "triton_calls",
 ]
@@ -172,6 +178,7 @@ from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget, Language
 from triton.compiler.compiler import make_backend
 path, arch, num_warps, num_stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cubin_out = sys.argv[5] if len(sys.argv) > 5 else ""
 target = GPUTarget("cuda", arch, 32)
 backend = make_backend(target)
 ctx = ir.context(); ir.load_dialects(ctx); backend.load_dialects(ctx)
@@ -190,6 +197,9 @@ with contextlib.redirect_stdout(log):
         if ext == "ptx":
             ptx = cur
 text = log.getvalue()
+if cubin_out:
+    with open(cubin_out, "wb") as f:
+        f.write(cur)
 regs = re.findall(r"Used (\d+) registers", text)
 spill = re.findall(r"(\d+) bytes spill stores", text)
 tc = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else None)
@@ -200,13 +210,19 @@ print("@@RESULT@@" + json.dumps({"n_regs": int(regs[0]) if regs else None,
 
 
 def compile_cubin(
-    ttir: str, arch: int = 90, num_warps: int = 4, num_stages: int = 3, timeout: float = 120.0
+    ttir: str,
+    arch: int = 90,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    timeout: float = 120.0,
+    cubin_path: str | None = None,
 ) -> CubinReport:
     """Compile textual Triton IR to a cubin for ``sm_<arch>`` with PyPI ``triton``, in a subprocess.
 
     Runs Triton's own pipeline (TTIR passes, TTGIR, LLVM IR, PTX, ``ptxas``) as XLA's Triton backend does.
     Returns a :class:`CubinReport` (``ok=False`` with the error tail on failure); never raises for a
-    compile failure. Raises ``RuntimeError`` when ``triton`` is not installed.
+    compile failure. Raises ``RuntimeError`` when ``triton`` is not installed. With ``cubin_path``, the cubin
+    is also written there (for :func:`sass`).
     """
     if not triton_available():
         raise RuntimeError("compile_cubin needs PyPI triton (pip install 'jaxquant[dev]')")
@@ -216,7 +232,7 @@ def compile_cubin(
             f.write(ttir)
         try:
             proc = subprocess.run(
-                [sys.executable, "-c", _WORKER, path, str(arch), str(num_warps), str(num_stages)],
+                [sys.executable, "-c", _WORKER, path, str(arch), str(num_warps), str(num_stages), cubin_path or ""],
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -242,3 +258,78 @@ def check_kernels(
         text = ir_text(call.ir)
         out.append((call, [compile_cubin(text, a, call.num_warps, call.num_stages, timeout=timeout) for a in archs]))
     return out
+
+
+def _nvdisasm() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+
+
+def sass(ttir: str, arch: int = 90, num_warps: int = 4, num_stages: int = 3, timeout: float = 120.0) -> str:
+    """The SASS (machine code) of textual Triton IR compiled for ``sm_<arch>``, as printed by ``nvdisasm``.
+
+    Raises ``RuntimeError`` when the kernel does not compile or ``triton`` (which bundles ``nvdisasm``) is
+    not installed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        rep = compile_cubin(ttir, arch, num_warps, num_stages, timeout=timeout, cubin_path=path)
+        if not rep.ok:
+            raise RuntimeError(f"sass: the kernel does not compile for sm_{arch}: {rep.message}")
+        proc = subprocess.run([_nvdisasm(), "-c", path], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sass: nvdisasm failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopProfile:
+    """Static instruction mix of a kernel's main loop (its longest backward-branch loop), per warp per trip.
+
+    Attributes:
+      instructions: SASS instructions in one trip of the loop (each executed once per warp).
+      counts: instructions per opcode, full name with modifiers (``"I2F.BF16"``, ``"HMMA.16816.F32.BF16"``).
+    """
+
+    instructions: int
+    counts: dict[str, int]
+
+    def count(self, prefix: str) -> int:
+        """Instructions whose opcode starts with ``prefix`` (``"I2F"`` counts every int-to-float conversion)."""
+        return sum(v for k, v in self.counts.items() if k == prefix or k.startswith(prefix + "."))
+
+
+def loop_profile(sass_text: str) -> LoopProfile:
+    """Opcode counts of the longest loop in ``sass_text`` (from a label to a later branch back to it).
+
+    The K loop of a matmul kernel is its only long loop, so this is the per-trip cost of the steady state.
+    Raises ``ValueError`` when the code has no backward branch.
+    """
+    lines = sass_text.splitlines()
+    labels: dict[str, int] = {}
+    best: tuple[int, int] | None = None
+    for i, ln in enumerate(lines):
+        m = _SASS_LABEL.match(ln.strip())
+        if m:
+            labels[m.group(1)] = i
+            continue
+        b = _SASS_BRANCH.search(ln)
+        if b and b.group(1) in labels:
+            start = labels[b.group(1)]
+            if best is None or i - start > best[1] - best[0]:
+                best = (start, i)
+    if best is None:
+        raise ValueError("loop_profile: no backward branch (loop) in this code")
+    counts: dict[str, int] = {}
+    for ln in lines[best[0] : best[1] + 1]:
+        m = _SASS_LINE.search(ln)
+        if m:
+            op = m.group(1) + m.group(2)
+            counts[op] = counts.get(op, 0) + 1
+    return LoopProfile(instructions=sum(counts.values()), counts=dict(sorted(counts.items(), key=lambda kv: -kv[1])))

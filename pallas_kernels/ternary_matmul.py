@@ -17,9 +17,12 @@ Weights (jaxquant ``TernaryScheme`` with ``packing="2bit"``): codes ``t + 1`` in
     y[m, n] = (sum_k q[m, k] t[k, n]) * s_x[m] * s[n]          (int8 x int8 -> int32 dot, exact)
 
 Kernel: grid ``(cdiv(M, BM), cdiv(N, BN), split_k)``; per K step of ``BK`` rows: load the packed tile, split
-the four 2-bit fields, subtract 1, then for ``"k"`` packing multiply each field with the strided activation
-columns ``k0 + j + 4r`` (``x`` zero-padded), and for ``"n"`` packing interleave the fields along N into one
-``(BK, BN)`` tile.
+the four 2-bit fields, subtract 1, then for ``"k"`` packing multiply each field with the activation columns
+``k0 + j + 4r`` (default: four strided loads of a zero-padded ``x``; ``config.variant="split"``: one contiguous
+``(BM, BK)`` tile split into the four column sets in registers, which Triton vectorizes and pipelines), and for
+``"n"`` packing interleave the fields along N into one ``(BK, BN)`` tile. The weight-only dequantization
+``(c - 1) * s`` builds ``c - 1`` exactly in float32 with integer ops (``_common.exact_int_f32``), not an
+int-to-float conversion.
 
 ``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``), ``packing="k"``: the weight-only
 integer GEMV kernel of :mod:`pallas_kernels.int4_matmul` reads the same bytes as a 2-bit ``minmax`` weight with
@@ -42,10 +45,12 @@ from pallas_kernels._common import (
     and_masks,
     cdiv,
     compiler_params,
+    exact_int_f32,
     interleave_cols,
     largest_divisor_at_most,
     load,
     row_slice,
+    split_cols,
     store,
 )
 
@@ -112,6 +117,8 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
         jnp.dtype(jnp.float32),
     ):
         return f"activation dtype {jnp.dtype(x_dtype).name}"
+    if cfg.variant not in ("", "split", "gemv"):
+        return f"variant {cfg.variant!r} (ternary kernels: '', 'split', 'gemv')"
     if cfg.variant == "gemv":
         if cfg.block_m > 8 or cfg.block_n < 16 or cfg.block_k < 32:
             return "gemv needs block_m <= 8, block_n >= 16 and block_k >= 32"
@@ -122,7 +129,7 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
     return None
 
 
-def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round):
+def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant=""):
     if mode == "a8":
         x_ref, w_ref, s_ref, sx_ref, o_ref = refs
     else:
@@ -136,10 +143,15 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round):
     cdtype = x_ref.dtype
     acc_dtype = jnp.int32 if mode == "a8" else jnp.float32
 
-    def as_weight(t):  # int32 values in {-1, 0, 1} -> dot operand
+    split = variant == "split"
+
+    def field(p, jj):  # 2-bit field jj of the packed int32 tile: the code c = t + 1 in {0, 1, 2}
+        return (p >> (2 * jj)) & 3
+
+    def as_weight(t):  # codes c = t + 1 -> dot operand holding t in {-1, 0, 1} (times s for w16)
         if mode == "a8":
-            return t.astype(jnp.int8)
-        w = t.astype(jnp.float32) * s
+            return (t - 1).astype(jnp.int8)
+        w = exact_int_f32(t, 1) * s  # (c - 1) * s with t = c in {0, 1, 2}: no int-to-float conversion
         if w_round is not None:
             w = w.astype(w_round)
         return w.astype(cdtype)
@@ -151,9 +163,12 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round):
             r0 = k0 // 4
             rmask = (r0 + jnp.arange(pk) < cdiv(k, 4))[:, None] if k_ragged else None
             p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], and_masks(nmask, rmask)).astype(jnp.int32)
+            if split:  # one contiguous activation tile, split into the columns of each 2-bit field
+                xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
+                xts = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask), 4)
             for jj in range(4):
-                wt = as_weight(((p >> (2 * jj)) & 3) - 1)
-                xt = x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, 4)]
+                wt = as_weight(field(p, jj))
+                xt = xts[jj] if split else x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, 4)]
                 acc = acc + jnp.dot(xt, wt, preferred_element_type=acc_dtype)
             return acc
         q = bn // 4
@@ -163,7 +178,7 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round):
             w_ref.at[pl.ds(k0, bk), pl.ds(n0 // 4, q)], and_masks(cmask, None if kmask is None else kmask[:, None])
         )
         p = p.astype(jnp.int32)
-        wt = as_weight(interleave_cols([((p >> (2 * jj)) & 3) - 1 for jj in range(4)]))
+        wt = as_weight(interleave_cols([field(p, jj) for jj in range(4)]))
         xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], and_masks(mmask, None if kmask is None else kmask[None]))
         return acc + jnp.dot(xt, wt, preferred_element_type=acc_dtype)
 
@@ -229,7 +244,7 @@ def ternary_matmul(
     if packing == "k":
         if data.shape != (cdiv(k, 4), n):
             raise ValueError(f"ternary_matmul: packed data must be {(cdiv(k, 4), n)}, got {data.shape}")
-        if m % bm or k % bk:  # strided activation loads cannot be masked: zero-pad
+        if config.variant != "split" and (m % bm or k % bk):  # strided loads cannot be masked: zero-pad
             xin = jnp.pad(xin, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - k)))
     else:
         if data.size != k * n // 4:
@@ -238,7 +253,18 @@ def ternary_matmul(
     operands = [xin, data, s2] + ([sx.reshape(m, 1)] if mode == "a8" else [])
     w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
     kernel = functools.partial(
-        _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, packing=packing, mode=mode, w_round=w_round
+        _kernel,
+        m=m,
+        k=k,
+        n=n,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        steps=steps,
+        packing=packing,
+        mode=mode,
+        w_round=w_round,
+        variant=config.variant if packing == "k" else "",
     )
     out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((m, n), x.dtype)
     out = pl.pallas_call(

@@ -20,6 +20,7 @@ from pallas_helpers import (
 )
 
 import jaxquant as jq
+from pallas_kernels import _triton_tools as tt
 from pallas_kernels._common import BlockConfig
 from pallas_kernels.int4_matmul import IntLayout, int_matmul, int_matmul_reference, supported
 
@@ -34,6 +35,9 @@ CASES = [
     (3, 384, 64, 8, None, True, "zeropoint", "interleave", 3, jnp.float32),
     (2, 300, 64, 8, 128, False, "zeropoint", "strided", 1, jnp.bfloat16),
     (4, 256, 64, 2, 64, True, "zeropoint", "strided", 2, jnp.float32),
+    (1, 256, 128, 4, 128, True, "zeropoint", "split", 2, jnp.bfloat16),
+    (5, 200, 80, 4, 64, False, "minmax", "split", 1, jnp.float16),  # ragged M, K, N; short last group
+    (17, 320, 48, 2, 64, False, "zeropoint", "split", 1, jnp.float32),  # 2-bit: four column sets
 ]
 
 
@@ -213,6 +217,9 @@ POST_CASES = [
     (5, 200, 80, 4, 64, False, "zeropoint", "strided+postscale", 2, jnp.float16),  # ragged K, N; short group
     (3, 384, 64, 8, None, True, "zeropoint", "interleave+postscale", 3, jnp.float32),  # int8 per channel
     (17, 256, 96, 4, 128, False, "zeropoint", "interleave+postscale", 1, jnp.bfloat16),
+    (2, 256, 64, 4, 128, True, "zeropoint", "strided+postscale", 2, jnp.bfloat16),  # sym: offset 8
+    (4, 320, 48, 2, 64, True, "zeropoint", "interleave+postscale", 1, jnp.float32),  # 2-bit sym, f32 magic
+    (3, 256, 64, 2, 128, False, "zeropoint", "strided+postscale", 1, jnp.float16),  # 2-bit zero points
 ]
 
 
@@ -266,3 +273,49 @@ def test_postscale_compiles_to_cubin_sm90(variant, mode):
     calls = cuda_lowering(functools.partial(int_matmul, layout=layout, config=cfg), *args)
     assert calls[0].name.startswith("int4_matmul")
     assert_compiles(calls, archs=(90,))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_exact_int_tile_equals_integer_subtraction(dtype):
+    """The bit trick (code OR-ed into a float's mantissa, then one subtraction) gives exactly ``c - off`` for
+    every 7-bit code and every offset the kernels use (fixed 2/8, per-column uint8 zero points)."""
+    from pallas_kernels.int4_matmul import _exact_int_tile
+
+    c = jnp.arange(128, dtype=jnp.int32)[:, None]
+    for off in (0, 2, 8, 64):
+        got = np.asarray(_exact_int_tile(c, off, dtype), np.float64)
+        np.testing.assert_array_equal(got, np.arange(128)[:, None] - off)
+    z = jnp.arange(16, dtype=jnp.int32)[None, :]
+    got = np.asarray(_exact_int_tile(c[:16], z, dtype), np.float64)
+    np.testing.assert_array_equal(got, np.arange(16)[:, None] - np.arange(16)[None, :])
+    assert _exact_int_tile(c, 8, dtype).dtype == jnp.dtype(dtype)
+
+
+def _int4_loop(variant: str) -> tt.LoopProfile:
+    layout = IntLayout(bits=4, mode="sym", k=8192, n=8192, group_size=128)
+    cfg = BlockConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3, variant=variant)
+    args = [
+        shape_struct((1, 8192), jnp.bfloat16),
+        shape_struct((layout.packed_rows, 8192), jnp.uint8),
+        shape_struct((layout.groups, 8192), jnp.bfloat16),
+        None,
+    ]
+    fn = functools.partial(int_matmul, layout=layout, config=cfg, w_dtype="bfloat16")
+    call = cuda_lowering(fn, *args)[0]
+    return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+
+@requires_triton
+def test_k_loop_instruction_counts_sm90():
+    """Machine-code check of the W4A16 K loop for sm_90 (M=1, 8192^2, the H100 table's 16x64x128 tile): codes
+    become floats by integer ops (no I2F, a quarter-rate conversion on sm_90), and the ``split`` variants (one
+    contiguous activation tile) need far fewer instructions per trip than ``interleave`` (the measured H100 row,
+    whose K-order rebuild costs shuffles) and ``strided`` (one uncoalesced activation load per element)."""
+    loops = {v: _int4_loop(v) for v in ("interleave", "strided", "split", "split+postscale")}
+    n = {v: p.instructions for v, p in loops.items()}
+    for v, p in loops.items():
+        assert p.count("I2F") == 0, v
+        assert p.count("HMMA") == loops["interleave"].count("HMMA") > 0, v
+    assert n["split"] <= 0.7 * n["interleave"], n
+    assert n["split"] < n["strided"], n
+    assert n["split+postscale"] <= 0.8 * n["split"], n  # no per-weight multiply and rounding

@@ -20,7 +20,7 @@ from pallas_helpers import (
 
 import jaxquant as jq
 from pallas_kernels._common import BlockConfig
-from pallas_kernels.ternary_matmul import ternary_matmul, ternary_matmul_reference
+from pallas_kernels.ternary_matmul import supported, ternary_matmul, ternary_matmul_reference
 
 
 def np_ternary(q, k, n, gran):
@@ -32,15 +32,17 @@ def np_ternary(q, k, n, gran):
 
 
 @pytest.mark.parametrize(
-    "m,k,n,gran,mode,split,bk",
+    "m,k,n,gran,mode,split,bk,variant",
     [
-        (1, 256, 96, "channel", "w16", 2, 64),
-        (17, 200, 80, "tensor", "w16", 1, 64),
-        (5, 256, 96, "channel", "a8", 1, 128),
-        (2, 300, 64, "tensor", "a8", 3, 64),
+        (1, 256, 96, "channel", "w16", 2, 64, ""),
+        (17, 200, 80, "tensor", "w16", 1, 64, ""),
+        (5, 256, 96, "channel", "a8", 1, 128, ""),
+        (2, 300, 64, "tensor", "a8", 3, 64, ""),
+        (3, 200, 80, "channel", "w16", 2, 64, "split"),  # ragged M, K, N; contiguous activation tile
+        (18, 300, 64, "channel", "a8", 1, 128, "split"),
     ],
 )
-def test_interpret_matches_float64(m, k, n, gran, mode, split, bk):
+def test_interpret_matches_float64(m, k, n, gran, mode, split, bk, variant):
     rng = np.random.default_rng(m + k + n)
     q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme(gran))
     t = np_ternary(q, k, n, gran)
@@ -48,9 +50,8 @@ def test_interpret_matches_float64(m, k, n, gran, mode, split, bk):
     xn = rng.standard_normal((m, k)).astype(np.float32)
     x = jnp.asarray(xn)
     pk = "k" if gran == "channel" else "n"
-    y = ternary_matmul(
-        x, q.data, q.scale, k=k, n=n, packing=pk, mode=mode, config=BlockConfig(16, 32, bk, split), interpret=True
-    )
+    cfg = BlockConfig(16, 32, bk, split, variant=variant)
+    y = ternary_matmul(x, q.data, q.scale, k=k, n=n, packing=pk, mode=mode, config=cfg, interpret=True)
     if mode == "w16":
         ref = xn.astype(np.float64) @ round_to(t * s[None, :], jnp.float32)
         assert rel_err(y, ref) < 1e-5
@@ -110,10 +111,10 @@ def test_dispatch_and_a8_entry_point():
         assert jq.ops.explain_qdot(x, q3).startswith("xla:")
 
 
-def _lower(packing, mode, m, k=512, n=256, gemv=False):
+def _lower(packing, mode, m, k=512, n=256, gemv=False, variant=""):
     data = shape_struct((k // 4, n), jnp.uint8) if packing == "k" else shape_struct((k * n // 4,), jnp.uint8)
     scale = shape_struct((n,) if packing == "k" else (), jnp.float32)
-    cfg = BlockConfig(min(m, 128), 64, 128, 2 if m <= 16 else 1)
+    cfg = BlockConfig(min(m, 128), 64, 128, 2 if m <= 16 else 1, variant=variant)
     if gemv:
         from pallas_kernels import tuning
 
@@ -131,6 +132,17 @@ def test_lowers_to_triton_custom_call(packing, mode, m):
 @pytest.mark.parametrize("packing,mode,m", [("k", "a8", 16), ("n", "w16", 16)])
 def test_compiles_to_cubin_sm90_sm80(packing, mode, m):
     assert_compiles(_lower(packing, mode, m), archs=(90, 80))
+
+
+@requires_triton
+@pytest.mark.parametrize("mode", ["w16", "a8"])
+def test_split_variant_compiles_sm90(mode):
+    assert_compiles(_lower("k", mode, 16, variant="split"), archs=(90,))
+
+
+def test_unknown_variant_is_rejected():
+    why = supported(256, 64, "k", BlockConfig(16, 64, 128, variant="interleave"), jnp.bfloat16, "w16")
+    assert why is not None and "variant" in why
 
 
 @requires_triton

@@ -1,0 +1,226 @@
+"""Static machine-code profile of the Pallas kernels' K loops (CPU only, no GPU): instructions per weight.
+
+For each kernel of ``benchmarks/kernels.py`` and each ``M``, the call ``jq.qdot`` makes on a GPU (kernels forced
+on, the block config the tuning table gives the chosen device) is lowered for CUDA, its Triton IR compiled for
+``sm_<arch>`` with PyPI Triton and disassembled with the bundled ``nvdisasm``; the kernel's main loop (its
+longest backward branch) is counted by opcode (``pallas_kernels._triton_tools.loop_profile``). It prints, per
+case: instructions per loop trip (per warp), *thread instructions per weight* (trip instructions x 32 lanes x
+warps / weights per trip), int/float conversions per weight, shared-memory loads/stores per weight, and three
+floors for the whole matmul on an H100 SXM (132 SMs at the 1.98 GHz boost clock):
+
+* issue floor: every warp instruction of every loop trip issued at 4 per clock per SM (one per sub-partition);
+* conversion floor: conversions (``I2F``, ``F2F``, ``F2I``, ``I2I``; not the ALU forms ``I2FP``/``F2FP``) at 16
+  results per clock per SM (the CUDA guide's rate for "all other type conversions" on compute capability 9.0);
+* memory floor: the packed weights (plus scales) read once at the copy bandwidth measured on the H100
+  (2.93 TB/s, ``benchmarks/results/h100.md``).
+
+These are lower bounds from the instruction stream, not measurements: latency, occupancy, the split-K
+reduction and launch costs come on top. They rank kernel variants without a GPU (e.g. whether a change removes
+the quarter-rate conversions) and say which floor binds.
+
+Usage::
+
+    python benchmarks/kernel_sass.py                                   # every kernel, M=1,16, 8192x8192
+    python benchmarks/kernel_sass.py --kernels int4_g128 --variant int4=strided+postscale
+    python benchmarks/kernel_sass.py --out benchmarks/results/sass-sm90.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SMS, CLOCK_HZ, ISSUE_PER_CLK, CONV_PER_CLK, COPY_BPS = 132, 1.98e9, 4, 16, 2.93e12
+
+#: benchmark kernel name -> tuning table kernel name
+TUNING_NAME = {
+    "int4_g128": "int4",
+    "int4_g128_asym": "int4",
+    "int8_w8a16": "int8w",
+    "nf4": "nf4",
+    "int8_outlier": "int8_outlier",
+    "fp8_w8a16": "fp8_w8a16",
+    "fp8_w8a8": "fp8_w8a8",
+    "ternary": "ternary",
+    "ternary_w158a8": "ternary_a8",
+}
+
+#: conversions issued to the quarter-rate conversion unit; the ``I2FP``/``F2FP`` forms of sm_86+ are counted as
+#: ordinary ALU instructions (issue floor only)
+CONVERSIONS = ("I2F", "F2F", "F2I", "I2I")
+
+
+def _weights_per_trip(cfg) -> int:
+    return cfg.block_k * cfg.block_n
+
+
+def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, variants: dict[str, str]) -> dict:
+    """Lower, compile and profile one kernel call; returns a result row (``error`` set on failure)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxquant as jq
+    from benchmarks.kernels import SPECS, _direct_fn
+    from jaxquant.ops import kernel_mode
+    from pallas_kernels import _triton_tools as tt
+    from pallas_kernels import tuning
+
+    spec = SPECS[name]
+    tname = TUNING_NAME[name]
+    cfg = tuning.get_config(tname, m, k, n, device)
+    if variants.get(tname) == "gemv" and tname in tuning._GEMV_PER_BYTE:
+        cfg = tuning.gemv_config(tname, m, k, n)
+    elif tname in variants:
+        cfg = dataclasses.replace(cfg, variant=variants[tname])
+    row: dict[str, Any] = {"kernel": name, "m": m, "k": k, "n": n, "config": cfg}
+    saved = tuning.device_key
+    table = tuning.TABLE.get(device, {}).get(tname)
+    tuning.device_key = lambda kind=None: device
+    if table is not None:
+        tuning.TABLE[device][tname] = [(mx, cfg) for mx, _ in table]
+    else:
+        tuning.TABLE.setdefault(device, {})[tname] = [(1 << 62, cfg)]
+    try:
+        q = jax.eval_shape(lambda w: jq.quantize(w, spec.scheme()), jax.ShapeDtypeStruct((k, n), jnp.float32))
+        x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+        op = jq.qdot if spec.direct is None else _direct_fn(spec, False)
+        with kernel_mode("on"):
+            calls = tt.triton_calls(tt.export_cuda(op, x, q))
+        if not calls:
+            raise RuntimeError("no Triton kernel in the lowering")
+        call = max(calls, key=lambda c: c.grid[0] * c.grid[1] * c.grid[2])
+        prof = tt.loop_profile(tt.sass(tt.ir_text(call.ir), arch, call.num_warps, call.num_stages))
+    except Exception as e:  # reported in the table
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+        return row
+    finally:
+        tuning.device_key = saved
+        if table is not None:
+            tuning.TABLE[device][tname] = table
+        else:
+            del tuning.TABLE[device][tname]
+    programs = call.grid[0] * call.grid[1] * call.grid[2]
+    per_trip = _weights_per_trip(cfg)
+    trips = k * n / per_trip * max(1, -(-m // cfg.block_m))  # every (M tile, weight tile) pair, over all programs
+    lanes = call.num_warps * 32
+    conv = sum(prof.count(c) for c in CONVERSIONS)
+    wbytes = q.nbytes if hasattr(q, "nbytes") else sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(q))
+    row.update(
+        warps=call.num_warps,
+        programs=programs,
+        trip_instr=prof.instructions,
+        instr_per_weight=prof.instructions * lanes / per_trip,
+        conv_per_weight=conv * lanes / per_trip,
+        smem_per_weight=(prof.count("LDS") + prof.count("STS")) * lanes / per_trip,
+        mma=prof.count("HMMA") + prof.count("IMMA") + prof.count("HGMMA") + prof.count("QGMMA") + prof.count("IGMMA"),
+        issue_us=prof.instructions * call.num_warps * trips / (SMS * ISSUE_PER_CLK * CLOCK_HZ) * 1e6,
+        conv_us=conv * lanes * trips / (SMS * CONV_PER_CLK * CLOCK_HZ) * 1e6,
+        mem_us=wbytes / COPY_BPS * 1e6,
+        top=", ".join(f"{op} {c}" for op, c in list(prof.counts.items())[:6]),
+    )
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        "| kernel | M | variant (tile, split, warps) | instr/trip | instr/weight | conv/weight | smem/weight "
+        "| issue floor µs | conv floor µs | memory floor µs | binding | most frequent opcodes per trip |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    )
+    out = [head]
+    for r in rows:
+        c = r["config"]
+        cfg = f"{c.variant or 'default'} ({c.block_m}x{c.block_n}x{c.block_k}, {c.split_k}, {c.num_warps})"
+        if "error" in r:
+            out.append(f"| {r['kernel']} | {r['m']} | {cfg} | – | – | – | – | – | – | – | – | {r['error']} |")
+            continue
+        floors = {"issue": r["issue_us"], "conversion": r["conv_us"], "memory": r["mem_us"]}
+        out.append(
+            f"| {r['kernel']} | {r['m']} | {cfg} | {r['trip_instr']} | {r['instr_per_weight']:.2f} "
+            f"| {r['conv_per_weight']:.2f} | {r['smem_per_weight']:.2f} | {r['issue_us']:.1f} | {r['conv_us']:.1f} "
+            f"| {r['mem_us']:.1f} | {max(floors, key=floors.get)} | {r['top']} |"
+        )
+    return "\n".join(out)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernels", default=",".join(TUNING_NAME), help="comma-separated benchmark kernel names")
+    p.add_argument("--m", default="1,16", help="comma-separated M values")
+    p.add_argument("--kn", default="8192x8192", help="K x N")
+    p.add_argument("--device", default="h100", help="tuning-table device whose block configs are used")
+    p.add_argument("--arch", type=int, default=90, help="compile for sm_<arch>")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KERNEL=VARIANT",
+        help="override the config's variant for a tuning kernel name (e.g. int4=strided+postscale); repeatable",
+    )
+    p.add_argument("--out", help="also write the table (with date, commit and command) to this markdown file")
+    a = p.parse_args(argv)
+    from pallas_kernels import _triton_tools as tt
+
+    if not tt.triton_available():
+        print("kernel_sass: needs PyPI triton (pip install -e '.[dev]')", file=sys.stderr)
+        return 2
+    unknown = [k for k in a.kernels.split(",") if k not in TUNING_NAME]
+    if unknown:
+        print(f"kernel_sass: unknown kernels {unknown}; known: {', '.join(TUNING_NAME)}", file=sys.stderr)
+        return 2
+    try:
+        ms = [int(v) for v in a.m.split(",")]
+        k, n = (int(v) for v in a.kn.lower().split("x"))
+        variants = dict(v.split("=", 1) for v in a.variant)
+    except ValueError:
+        print("kernel_sass: --m takes integers, --kn KxN, --variant KERNEL=VARIANT", file=sys.stderr)
+        return 2
+    rows = []
+    for name in a.kernels.split(","):
+        for m in ms:
+            r = profile_case(name, m, k, n, a.device, a.arch, variants)
+            rows.append(r)
+            status = r.get("error") or f"{r['instr_per_weight']:.2f} instr/weight, issue floor {r['issue_us']:.1f} µs"
+            print(f"{name} M={m}: {status}", file=sys.stderr, flush=True)
+    table = format_table(rows)
+    print(table)
+    if a.out:
+        import jax
+
+        text = (
+            f"# Static K-loop profile for sm_{a.arch} (no GPU involved)\n\n"
+            f"- date (UTC): {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}\n"
+            f"- commit: {_commit()}; JAX {jax.__version__}; PyPI triton with its bundled ptxas/nvdisasm\n"
+            f"- command: `python benchmarks/kernel_sass.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+            f"- block configs: tuning table of `{a.device}`; floors for an H100 SXM ({SMS} SMs, "
+            f"{CLOCK_HZ / 1e9:.2f} GHz, {COPY_BPS / 1e12:.2f} TB/s copy): see the script's docstring\n\n"
+            f"{table}\n"
+        )
+        d = os.path.dirname(os.path.abspath(a.out))
+        os.makedirs(d, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
+            f.write(text)
+        os.replace(f.name, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
