@@ -17,8 +17,12 @@ The kernel computes, per output tile::
     y[m, n]     = acc_i[m, n] * s_x[m] * s_w[n] + acc_o[m, n]
 
 which is the scheme's XLA path with the dense masked float matmul replaced by a loop over the ``count``
-outlier rows only (gathered by pointer from ``x`` and ``W_q``): grid ``(cdiv(M, BM), cdiv(N, BN))``, a K loop in
-steps of ``BK`` for the int8 part, then ``cdiv(count, 16)`` steps of 16 gathered outlier dims.
+outlier rows only (gathered by pointer from ``x`` and ``W_q``): grid ``(cdiv(M, BM), cdiv(N, BN), split_k)``, a K
+loop in steps of ``BK`` for the int8 part, then (in split 0) ``cdiv(count, 16)`` steps of 16 gathered outlier
+dims. With ``config.split_k > 1`` each split's ``acc_i * s_x * s_w`` is written as a float32 partial sum that XLA
+adds (the exact int32 sum becomes a sum of ``split_k`` float32 terms: a float32 rounding, far below the output's):
+at small ``M`` a ``(1, N / BN)`` grid leaves most SMs idle (128 programs for N=8192 on a 132-SM H100, which
+measured 0.75x of bf16 at M=1; split-K is not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import BlockConfig, and_masks, cdiv, compiler_params, load, store
+from pallas_kernels._common import (
+    BlockConfig,
+    and_masks,
+    cdiv,
+    compiler_params,
+    largest_divisor_at_most,
+    load,
+    store,
+)
 
 __all__ = [
     "int8_outlier_matmul",
@@ -88,8 +100,8 @@ def supported(k: int, n: int, cfg: BlockConfig) -> str | None:
     return None
 
 
-def _kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, o_ref, *, m, k, n, bm, bn, bk, outliers):
-    i, j = pl.program_id(0), pl.program_id(1)
+def _kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, o_ref, *, m, k, n, bm, bn, bk, steps, outliers):
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
     mvec = m0 + jnp.arange(bm)
     mmask = (mvec < m)[:, None] if m % bm else None
@@ -97,13 +109,13 @@ def _kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, o_ref, *, m
     k_ragged = k % bk != 0
 
     def body(t, acc):
-        k0 = t * bk
+        k0 = (sk * steps + t) * bk
         kmask = (k0 + jnp.arange(bk) < k) if k_ragged else None
         xq = load(xq_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], and_masks(mmask, None if kmask is None else kmask[None]))
         wq = load(wq_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], and_masks(nmask, None if kmask is None else kmask[:, None]))
         return acc + jnp.dot(xq, wq, preferred_element_type=jnp.int32)
 
-    acc_i = jax.lax.fori_loop(0, cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.int32))
+    acc_i = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.int32))
     sw = load(sw_ref.at[pl.ds(n0, bn)], None if nmask is None else nmask[0]).astype(jnp.float32)
     sx = load(sx_ref.at[pl.ds(m0, bm)], None if mmask is None else mmask[:, 0]).astype(jnp.float32)
     y = acc_i.astype(jnp.float32) * sx[:, None] * sw[None, :]
@@ -126,9 +138,13 @@ def _kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, o_ref, *, m
             wo = wo.astype(jnp.float32) * sw[None, :]
             return acc + jnp.dot(xo, wo, preferred_element_type=jnp.float32)
 
-        nchunks = (count + OUTLIER_CHUNK - 1) // OUTLIER_CHUNK
+        nchunks = jnp.where(sk == 0, (count + OUTLIER_CHUNK - 1) // OUTLIER_CHUNK, 0)  # split 0 only
         y = y + jax.lax.fori_loop(0, nchunks, obody, jnp.zeros((bm, bn), jnp.float32))
-    store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), and_masks(mmask, nmask))
+    omask = and_masks(mmask, nmask)
+    if len(o_ref.shape) == 3:  # split-K partial sums
+        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], y, omask)
+    else:
+        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), omask)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "outliers"))
@@ -166,12 +182,22 @@ def int8_outlier_matmul(
         raise ValueError(f"int8_outlier_matmul: unsupported: {why}")
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     idx = jnp.pad(idx.astype(jnp.int32), (0, cdiv(k, OUTLIER_CHUNK) * OUTLIER_CHUNK - k))
-    kernel = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, outliers=outliers)
-    return pl.pallas_call(
+    nsteps = cdiv(k, bk)
+    split = largest_divisor_at_most(nsteps, config.split_k)
+    steps = nsteps // split
+    kernel = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, outliers=outliers)
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
+    out = pl.pallas_call(
         kernel,
-        grid=(cdiv(m, bm), cdiv(n, bn)),
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        grid=(cdiv(m, bm), cdiv(n, bn), split),
+        out_shape=out_shape,
         compiler_params=compiler_params(config),
         interpret=interpret,
         name="int8_outlier_matmul",
     )(x, xq, sx.astype(jnp.float32), idx, count.astype(jnp.int32).reshape(1), wq, sw.astype(jnp.float32))
+    if split > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out

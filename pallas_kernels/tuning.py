@@ -142,9 +142,8 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     tiles = cdiv(m, bm) * cdiv(n, bn)
     split = 1
     nsteps = cdiv(k, bk)
-    if kernel != "int8_outlier":  # the outlier kernel has no split-K
-        while tiles * split < 2 * sms and split * 2 <= min(16, nsteps // 2):
-            split *= 2
+    while tiles * split < 2 * sms and split * 2 <= min(16, nsteps // 2):
+        split *= 2
     return BlockConfig(
         block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, variant=variant
     )

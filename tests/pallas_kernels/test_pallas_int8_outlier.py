@@ -28,8 +28,17 @@ def np_llm_int8(x, wq, sw, threshold):
     return (xq @ w) * sx * sw[None, :] + np.where(out[None, :], x, 0.0) @ (w * sw[None, :])
 
 
-@pytest.mark.parametrize("m,k,n,threshold,bk", [(1, 256, 96, 6.0, 64), (19, 200, 80, 6.0, 128), (4, 128, 64, None, 64)])
-def test_interpret_matches_float64(m, k, n, threshold, bk):
+@pytest.mark.parametrize(
+    "m,k,n,threshold,bk,split",
+    [
+        (1, 256, 96, 6.0, 64, 1),
+        (19, 200, 80, 6.0, 128, 1),
+        (4, 128, 64, None, 64, 1),
+        (1, 512, 96, 6.0, 64, 4),  # split-K: outliers added once (split 0), partial sums added by XLA
+        (19, 300, 80, 6.0, 64, 3),  # ragged K with split-K
+    ],
+)
+def test_interpret_matches_float64(m, k, n, threshold, bk, split):
     rng = np.random.default_rng(m + k)
     q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.LLMInt8Scheme(threshold=threshold))
     xn = rng.standard_normal((m, k)).astype(np.float32)
@@ -45,7 +54,7 @@ def test_interpret_matches_float64(m, k, n, threshold, bk):
         count,
         q.data,
         q.scale,
-        config=BlockConfig(16, 32, bk),
+        config=BlockConfig(16, 32, bk, split_k=split),
         outliers=threshold is not None,
         interpret=True,
     )
@@ -69,7 +78,7 @@ def test_dispatch_equals_scheme_xla_path():
         assert jq.ops.explain_qdot(x, q2).startswith("xla:")
 
 
-def _lower(outliers, m, k=512, n=256):
+def _lower(outliers, m, k=512, n=256, split=1):
     args = [
         shape_struct((m, k), jnp.bfloat16),
         shape_struct((m, k), jnp.int8),
@@ -79,7 +88,7 @@ def _lower(outliers, m, k=512, n=256):
         shape_struct((k, n), jnp.int8),
         shape_struct((n,), jnp.float32),
     ]
-    cfg = BlockConfig(min(m, 128), 64, 128)
+    cfg = BlockConfig(min(m, 128), 64, 128, split_k=split)
     return cuda_lowering(functools.partial(int8_outlier_matmul, config=cfg, outliers=outliers), *args)
 
 
@@ -89,5 +98,6 @@ def test_lowers_to_triton_custom_call(outliers, m):
 
 
 @requires_triton
-def test_compiles_to_cubin_sm90_sm80():
-    assert_compiles(_lower(True, 16), archs=(90, 80))
+@pytest.mark.parametrize("split", [1, 4])
+def test_compiles_to_cubin_sm90_sm80(split):
+    assert_compiles(_lower(True, 16, split=split), archs=(90, 80))
