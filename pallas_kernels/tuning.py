@@ -115,7 +115,7 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``.
     """
     sms = sms or _num_sms()
-    if kernel in _GEMV_PER_BYTE and m <= 8:
+    if kernel in _GEMV_HEURISTIC and m <= _GEMV_HEURISTIC[kernel]:
         return gemv_config(kernel, m, k, n, sms)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -127,7 +127,9 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     variant = ""
     if kernel in ("int4", "int8w", "int2w"):
         # interleave with 4 warps and wide tiles can abort Triton ("Illegal shared layout"): strided up to 256
-        variant = "strided" if m <= 256 else "interleave"
+        # M <= 16: "split" (one contiguous activation tile split in registers): 416 K-loop instructions per trip
+        # for sm_90 vs 464 strided, 654-745 interleave and 688 GEMV (benchmarks/kernel_sass.py); not yet timed
+        variant = "split" if m <= 16 else ("strided" if m <= 256 else "interleave")
         if kernel == "int2w":
             bk = max(bk, 128)
     elif kernel == "nf4":
@@ -139,6 +141,8 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
             variant = "select" if m <= 256 else "select-interleave"  # interleave: 128x128 tiles, 8 warps only
     elif kernel in ("ternary", "ternary_a8", "fp8_w8a8", "fp8_w8a16"):
         bk = 128
+        if kernel == "ternary" and m <= 16:
+            variant = "split"  # 431 vs 506 K-loop instructions per trip for sm_90 (benchmarks/kernel_sass.py)
     tiles = cdiv(m, bm) * cdiv(n, bn)
     split = 1
     nsteps = cdiv(k, bk)
@@ -148,6 +152,12 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, variant=variant
     )
 
+
+#: kernels whose heuristic takes the GEMV up to this ``M``: only where a GPU measured it faster than the 16-row
+#: tensor-core kernel (fp8 W8A8 at M=1, H200 and H100); the dot kernel won for int8 W8A16, ternary and fp8
+#: W8A16 at every M <= 16, and the int4 dot kernel's sm_90 K loop needs fewer instructions than its GEMV (416
+#: "split" vs 688 per 8192 weights, benchmarks/kernel_sass.py)
+_GEMV_HEURISTIC = {"fp8_w8a8": 1}
 
 #: kernels with a ``variant="gemv"`` path, and their weights per byte (K rows per packed row)
 _GEMV_PER_BYTE = {"int4": 2, "int8w": 1, "int2w": 4, "fp8_w8a16": 1, "fp8_w8a8": 1, "ternary": 4, "ternary_a8": 4}
