@@ -22,7 +22,7 @@ __all__ = [
     "and_masks",
     "cdiv",
     "compiler_params",
-    "exact_int_f32",
+    "exact_int",
     "gpu_available",
     "interleave_cols",
     "interleave_rows",
@@ -155,15 +155,29 @@ def row_slice(start, size: int, stride: int = 1):
     return pl.ds(start, size, stride=stride)
 
 
-def exact_int_f32(c: jax.Array, off) -> jax.Array:
-    """``float32(c - off)`` for non-negative integer codes ``c < 2**23`` and an integer-valued ``off`` (a Python
-    int or a float32 array of integers ``< 2**23``), exactly, with integer ops and one float subtraction: the
-    code OR-ed into the mantissa of 2**23 is the float ``2**23 + c``; ``2**23 + off`` is subtracted. Avoids the
-    int-to-float conversion (``I2F``, a quarter-rate instruction on sm_90) of ``c.astype(float32)``. Not used for
-    signed int8 codes: there the extra ``(v & 0xFF) ^ 0x80`` costs more instructions than the ``I2F`` it saves
-    (606 vs 414 per K-loop trip of the sm_90 W8A16 tile, ``benchmarks/kernel_sass.py``)."""
-    f = jax.lax.bitcast_convert_type(c | jnp.int32(0x4B000000), jnp.float32)
-    return f - (8388608.0 + off)
+#: dtype -> (same-width int type, bit pattern, value) of a float whose unit in the last place is 1: OR-ing a
+#: non-negative integer c below 2**7 (bf16), 2**10 (f16) or 2**23 (f32) into its low bits gives ``value + c``
+_MAGIC = {
+    jnp.dtype(jnp.bfloat16): (jnp.int16, 0x4300, 128.0),
+    jnp.dtype(jnp.float16): (jnp.int16, 0x6400, 1024.0),
+    jnp.dtype(jnp.float32): (jnp.int32, 0x4B000000, 8388608.0),
+}
+
+
+def exact_int(c: jax.Array, off, dtype=jnp.float32) -> jax.Array:
+    """``c - off`` as ``dtype`` (bfloat16, float16 or float32), exactly, for non-negative integer codes ``c`` (below
+    2**7, 2**10, 2**23 respectively) and an integer-valued ``off`` (a Python int, or an int/float array broadcasting
+    against ``c``), with integer ops and one float subtraction: the code OR-ed into the mantissa of the float
+    ``value`` (128, 1024, 2**23) is ``value + c`` by a same-width bitcast, and ``value + off`` is subtracted.
+
+    Avoids the int-to-float conversion (``I2F``, a quarter-rate instruction on sm_90) of ``c.astype(dtype)``. Not
+    used for signed int8 codes: there the extra ``(v & 0xFF) ^ 0x80`` costs more instructions than the ``I2F`` it
+    saves (606 vs 414 per K-loop trip of the sm_90 W8A16 tile, ``benchmarks/kernel_sass.py``)."""
+    itype, bits, value = _MAGIC[jnp.dtype(dtype)]
+    f = jax.lax.bitcast_convert_type(c.astype(itype) | itype(bits), dtype)
+    if isinstance(off, int | float):
+        return f - (value + off)
+    return f - (off.astype(jnp.float32) + value).astype(dtype)
 
 
 def split_cols(x: jax.Array, parts: int) -> list[jax.Array]:

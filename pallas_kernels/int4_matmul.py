@@ -32,7 +32,7 @@ the code tiles hold the exact integers ``c - zero`` in the activation dtype and 
 the ``(BM, BN)`` float32 dot result, ``acc += (x @ (c - z)) * s``, instead of every weight (no per-weight float
 multiply and rounding). Not bit-identical to the XLA path, which rounds ``(c - z) * s`` per weight; it is the
 exact group-scaled product up to float32 accumulation, i.e. closer to float64 ``x @ dequantize(w)``. The 2/4-bit
-integer tiles are built without int-to-float conversions (``_exact_int_tile``: the code is OR-ed into the
+integer tiles are built without int-to-float conversions (``_common.exact_int``: the code is OR-ed into the
 mantissa of 128.0 (bf16) / 1024.0 (f16) / 2**23 (f32) and ``128 + z`` subtracted, exact), which ptxas turns into
 one ``PRMT``/``LOP3`` pair and one packed ``HADD2`` per two weights instead of one ``I2F`` per weight (a quarter-
 rate conversion on sm_90): 363 instead of 642 instructions per K-loop trip for the sm_90 W4A16 tile of the
@@ -63,7 +63,7 @@ from pallas_kernels._common import (
     and_masks,
     cdiv,
     compiler_params,
-    exact_int_f32,
+    exact_int,
     interleave_rows,
     largest_divisor_at_most,
     load,
@@ -233,26 +233,6 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
 _DOT_VARIANTS = ("", *(f"{b}{p}" for p in ("", "+postscale") for b in ("strided", "interleave", "split")))
 
 
-#: (bit pattern, value) of a float whose unit in the last place is 1: OR-ing an integer 0 <= c < 2**7 (bf16),
-#: 2**10 (f16) or 2**23 (f32) into its low bits gives the float ``value + c`` exactly
-_MAGIC = {
-    jnp.dtype(jnp.bfloat16): (jnp.int16, 0x4300, 128.0),
-    jnp.dtype(jnp.float16): (jnp.int16, 0x6400, 1024.0),
-    jnp.dtype(jnp.float32): (jnp.int32, 0x4B000000, 8388608.0),
-}
-
-
-def _exact_int_tile(c: jax.Array, off, dtype) -> jax.Array:
-    """``(c - off)`` as ``dtype`` for small non-negative integer codes ``c`` (``< 2**7``), without an int-to-float
-    conversion instruction: the code is OR-ed into the mantissa of the float ``value`` (``value + c`` exactly, by
-    a same-width bitcast) and ``value + off`` is subtracted in ``dtype`` (exact: both are integers below the
-    float's contiguous-integer range). ``off`` is a Python int or an int32 array broadcasting against ``c``."""
-    itype, bits, value = _MAGIC[jnp.dtype(dtype)]
-    f = jax.lax.bitcast_convert_type(c.astype(itype) | itype(bits), dtype)
-    sub = value + off if isinstance(off, int) else (off.astype(jnp.float32) + value).astype(dtype)
-    return f - jnp.asarray(sub, dtype) if isinstance(off, int) else f - sub
-
-
 def _kernel(
     *refs, layout: IntLayout, m: int, bm: int, bn: int, bk: int, steps: int, variant: str, gs: int, w_round=None
 ):
@@ -295,18 +275,18 @@ def _kernel(
                     tiles.append(c.astype(cdtype))
                 elif bits < 8:
                     off = (1 << (bits - 1)) if layout.mode == "sym" else zi
-                    tiles.append(_exact_int_tile(c, off, cdtype))
+                    tiles.append(exact_int(c, off, cdtype))
                 else:
                     off = (1 << (bits - 1)) if layout.mode == "sym" else zi
                     tiles.append((c - off).astype(cdtype))
                 continue
             # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
             if layout.mode == "sym":
-                w = (c.astype(jnp.float32) if sym_int8 else exact_int_f32(c, 2 ** (bits - 1))) * s
+                w = (c.astype(jnp.float32) if sym_int8 else exact_int(c, 2 ** (bits - 1))) * s
             elif layout.mode == "zeropoint":
-                w = exact_int_f32(c, z) * s
+                w = exact_int(c, z) * s
             else:
-                w = exact_int_f32(c, 0) * s + z
+                w = exact_int(c, 0) * s + z
             if w_round is not None:
                 w = w.astype(w_round)
             tiles.append(w.astype(cdtype))
@@ -372,11 +352,11 @@ def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int
             c = p if per == 1 else (p >> (bits * jj)) & ((1 << bits) - 1)
             # the same float32 operations as the XLA reference, so the weights round identically
             if layout.mode == "sym":
-                w = (exact_int_f32(c, int(off)) if off else c.astype(jnp.float32)) * s
+                w = (exact_int(c, int(off)) if off else c.astype(jnp.float32)) * s
             elif layout.mode == "zeropoint":
-                w = exact_int_f32(c, z) * s
+                w = exact_int(c, z) * s
             else:
-                w = exact_int_f32(c, 0) * s + z
+                w = exact_int(c, 0) * s + z
             if w_round is not None:
                 w = w.astype(w_round)
             if cdtype != jnp.float32 or w_round is not None:

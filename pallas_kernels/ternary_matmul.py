@@ -21,7 +21,7 @@ the four 2-bit fields, subtract 1, then for ``"k"`` packing multiply each field 
 ``k0 + j + 4r`` (default: four strided loads of a zero-padded ``x``; ``config.variant="split"``: one contiguous
 ``(BM, BK)`` tile split into the four column sets in registers, which Triton vectorizes and pipelines), and for
 ``"n"`` packing interleave the fields along N into one ``(BK, BN)`` tile. The weight-only dequantization
-``(c - 1) * s`` builds ``c - 1`` exactly in float32 with integer ops (``_common.exact_int_f32``), not an
+``(c - 1) * s`` builds ``c - 1`` exactly in float32 with integer ops (``_common.exact_int``), not an
 int-to-float conversion.
 
 ``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``), ``packing="k"``: the weight-only
@@ -45,7 +45,7 @@ from pallas_kernels._common import (
     and_masks,
     cdiv,
     compiler_params,
-    exact_int_f32,
+    exact_int,
     interleave_cols,
     largest_divisor_at_most,
     load,
@@ -151,7 +151,7 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="
     def as_weight(t):  # codes c = t + 1 -> dot operand holding t in {-1, 0, 1} (times s for w16)
         if mode == "a8":
             return (t - 1).astype(jnp.int8)
-        w = exact_int_f32(t, 1) * s  # (c - 1) * s with t = c in {0, 1, 2}: no int-to-float conversion
+        w = exact_int(t, 1) * s  # (c - 1) * s with t = c in {0, 1, 2}: no int-to-float conversion
         if w_round is not None:
             w = w.astype(w_round)
         return w.astype(cdtype)

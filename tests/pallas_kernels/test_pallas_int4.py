@@ -283,16 +283,16 @@ def test_postscale_compiles_to_cubin_sm90(variant, mode):
 def test_exact_int_tile_equals_integer_subtraction(dtype):
     """The bit trick (code OR-ed into a float's mantissa, then one subtraction) gives exactly ``c - off`` for
     every 7-bit code and every offset the kernels use (fixed 2/8, per-column uint8 zero points)."""
-    from pallas_kernels.int4_matmul import _exact_int_tile
+    from pallas_kernels._common import exact_int
 
     c = jnp.arange(128, dtype=jnp.int32)[:, None]
     for off in (0, 2, 8, 64):
-        got = np.asarray(_exact_int_tile(c, off, dtype), np.float64)
+        got = np.asarray(exact_int(c, off, dtype), np.float64)
         np.testing.assert_array_equal(got, np.arange(128)[:, None] - off)
     z = jnp.arange(16, dtype=jnp.int32)[None, :]
-    got = np.asarray(_exact_int_tile(c[:16], z, dtype), np.float64)
+    got = np.asarray(exact_int(c[:16], z, dtype), np.float64)
     np.testing.assert_array_equal(got, np.arange(16)[:, None] - np.arange(16)[None, :])
-    assert _exact_int_tile(c, 8, dtype).dtype == jnp.dtype(dtype)
+    assert exact_int(c, 8, dtype).dtype == jnp.dtype(dtype)
 
 
 def _int4_loop(variant: str) -> tt.LoopProfile:
