@@ -43,24 +43,13 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant.eval.text import calib_text, eval_text
+from jaxquant.files import atomic_write
 from jaxquant.models import LlamaConfig, model_params, with_params
 from jaxquant.nn import BitLinear, quantize_model
 from jaxquant.qat import BLOCK_LINEARS
 from jaxquant.train import TINY_SIZES, ByteTokenizer, TrainConfig, Trainer, non_embedding_params, tiny_config
 
 PTQ_RULES = [(BLOCK_LINEARS + "/kernel", jq.TernaryScheme())]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_config(size: str, seq_len: int) -> LlamaConfig:
@@ -243,7 +232,7 @@ def main() -> None:
     }
     print(f"\nwall time {wall:.0f} s; load average {os.getloadavg()[0]:.1f}; {meta['machine']}")
     if args.out:
-        _atomic_write(Path(args.out), json.dumps({"rows": rows, **meta}, indent=1).encode())
+        atomic_write(Path(args.out), json.dumps({"rows": rows, **meta}, indent=1).encode())
     if args.plot:
         plot(rows, Path(args.plot))
 

@@ -33,7 +33,6 @@ import datetime
 import os
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,11 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{CLOCK_HZ / 1e9:.2f} GHz, {COPY_BPS / 1e12:.2f} TB/s copy): see the script's docstring\n\n"
             f"{table}\n"
         )
-        d = os.path.dirname(os.path.abspath(a.out))
-        os.makedirs(d, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
-            f.write(text)
-        os.replace(f.name, a.out)
+        from jaxquant.files import atomic_write
+
+        atomic_write(a.out, text, mode=0o644)
     return 0
 
 

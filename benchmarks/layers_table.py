@@ -31,13 +31,14 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax import nnx
+
+from jaxquant.files import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,19 +67,6 @@ def _git() -> str:
     except OSError:
         return "unknown"
     return sha.strip() + ("+uncommitted" if dirty.strip() else "")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _outlier_run(loaded: Any, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
@@ -249,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         **extra,
         "seconds_total": time.perf_counter() - t_all,
     }
-    _atomic_write(Path(args.out), json.dumps(meta, indent=1))
+    atomic_write(Path(args.out), json.dumps(meta, indent=1), mode=0o644)
     print(f"\nwrote {args.out} ({meta['seconds_total']:.0f} s)", flush=True)
     return 0
 

@@ -23,11 +23,12 @@ import os
 import pickle
 import platform
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import jax
+
+from jaxquant.files import atomic_write
 
 DEFAULT_UNIFORM = (
     "int3-g128-asym",
@@ -38,18 +39,6 @@ DEFAULT_UNIFORM = (
     "int6-g128-asym",
 )
 DEFAULT_TARGETS = "3.0,=int3-g128-asym,3.5,4.0,=int4-g128-asym,4.5,5.0,6.0"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plot(uniform: list[dict], mixed: list[dict], base: float, path: Path) -> None:
@@ -79,7 +68,7 @@ def _plot(uniform: list[dict], mixed: list[dict], base: float, path: Path) -> No
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def main() -> None:
@@ -129,7 +118,7 @@ def main() -> None:
                 loaded.model, loaded.calib_tokens, n_samples=a.calib_samples, proxy=proxy, progress=a.progress
             )
             if cache is not None:
-                _atomic_write(cache, pickle.dumps(costs))
+                atomic_write(cache, pickle.dumps(costs))
         cost_s[proxy] = time.perf_counter() - t0
         print(f"{proxy}: {len(costs)} tensors x {len(costs[0].settings)} settings in {cost_s[proxy]:.0f} s", flush=True)
         targets = a.hessian_targets if proxy == "hessian" else a.targets
@@ -178,7 +167,7 @@ def main() -> None:
     for _, label, r, hist in sorted(rows, key=lambda x: x[0]):
         lines.append(f"| {label} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {r['delta_pct']:+.1f}% | {hist} |")
     out = Path(a.out)
-    _atomic_write(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    atomic_write(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     meta = {
         "machine": machine,
         "commit": commit,
@@ -190,7 +179,7 @@ def main() -> None:
         "uniform": uniform,
         "mixed": mixed,
     }
-    _atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     _plot(uniform, mixed, base.ppl, out.with_suffix(".png"))
     print("\n".join(lines[3:]))
     print(f"wrote {out}.md/.json/.png ({total:.0f} s in all)")

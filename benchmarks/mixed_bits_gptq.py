@@ -18,23 +18,12 @@ import os
 import pickle
 import platform
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from jaxquant.files import atomic_write
 
 
 def main() -> None:
@@ -102,10 +91,10 @@ def main() -> None:
             f"{r['quantize_seconds']:.0f} |"
         )
     out = Path(a.out)
-    _atomic_write(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    atomic_write(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     meta = {"machine": machine, "commit": commit, "fp32_ppl": base, "total_seconds": total, "rows": rows}
     meta.update(calib_samples=a.calib_samples, max_windows=a.max_windows)
-    _atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     print("\n".join(lines[2:]))
 
 

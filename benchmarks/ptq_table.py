@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import jax
+
+from jaxquant.files import atomic_write
 
 #: (SPEC, label) in table order; blank SPEC = a separator row
 ROWS: tuple[tuple[str, str], ...] = (
@@ -37,18 +38,6 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("w8a8", "W8A8 int8 (per-channel W, per-token x)"),
     ("smoothquant-int8-w8a8", "SmoothQuant + W8A8 int8"),
 )
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main() -> None:
@@ -108,7 +97,7 @@ def main() -> None:
         "total_seconds": time.perf_counter() - t_all,
         "results": results,
     }
-    _atomic_write(Path(a.out), json.dumps(meta, indent=2))
+    atomic_write(Path(a.out), json.dumps(meta, indent=2))
     print(f"wrote {a.out} ({meta['total_seconds']:.0f} s in all)")
 
 

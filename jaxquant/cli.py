@@ -11,9 +11,10 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from jaxquant.files import atomic_write
 
 __all__ = ["DEMO_SPECS", "main", "positive_arg"]
 
@@ -153,18 +154,6 @@ def _cmd_eval(a) -> None:
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plot(results, base_ppl: float, path: Path, ymax: float = 1000.0) -> None:
     """Perplexity vs bits/weight, log-log; points above ``ymax`` are drawn at the top edge as off-scale."""
     import io
@@ -196,7 +185,7 @@ def _plot(results, base_ppl: float, path: Path, ymax: float = 1000.0) -> None:
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _cmd_demo(a) -> None:
@@ -244,7 +233,7 @@ def _cmd_demo(a) -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}, jax {jax.__version__}",
         "results": [r.as_dict() for r in results],
     }
-    _atomic_write(out / "results.json", json.dumps(meta, indent=2).encode())
+    atomic_write(out / "results.json", json.dumps(meta, indent=2).encode())
     _plot(results, base, out / "quantization_map.png")
     print(f"wrote {out / 'results.json'} and {out / 'quantization_map.png'}")
 

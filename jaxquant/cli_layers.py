@@ -17,12 +17,11 @@ import io
 import itertools
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from jaxquant.cli import positive_arg as _positive
+from jaxquant.files import atomic_write
 
 __all__ = ["register"]
 
@@ -87,19 +86,6 @@ def _base_scheme(name: str):
             "finetune needs a weight-only SPEC (nf4-dq, nf4, int4-g64 ...)"
         )
     return scheme
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _loss_plot(losses: list[float], title: str) -> bytes:
@@ -186,8 +172,10 @@ def _cmd_finetune(a: argparse.Namespace) -> None:
         from jaxquant.io.checkpoint import save_model
 
         save_model(qmodel, out, tokenizer=loaded.tokenizer, metadata={"spec": spec_name, "finetune": summary})
-        _atomic_write(out / "finetune.json", json.dumps(summary, indent=1).encode())
-        _atomic_write(out / "loss_curve.png", _loss_plot(list(res.losses), f"QLoRA {spec_name} on {loaded.name}"))
+        atomic_write(out / "finetune.json", json.dumps(summary, indent=1).encode(), mode=0o644)
+        atomic_write(
+            out / "loss_curve.png", _loss_plot(list(res.losses), f"QLoRA {spec_name} on {loaded.name}"), mode=0o644
+        )
     if a.json:
         print(json.dumps(summary))
         return

@@ -35,6 +35,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from jaxquant.files import atomic_write
+
 __all__ = [
     "ASSETS",
     "Asset",
@@ -173,20 +175,7 @@ def _write_stamp(dest: Path, asset: Asset) -> None:
     st = dest.stat()
     rec = {"sha256": asset.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     with contextlib.suppress(OSError):  # the stamp only saves re-hashing; failing to write it is harmless
-        _atomic_write_bytes(_stamp_path(dest), json.dumps(rec).encode())
-
-
-def _atomic_write_bytes(dest: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        atomic_write(_stamp_path(dest), json.dumps(rec).encode(), mode=0o644)
 
 
 def _verify_existing(dest: Path, asset: Asset) -> None:

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from jaxquant.files import atomic_write
 from jaxquant.models._gguf import GGUFError, get_field, open_gguf
 
 if TYPE_CHECKING:  # the ``tokenizers`` package is imported only when a tokenizer is built or loaded
@@ -100,9 +101,9 @@ class TextTokenizer:
         """Write ``tokenizer.json`` and ``jaxquant_tokenizer.json`` (BOS/EOS settings) into ``folder``."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        _atomic_write_text(os.path.join(folder, "tokenizer.json"), self.hf.to_str())
+        atomic_write(os.path.join(folder, "tokenizer.json"), self.hf.to_str(), mode=0o644)
         meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "add_bos": self.add_bos}
-        _atomic_write_text(os.path.join(folder, "jaxquant_tokenizer.json"), json.dumps(meta, indent=1))
+        atomic_write(os.path.join(folder, "jaxquant_tokenizer.json"), json.dumps(meta, indent=1), mode=0o644)
 
     @classmethod
     def from_folder(
@@ -128,13 +129,6 @@ class TextTokenizer:
 
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _pre_tokenizer(pre: str, where: str) -> tuple[Any, bool]:
