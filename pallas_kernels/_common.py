@@ -27,9 +27,11 @@ __all__ = [
     "interleave_cols",
     "interleave_rows",
     "is_pow2",
+    "largest_divisor_at_most",
     "load",
     "row_slice",
     "split_cols",
+    "split_k_call",
     "store",
 ]
 
@@ -191,3 +193,37 @@ def split_cols(x: jax.Array, parts: int) -> list[jax.Array]:
     if len(xs) != parts:
         raise ValueError(f"split_cols: parts must be a power of two, got {parts}")
     return xs
+
+
+def split_k_call(
+    kernel,
+    operands: Sequence[jax.Array],
+    *,
+    rows: int,
+    n: int,
+    split: int,
+    out_dtype,
+    config: BlockConfig,
+    interpret: bool,
+    name: str,
+) -> jax.Array:
+    """Launch a matmul kernel on the grid ``(rows / BM, cdiv(n, BN), split)`` and return ``(rows, n)`` in ``out_dtype``.
+
+    ``split == 1``: the kernel writes the ``(rows, n)`` output itself. ``split > 1``: it writes float32 partial sums
+    ``(split, rows, n)`` (one per K share, indexed by ``program_id(2)``), which XLA adds in a second small pass
+    (deterministic, no atomics) before the cast. ``rows`` is ``M``, or ``M`` padded to whole row blocks for kernels
+    that store whole blocks.
+    """
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, rows, n), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=(cdiv(rows, config.block_m), cdiv(n, config.block_n), split),
+        out_shape=out_shape,
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name=name,
+    )(*operands)
+    return out.sum(axis=0).astype(out_dtype) if split > 1 else out

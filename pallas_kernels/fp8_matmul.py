@@ -33,7 +33,15 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import BlockConfig, and_masks, cdiv, compiler_params, largest_divisor_at_most, load, store
+from pallas_kernels._common import (
+    BlockConfig,
+    and_masks,
+    cdiv,
+    largest_divisor_at_most,
+    load,
+    split_k_call,
+    store,
+)
 
 __all__ = ["fmax", "fp8_matmul", "fp8_matmul_reference", "row_scales", "supported"]
 
@@ -195,18 +203,17 @@ def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
         dequant=mode == "w8a16",
         w_round=w_round,
     )
-    f32_out = split > 1 or mode == "w8a8"
-    out_shape = jax.ShapeDtypeStruct((split, mp, n) if split > 1 else (mp, n), jnp.float32 if f32_out else x.dtype)
-    out = pl.pallas_call(
+    out = split_k_call(
         kernel,
-        grid=(mp // bm, cdiv(n, bn), split),
-        out_shape=out_shape,
-        compiler_params=compiler_params(config),
+        [xt, w, sw2],
+        rows=mp,
+        n=n,
+        split=split,
+        out_dtype=jnp.float32 if mode == "w8a8" else x.dtype,
+        config=config,
         interpret=interpret,
         name=f"fp8_{mode}_gemv",
-    )(xt, w, sw2)
-    if split > 1:
-        out = out.sum(axis=0)
+    )
     out = out[:m]
     if mode == "w8a8":
         out = out * sx[:, None] * sw2
@@ -263,15 +270,14 @@ def fp8_matmul(
     kernel = functools.partial(
         _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, mode=mode, f8max=fmax(w.dtype), w_round=w_round
     )
-    out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((m, n), x.dtype)
-    out = pl.pallas_call(
+    return split_k_call(
         kernel,
-        grid=(cdiv(m, bm), cdiv(n, bn), split),
-        out_shape=out_shape,
-        compiler_params=compiler_params(config),
+        operands,
+        rows=m,
+        n=n,
+        split=split,
+        out_dtype=x.dtype,
+        config=config,
         interpret=interpret,
         name=f"fp8_{mode}_matmul",
-    )(*operands)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
-    return out
+    )

@@ -62,13 +62,13 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
-    compiler_params,
     exact_int,
     interleave_rows,
     largest_divisor_at_most,
     load,
     row_slice,
     split_cols,
+    split_k_call,
     store,
 )
 
@@ -461,22 +461,17 @@ def int_matmul(
         gs=gs,
         w_round=w_round,
     )
-    grid = (cdiv(m, bm), cdiv(layout.n, bn), split)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, m, layout.n), jnp.float32)
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, layout.n), x.dtype)
-    out = pl.pallas_call(
+    return split_k_call(
         kernel,
-        grid=grid,
-        out_shape=out_shape,
-        compiler_params=compiler_params(config),
+        operands,
+        rows=m,
+        n=layout.n,
+        split=split,
+        out_dtype=x.dtype,
+        config=config,
         interpret=interpret,
         name=f"int{layout.bits}_matmul",
-    )(*operands)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
-    return out
+    )
 
 
 def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, nsteps: int, w_round, interpret):
@@ -488,19 +483,15 @@ def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, ns
     steps = nsteps // split
     gs = layout.group_size if layout.group_size is not None else nsteps * bk
     kernel = functools.partial(_gemv_kernel, layout=layout, bm=bm, bn=bn, bk=bk, steps=steps, gs=gs, w_round=w_round)
-    grid = (mp // bm, cdiv(layout.n, bn), split)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, mp, layout.n), jnp.float32)
-    else:
-        out_shape = jax.ShapeDtypeStruct((mp, layout.n), x.dtype)
-    out = pl.pallas_call(
+    out = split_k_call(
         kernel,
-        grid=grid,
-        out_shape=out_shape,
-        compiler_params=compiler_params(config),
+        [xt, *w_operands],
+        rows=mp,
+        n=layout.n,
+        split=split,
+        out_dtype=x.dtype,
+        config=config,
         interpret=interpret,
         name=f"int{layout.bits}_gemv",
-    )(xt, *w_operands)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
+    )
     return out[:m]

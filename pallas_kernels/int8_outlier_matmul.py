@@ -37,9 +37,9 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
-    compiler_params,
     largest_divisor_at_most,
     load,
+    split_k_call,
     store,
 )
 
@@ -186,18 +186,15 @@ def int8_outlier_matmul(
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     kernel = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, outliers=outliers)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32)
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
-    out = pl.pallas_call(
+    operands = [x, xq, sx.astype(jnp.float32), idx, count.astype(jnp.int32).reshape(1), wq, sw.astype(jnp.float32)]
+    return split_k_call(
         kernel,
-        grid=(cdiv(m, bm), cdiv(n, bn), split),
-        out_shape=out_shape,
-        compiler_params=compiler_params(config),
+        operands,
+        rows=m,
+        n=n,
+        split=split,
+        out_dtype=x.dtype,
+        config=config,
         interpret=interpret,
         name="int8_outlier_matmul",
-    )(x, xq, sx.astype(jnp.float32), idx, count.astype(jnp.int32).reshape(1), wq, sw.astype(jnp.float32))
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
-    return out
+    )

@@ -51,11 +51,11 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
-    compiler_params,
     interleave_cols,
     largest_divisor_at_most,
     load,
     row_slice,
+    split_k_call,
     store,
 )
 
@@ -297,19 +297,15 @@ def nf4_matmul(
         code_vals=code_vals,
         w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
     )
-    grid = (cdiv(m, bm), cdiv(n, bn), split)
-    mo = cdiv(m, bm) * bm if variant.endswith("gemv") else m  # gemv writes whole (padded) row blocks
-    out_shape = (
-        jax.ShapeDtypeStruct((split, mo, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((mo, n), x.dtype)
-    )
-    out = pl.pallas_call(
+    out = split_k_call(
         kernel,
-        grid=grid,
-        out_shape=out_shape,
-        compiler_params=compiler_params(config),
+        operands,
+        rows=cdiv(m, bm) * bm if variant.endswith("gemv") else m,  # gemv writes whole (padded) row blocks
+        n=n,
+        split=split,
+        out_dtype=x.dtype,
+        config=config,
         interpret=interpret,
         name="nf4_gemv" if variant.endswith("gemv") else "nf4_matmul",
-    )(*operands)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
+    )
     return out[:m]

@@ -44,13 +44,13 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
-    compiler_params,
     exact_int,
     interleave_cols,
     largest_divisor_at_most,
     load,
     row_slice,
     split_cols,
+    split_k_call,
     store,
 )
 
@@ -266,18 +266,17 @@ def ternary_matmul(
         w_round=w_round,
         variant=config.variant if packing == "k" else "",
     )
-    out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((m, n), x.dtype)
-    out = pl.pallas_call(
+    return split_k_call(
         kernel,
-        grid=(cdiv(m, bm), cdiv(n, bn), split),
-        out_shape=out_shape,
-        compiler_params=compiler_params(config),
+        operands,
+        rows=m,
+        n=n,
+        split=split,
+        out_dtype=x.dtype,
+        config=config,
         interpret=interpret,
         name=f"ternary_{mode}_matmul",
-    )(*operands)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
-    return out
+    )
 
 
 def _ternary_gemv(x, data, scale, *, k: int, n: int, mode: str, config: BlockConfig, w_dtype, interpret: bool):
