@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -51,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from jaxquant.eval.memory import device_memory_stats, tree_nbytes  # noqa: E402
 from jaxquant.generate import _eos_array, _generate_jit, init_cache  # noqa: E402
 from jaxquant.models.llama import Llama, LlamaConfig, model_params, with_params  # noqa: E402
@@ -342,22 +342,6 @@ class Report:
                     shutil.copy(p, os.path.join(out, os.path.basename(p)))
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return (sha + (" + uncommitted changes" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _device() -> tuple[str, str]:
     """``(file key, description)`` of the default device."""
     d = jax.devices()[0]
@@ -450,7 +434,7 @@ def run_cpu(args) -> None:
     notes = [
         "CPU timings: XLA on a shared machine (other jobs were running): noisy, compare within one run only",
     ]
-    report = Report(args.out, _header("Decode benchmark (CPU)", args, [model_line], args.commit or _commit()), notes)
+    report = Report(args.out, _header("Decode benchmark (CPU)", args, [model_line], args.commit or git_commit()), notes)
     print(report.header, flush=True)
     print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     for s in schemes:
@@ -527,7 +511,7 @@ def run_device_suite(args) -> None:
         "models: **synthetic Llamas with random weights (normal, std 0.02), for speed and memory only**; "
         "quantized schemes: block linears quantized, embeddings/head/norms in bf16"
     ] + [f"{s}: {SYNTHETIC[s][0]}" for s in sizes]
-    report = Report(out, _header(f"Decode benchmark ({key})", args, model_lines, args.commit or _commit()))
+    report = Report(out, _header(f"Decode benchmark ({key})", args, model_lines, args.commit or git_commit()))
     plan_text = ",".join(f"{size}:{b}" for size, b in plan)
     report.note(
         f"budget {args.budget_s:.0f} s from process start (watchdog at +{args.grace_s:.0f} s); plan {plan_text}"

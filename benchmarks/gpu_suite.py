@@ -35,6 +35,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.provenance import git_commit  # noqa: E402
+
 # (kernel, M values, KxN values, seconds budget): the five main kernels first, at the shapes their goals name
 PLAN = [
     ("int4_g128", "1,16,256,4096", "4096x4096,8192x8192", 55),
@@ -387,25 +389,6 @@ def _run_resilient(name: str, extra: list[str], timeout: float, tmp: str, dry: b
     return out
 
 
-def _git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return "unknown (no git)"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-
-
 def _check_table(rows: list[dict[str, Any]]) -> str:
     s = (
         "| kernel | M | K | N | dtype | ok | rel err vs f64 | rel err vs XLA | XLA vs f64 | deterministic | path |\n"
@@ -443,7 +426,7 @@ def orchestrate(a) -> int:
     t_start = time.time()
     tmp = tempfile.mkdtemp(prefix="gpu_suite_")
     report: dict[str, Any] = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    report["commit"] = _git_commit()
+    report["commit"] = git_commit(12)
 
     def left() -> float:
         return a.budget_s - (time.time() - t_start)

@@ -31,12 +31,13 @@ import argparse
 import dataclasses
 import datetime
 import os
-import subprocess
 import sys
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.provenance import git_commit  # noqa: E402
 
 SMS, CLOCK_HZ, ISSUE_PER_CLK, CONV_PER_CLK, COPY_BPS = 132, 1.98e9, 4, 16, 2.93e12
 
@@ -151,15 +152,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", default=",".join(TUNING_NAME), help="comma-separated benchmark kernel names")
@@ -207,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         text = (
             f"# Static K-loop profile for sm_{a.arch} (no GPU involved)\n\n"
             f"- date (UTC): {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}\n"
-            f"- commit: {_commit()}; JAX {jax.__version__}; PyPI triton with its bundled ptxas/nvdisasm\n"
+            f"- commit: {git_commit()}; JAX {jax.__version__}; PyPI triton with its bundled ptxas/nvdisasm\n"
             f"- command: `python benchmarks/kernel_sass.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
             f"- block configs: tuning table of `{a.device}`; floors for an H100 SXM ({SMS} SMs, "
             f"{CLOCK_HZ / 1e9:.2f} GHz, {COPY_BPS / 1e12:.2f} TB/s copy): see the script's docstring\n\n"

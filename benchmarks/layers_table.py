@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,9 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.files import atomic_write
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,15 +60,6 @@ ROWS = [
     ("NF4 + double quant", "nf4-dq"),
     ("ternary PTQ (BitLinear)", "ternary-ptq"),
 ]
-
-
-def _git() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown"
-    return sha.strip() + ("+uncommitted" if dirty.strip() else "")
 
 
 def _outlier_run(loaded: Any, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
@@ -167,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load()
     _ = loaded.calib_tokens
     machine = f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}, jax {jax.__version__}"
-    print(f"# {machine}, commit {_git()}, {args.max_windows} windows x {args.seq_len} tokens", flush=True)
+    print(f"# {machine}, commit {git_commit()}, {args.max_windows} windows x {args.seq_len} tokens", flush=True)
     wanted = None if args.rows == "all" else {s.strip() for s in args.rows.split(",")}
     rows: list[dict[str, Any]] = []
     base = None
@@ -229,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {q['step_seconds']:.2f} s/step, {q['seconds_total']:.0f} s in all", flush=True)
     meta = {
         "machine": machine,
-        "commit": _git(),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "max_windows": args.max_windows,
         "seq_len": args.seq_len,

@@ -22,13 +22,16 @@ import json
 import os
 import pickle
 import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import jax
 
 from jaxquant.files import atomic_write
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.provenance import git_commit
 
 DEFAULT_UNIFORM = (
     "int3-g128-asym",
@@ -91,7 +94,7 @@ def main() -> None:
 
     t_all = time.perf_counter()
     loaded = load("smollm2-135m")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     machine = f"{platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__} {jax.default_backend()}"
     print(f"{machine}; commit {commit}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
 
