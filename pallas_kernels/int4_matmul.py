@@ -252,6 +252,16 @@ def _kernel(
     cdtype = x_ref.dtype
     sym_int8 = w_ref.dtype == jnp.int8
     base, post = variant.split("+")[0], variant.endswith("+postscale")
+    # scales already in the activation dtype (bf16/f16), no other rounding in between: (c - z) is exact in that dtype
+    # and one multiply there rounds once, as the reference rounds its float32 product (exact: <= 4 + 11 bits)
+    native = (
+        not post
+        and bits < 8
+        and layout.mode != "minmax"
+        and cdtype != jnp.float32
+        and s_ref.dtype == cdtype
+        and w_round in (None, cdtype)
+    )
 
     def body(t, acc):
         kb = sk * steps + t
@@ -260,9 +270,10 @@ def _kernel(
         wmask = and_masks(nmask, (r0 + jnp.arange(pk) < layout.packed_rows)[:, None] if k_ragged else None)
         p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
         g = k0 // gs
-        s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
+        s = s if native else s.astype(jnp.float32)
         z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
-        zi = None if z is None or not post else z.astype(jnp.int32)
+        zi = None if z is None or not (post or native) else z.astype(jnp.int32)
         z = None if z is None else z.astype(jnp.float32)
         if per == 1:
             codes = [p]
@@ -279,6 +290,9 @@ def _kernel(
                 else:
                     off = (1 << (bits - 1)) if layout.mode == "sym" else zi
                     tiles.append((c - off).astype(cdtype))
+                continue
+            if native:  # packed bf16/f16 arithmetic, two weights per instruction; identical weights
+                tiles.append(exact_int(c, (1 << (bits - 1)) if layout.mode == "sym" else zi, cdtype) * s)
                 continue
             # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
             if layout.mode == "sym":

@@ -295,13 +295,13 @@ def test_exact_int_tile_equals_integer_subtraction(dtype):
     assert exact_int(c, 8, dtype).dtype == jnp.dtype(dtype)
 
 
-def _int4_loop(variant: str) -> tt.LoopProfile:
+def _int4_loop(variant: str, scale_dtype=jnp.float32) -> tt.LoopProfile:
     layout = IntLayout(bits=4, mode="sym", k=8192, n=8192, group_size=128)
     cfg = BlockConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3, variant=variant)
     args = [
         shape_struct((1, 8192), jnp.bfloat16),
         shape_struct((layout.packed_rows, 8192), jnp.uint8),
-        shape_struct((layout.groups, 8192), jnp.bfloat16),
+        shape_struct((layout.groups, 8192), scale_dtype),
         None,
     ]
     fn = functools.partial(int_matmul, layout=layout, config=cfg, w_dtype="bfloat16")
@@ -314,7 +314,8 @@ def test_k_loop_instruction_counts_sm90():
     """Machine-code check of the W4A16 K loop for sm_90 (M=1, 8192^2, the H100 table's 16x64x128 tile): codes
     become floats by integer ops (no I2F, a quarter-rate conversion on sm_90), and the ``split`` variants (one
     contiguous activation tile) need far fewer instructions per trip than ``interleave`` (the measured H100 row,
-    whose K-order rebuild costs shuffles) and ``strided`` (one uncoalesced activation load per element)."""
+    whose K-order rebuild costs shuffles) and ``strided`` (one uncoalesced activation load per element). Float32
+    scales (the benchmark's weights): the dequantization runs in float32."""
     loops = {v: _int4_loop(v) for v in ("interleave", "strided", "split", "split+postscale")}
     n = {v: p.instructions for v, p in loops.items()}
     for v, p in loops.items():
@@ -323,3 +324,45 @@ def test_k_loop_instruction_counts_sm90():
     assert n["split"] <= 0.7 * n["interleave"], n
     assert n["split"] < n["strided"], n
     assert n["split+postscale"] <= 0.8 * n["split"], n  # no per-weight multiply and rounding
+
+
+@requires_triton
+def test_k_loop_bf16_scales_use_packed_bf16_math_sm90():
+    """Scales stored in bf16 (weights quantized from a bf16 model) with bf16 activations: the default numerics
+    dequantize with packed bf16 arithmetic (``HADD2``/``HMUL2``, two weights per instruction; bit-identical, see
+    test_weights_bit_identical_to_the_xla_path) instead of float32 (``FADD``/``FMUL`` + packing)."""
+    f32, b16 = _int4_loop("split"), _int4_loop("split", jnp.bfloat16)
+    assert f32.count("FMUL") > 0 and b16.count("FMUL") == 0
+    assert b16.count("HMUL2") > 0 and b16.count("I2F") == 0
+    assert b16.instructions <= 0.85 * f32.instructions, (b16.instructions, f32.instructions)
+
+
+@pytest.mark.parametrize(
+    "x_dt,s_dt,w_dtype",
+    [
+        (jnp.bfloat16, jnp.bfloat16, None),  # scales in the activation dtype: the packed bf16 multiply
+        (jnp.float16, jnp.float16, "float16"),
+        (jnp.bfloat16, jnp.float32, None),  # float32 scales: float32 arithmetic
+        (jnp.float16, jnp.float32, "bfloat16"),  # rounded to bf16 first, then to f16 (the XLA path's chain)
+        (jnp.float16, jnp.bfloat16, None),
+    ],
+)
+@pytest.mark.parametrize("bits,mode", [(4, "sym"), (4, "zeropoint"), (4, "minmax"), (2, "zeropoint")])
+def test_weights_bit_identical_to_the_xla_path(x_dt, s_dt, w_dtype, bits, mode):
+    """With one-hot activation rows the product returns the dequantized weights themselves (one nonzero term per
+    sum, exact in float32), so every default-numerics variant must reproduce the XLA path's weights bit for bit."""
+    k, n = 256, 64
+    rng = np.random.default_rng(bits * 10 + len(mode))
+    q = jq.quantize(
+        jnp.asarray(rng.standard_normal((k, n)), jnp.float32),
+        jq.IntScheme(bits=bits, group_size=64, symmetric=mode == "sym", range="zeropoint" if mode == "sym" else mode),
+    )
+    layout = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=64)
+    scale = q.scale.astype(s_dt)
+    zero = None if mode == "sym" else (q.zero if mode == "zeropoint" else q.zero.astype(s_dt))
+    eye = jnp.eye(k, dtype=x_dt)
+    want = np.asarray(int_matmul_reference(eye, q.data, scale, zero, layout, w_dtype=w_dtype), np.float32)
+    for variant in ("strided", "interleave", "split"):
+        cfg = BlockConfig(block_m=64, block_n=32, block_k=64, split_k=2, variant=variant)
+        got = int_matmul(eye, q.data, scale, zero, layout=layout, config=cfg, w_dtype=w_dtype, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want, err_msg=variant)
