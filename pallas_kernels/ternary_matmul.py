@@ -148,13 +148,15 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="
     def field(p, jj):  # 2-bit field jj of the packed int32 tile: the code c = t + 1 in {0, 1, 2}
         return (p >> (2 * jj)) & 3
 
-    def as_weight(t):  # codes c = t + 1 -> dot operand holding t in {-1, 0, 1} (times s for w16)
+    # t * s is exact in float32 (t in {-1, 0, 1}), so rounding it to w_round and then to the activation dtype equals
+    # t times the scale rounded the same way, once per column: the tile is built in the activation dtype (packed
+    # bf16/f16 arithmetic, two weights per instruction), with weights identical to the XLA path's
+    s_c = (s if w_round is None else s.astype(w_round)).astype(cdtype)
+
+    def as_weight(c):  # codes c = t + 1 in {0, 1, 2} -> dot operand holding t (times s for w16)
         if mode == "a8":
-            return (t - 1).astype(jnp.int8)
-        w = exact_int(t, 1) * s  # (c - 1) * s with t = c in {0, 1, 2}: no int-to-float conversion
-        if w_round is not None:
-            w = w.astype(w_round)
-        return w.astype(cdtype)
+            return (c - 1).astype(jnp.int8)
+        return exact_int(c, 1, cdtype) * s_c  # no int-to-float conversion
 
     def body(t_, acc):
         k0 = (sk * steps + t_) * bk

@@ -151,3 +151,19 @@ def test_gemv_lowers_and_compiles_sm90(mode, m):
     calls = _lower("k", mode, m, gemv=True)
     assert calls[0].name == "int2_gemv"
     assert_compiles(calls, archs=(90,))
+
+
+@pytest.mark.parametrize("x_dt,w_dtype", [(jnp.bfloat16, None), (jnp.float16, "bfloat16"), (jnp.float32, None)])
+@pytest.mark.parametrize("gran,variant", [("channel", ""), ("channel", "split"), ("tensor", "")])
+def test_w16_weights_bit_identical_to_the_xla_path(x_dt, w_dtype, gran, variant):
+    """One-hot activation rows return the dequantized weights themselves (exact float32 sums): the kernel's
+    ``t * round(s)`` in the activation dtype must equal the XLA path's ``round(t * s)`` bit for bit."""
+    k, n = 256, 64
+    rng = np.random.default_rng(5)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)) * 0.37, jnp.float32), jq.TernaryScheme(gran))
+    pk = "k" if gran == "channel" else "n"
+    eye = jnp.eye(k, dtype=x_dt)
+    want = ternary_matmul_reference(eye, q.data, q.scale, k=k, n=n, packing=pk, w_dtype=w_dtype)
+    cfg = BlockConfig(64, 32, 128, 2, variant=variant)
+    got = ternary_matmul(eye, q.data, q.scale, k=k, n=n, packing=pk, config=cfg, w_dtype=w_dtype, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
