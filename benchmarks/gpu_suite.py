@@ -192,6 +192,10 @@ TUNE_VARIANT_TILES = (
     (16, 64, 128, 8, 4, 3),
     (16, 128, 128, 8, 8, 3),
 )
+#: no split-K (the kernel writes the bf16 output itself: no XLA partial-sum pass, one launch): 32-wide N tiles give
+#: 256 programs at N=8192 (sm_90 K loop per 4096 weights: split 265, split+postscale 199 instructions, 70-80
+#: registers; 16-wide tiles were left out: 403 instructions per 2048 weights)
+TUNE_NO_SPLIT_TILES = ((16, 32, 128, 1, 4, 3),)
 
 
 def _tune_candidates(m: int, wide: bool = False, postscale: bool = False):
@@ -207,7 +211,9 @@ def _tune_candidates(m: int, wide: bool = False, postscale: bool = False):
     from pallas_kernels._common import BlockConfig
 
     if postscale and m <= 16:  # the best measured tiles, each with every variant of TUNE_VARIANTS
-        return [BlockConfig(*t, v) for t in TUNE_VARIANT_TILES for v in TUNE_VARIANTS]
+        return [BlockConfig(*t, v) for t in TUNE_VARIANT_TILES for v in TUNE_VARIANTS] + [
+            BlockConfig(*t, v) for t in TUNE_NO_SPLIT_TILES for v in ("split", "split+postscale")
+        ]
     if wide and m <= 16:
         grid = itertools.product((64, 128, 256), (4, 8, 16), (4, 8), (3, 5), ("strided", "interleave"))
         return [
