@@ -329,7 +329,8 @@ def test_k_loop_instruction_counts_sm90():
 @requires_triton
 def test_k_loop_bf16_scales_use_packed_bf16_math_sm90():
     """Scales stored in the activation dtype (here bf16; jaxquant's IntScheme stores float16 scales, so this is
-    the float16-activation case of a default QArray): the default numerics dequantize with packed arithmetic (``HADD2``/``HMUL2``, two weights per instruction; bit-identical, see
+    the float16-activation case of a default QArray): the default numerics dequantize with packed arithmetic
+    (``HADD2``/``HMUL2``, two weights per instruction; bit-identical, see
     test_weights_bit_identical_to_the_xla_path) instead of float32 (``FADD``/``FMUL`` + packing)."""
     f32, b16 = _int4_loop("split"), _int4_loop("split", jnp.bfloat16)
     assert f32.count("FMUL") > 0 and b16.count("FMUL") == 0
