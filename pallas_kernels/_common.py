@@ -1,4 +1,5 @@
-"""Helpers shared by the Pallas kernels: block configs, masks, interleaving, backend detection.
+"""Helpers shared by the Pallas kernels: block configs, masks, interleaving and column splitting, exact integer
+codes to floats without conversions (``exact_int``), the split-K launcher (``split_k_call``), backend detection.
 
 Rules of the Pallas Triton path these helpers respect (found by lowering and compiling, see PALLAS_NOTES):
 every value inside a kernel has power-of-two dimensions; ``jnp.stack`` only joins two values along a new last
