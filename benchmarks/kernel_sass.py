@@ -14,6 +14,11 @@ floors for the whole matmul on an H100 SXM (132 SMs at the 1.98 GHz boost clock)
 * memory floor: the packed weights (plus scales) read once at the copy bandwidth measured on the H100
   (2.93 TB/s, ``benchmarks/results/h100.md``).
 
+It also prints two latency hints per trip: *exposed loads*, global loads into registers whose value is read in
+the same trip (not the ``LDGSTS`` copies the software pipeline issues stages ahead, nor register prefetches for
+the next trip; each makes every trip wait for the memory latency), and *BAR*, block-wide barriers (about two
+for the pipeline; more are layout conversions through shared memory).
+
 These are lower bounds from the instruction stream, not measurements: latency, occupancy, the split-K
 reduction and launch costs come on top. They rank kernel variants without a GPU (e.g. whether a change removes
 the quarter-rate conversions) and say which floor binds.
@@ -121,6 +126,8 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         instr_per_weight=prof.instructions * lanes / per_trip,
         conv_per_weight=conv * lanes / per_trip,
         smem_per_weight=(prof.count("LDS") + prof.count("STS")) * lanes / per_trip,
+        exposed=prof.exposed_loads,
+        barriers=prof.barriers,
         mma=prof.count("HMMA") + prof.count("IMMA") + prof.count("HGMMA") + prof.count("QGMMA") + prof.count("IGMMA"),
         issue_us=prof.instructions * call.num_warps * trips / (SMS * ISSUE_PER_CLK * CLOCK_HZ) * 1e6,
         conv_us=conv * lanes * trips / (SMS * CONV_PER_CLK * CLOCK_HZ) * 1e6,
@@ -133,20 +140,22 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
 def format_table(rows: list[dict]) -> str:
     head = (
         "| kernel | M | variant (tile, split, warps) | instr/trip | instr/weight | conv/weight | smem/weight "
-        "| issue floor µs | conv floor µs | memory floor µs | binding | most frequent opcodes per trip |\n"
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+        "| exposed loads/trip | BAR/trip | issue floor µs | conv floor µs | memory floor µs | binding "
+        "| most frequent opcodes per trip |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     )
     out = [head]
     for r in rows:
         c = r["config"]
         cfg = f"{c.variant or 'default'} ({c.block_m}x{c.block_n}x{c.block_k}, {c.split_k}, {c.num_warps})"
         if "error" in r:
-            out.append(f"| {r['kernel']} | {r['m']} | {cfg} | – | – | – | – | – | – | – | – | {r['error']} |")
+            out.append(f"| {r['kernel']} | {r['m']} | {cfg} |" + " – |" * 10 + f" {r['error']} |")
             continue
         floors = {"issue": r["issue_us"], "conversion": r["conv_us"], "memory": r["mem_us"]}
         out.append(
             f"| {r['kernel']} | {r['m']} | {cfg} | {r['trip_instr']} | {r['instr_per_weight']:.2f} "
-            f"| {r['conv_per_weight']:.2f} | {r['smem_per_weight']:.2f} | {r['issue_us']:.1f} | {r['conv_us']:.1f} "
+            f"| {r['conv_per_weight']:.2f} | {r['smem_per_weight']:.2f} | {r['exposed']} | {r['barriers']} "
+            f"| {r['issue_us']:.1f} | {r['conv_us']:.1f} "
             f"| {r['mem_us']:.1f} | {max(floors, key=floors.get)} | {r['top']} |"
         )
     return "\n".join(out)

@@ -295,14 +295,25 @@ class LoopProfile:
     Attributes:
       instructions: SASS instructions in one trip of the loop (each executed once per warp).
       counts: instructions per opcode, full name with modifiers (``"I2F.BF16"``, ``"HMMA.16816.F32.BF16"``).
+      exposed_loads: global loads into registers (``LDG``; not the ``LDGSTS`` copies into shared memory that
+        Triton's software pipeline issues stages ahead) whose value is read later in the *same* trip. Each makes
+        every trip wait for the L2/DRAM latency (hundreds of cycles), which no instruction count shows. An
+        ``LDG`` read only before it in the loop body is a prefetch for the next trip and is not counted.
     """
 
     instructions: int
     counts: dict[str, int]
+    exposed_loads: int = 0
 
     def count(self, prefix: str) -> int:
         """Instructions whose opcode starts with ``prefix`` (``"I2F"`` counts every int-to-float conversion)."""
         return sum(v for k, v in self.counts.items() if k == prefix or k.startswith(prefix + "."))
+
+    @property
+    def barriers(self) -> int:
+        """Block-wide barriers (``BAR.SYNC``) per trip: the pipeline needs about two; more mean layout conversions
+        through shared memory (store, barrier, load) inside the loop."""
+        return self.count("BAR")
 
 
 def loop_profile(sass_text: str) -> LoopProfile:
@@ -327,9 +338,52 @@ def loop_profile(sass_text: str) -> LoopProfile:
     if best is None:
         raise ValueError("loop_profile: no backward branch (loop) in this code")
     counts: dict[str, int] = {}
+    body: list[tuple[str, list[str], bool]] = []  # (opcode with modifiers, operands, predicated) per instruction
     for ln in lines[best[0] : best[1] + 1]:
         m = _SASS_LINE.search(ln)
         if m:
             op = m.group(1) + m.group(2)
             counts[op] = counts.get(op, 0) + 1
-    return LoopProfile(instructions=sum(counts.values()), counts=dict(sorted(counts.items(), key=lambda kv: -kv[1])))
+            operands = [o.strip() for o in ln[m.end() :].split(";")[0].split(",") if o.strip()]
+            body.append((op, operands, "@" in ln[: m.start(1)]))
+    exposed = sum(_read_later(body, i) for i, (op, _, _) in enumerate(body) if op == "LDG" or op.startswith("LDG."))
+    return LoopProfile(
+        instructions=sum(counts.values()),
+        counts=dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        exposed_loads=exposed,
+    )
+
+
+_SASS_REG = re.compile(r"(?<![A-Z0-9_])R(\d+)((?:\.64)?)")
+_NO_DEST = ("ST", "RED", "BAR", "BRA", "EXIT", "DEPBAR", "LDGSTS", "LDGDEPBAR", "WARPSYNC", "NOP", "MEMBAR")
+
+
+def _width(op: str) -> int:
+    return 4 if ".128" in op else (2 if ".64" in op else 1)
+
+
+def _regs(operand: str, width: int = 1) -> set[int]:
+    out: set[int] = set()
+    for m in _SASS_REG.finditer(operand):
+        w = 2 if m.group(2) else width
+        out.update(range(int(m.group(1)), int(m.group(1)) + w))
+    return out
+
+
+def _read_later(body: list[tuple[str, list[str], bool]], i: int) -> bool:
+    """Whether the registers loaded by instruction ``i`` are read by a later instruction of the same trip (a
+    predicated write does not end their life: it may not happen)."""
+    op, operands, _ = body[i]
+    live = _regs(operands[0], _width(op)) if operands else set()
+    for op2, ops2, predicated in body[i + 1 :]:
+        if not live:
+            return False
+        stores = op2.startswith(_NO_DEST)
+        srcs = ops2 if stores else ops2[1:]
+        for j, o in enumerate(srcs):
+            last = stores and j == len(srcs) - 1  # a store's data operand has the store's width
+            if live & _regs(o, _width(op2) if last else 1):
+                return True
+        if not stores and ops2 and not predicated:
+            live -= _regs(ops2[0], _width(op2))
+    return False

@@ -34,6 +34,35 @@ def test_loop_profile_takes_the_longest_backward_loop():
     assert p.count("I2") == 0  # prefixes match whole opcode names only
 
 
+def test_loop_profile_finds_loads_used_in_the_same_trip():
+    """An ``LDG`` read later in the trip is exposed (also through a 64-bit pair or a 128-bit store); a prefetch read
+    only before it (by the next trip), an overwritten register and the pipeline's ``LDGSTS`` are not."""
+    text = (
+        ".L_x_3:\n"
+        "        /*0100*/                   HADD2.F32 R14, -RZ, R9.H1_H1 ;\n"
+        "        /*0110*/                   LDGSTS.E.64 [R3], desc[UR4][R4.64] ;\n"
+        "        /*0120*/                   LDGDEPBAR ;\n"
+        "        /*0130*/                   LDG.E.U8 R5, desc[UR4][R6.64] ;\n"
+        "        /*0140*/              @!P0 LDG.E.128 R8, desc[UR4][R6.64] ;\n"
+        "        /*0150*/                   LDG.E R20, desc[UR4][R6.64] ;\n"
+        "        /*0160*/                   LDG.E R22, desc[UR4][R6.64] ;\n"
+        "        /*0170*/                   LDG.E R31, desc[UR4][R6.64] ;\n"
+        "        /*0180*/                   MOV R20, R1 ;\n"
+        "        /*0190*/                   STS.U8 [R3], R5 ;\n"
+        "        /*01a0*/                   IADD3 R7, R20, R1, RZ ;\n"
+        "        /*01b0*/                   DADD R40, R21.64, R40.64 ;\n"
+        "        /*01c0*/                   STS.128 [R3], R28 ;\n"
+        "        /*01d0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;\n"
+        "        /*01e0*/               @P1 BRA `(.L_x_3) ;\n"
+    )
+    p = tt.loop_profile(text)
+    assert p.instructions == 15
+    # R5 (STS data), R22 (via the pair R21.64), R31 (in STS.128's R28..R31); not R8 (prefetch), R20 (overwritten)
+    assert p.exposed_loads == 3
+    assert p.barriers == 1 and p.count("LDG") == 5
+    assert tt.loop_profile(SASS).exposed_loads == 0 and tt.loop_profile(SASS).barriers == 0
+
+
 def test_loop_profile_without_loop_is_an_error():
     with pytest.raises(ValueError, match="no backward branch"):
         tt.loop_profile("        /*0000*/                   EXIT ;\n")
