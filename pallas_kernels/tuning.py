@@ -141,8 +141,11 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
             variant = "select" if m <= 256 else "select-interleave"  # interleave: 128x128 tiles, 8 warps only
     elif kernel in ("ternary", "ternary_a8", "fp8_w8a8", "fp8_w8a16"):
         bk = 128
-        if kernel == "ternary" and m <= 16:
-            variant = "split"  # 431 vs 506 K-loop instructions per trip for sm_90 (benchmarks/kernel_sass.py)
+        if kernel in ("ternary", "ternary_a8") and m <= 16:
+            # one contiguous activation tile through the software pipeline; the default's four strided activation
+            # loads per step are waited for in every trip behind 8 barriers (sm_90 K loop: 0 vs 16 exposed global
+            # loads per trip; W1.58A16 324 vs 396 instructions; benchmarks/kernel_sass.py); not yet timed
+            variant = "split"
     tiles = cdiv(m, bm) * cdiv(n, bn)
     split = 1
     nsteps = cdiv(k, bk)

@@ -140,6 +140,35 @@ def test_split_variant_compiles_sm90(mode):
     assert_compiles(_lower("k", mode, 16, variant="split"), archs=(90,))
 
 
+@requires_triton
+@pytest.mark.parametrize("mode", ["w16", "a8"])
+def test_split_k_loop_has_no_exposed_global_loads_sm90(mode):
+    """sm_90 machine code of the K loop (16x64x128 tile, the H100 table's): the default variant's four strided
+    activation loads per step are global loads into registers, each stored to shared memory behind a barrier
+    and used in the same trip (four exposed memory latencies per trip); ``split`` loads one contiguous tile
+    through the software pipeline: no ``LDG`` in the loop, only the pipeline's barriers."""
+    from pallas_kernels import _triton_tools as tt
+
+    def loop(variant):
+        call = _lower("k", mode, 16, k=2048, n=512, variant=variant)[0]
+        return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+    default, split = loop(""), loop("split")
+    assert default.exposed_loads >= 4 and default.barriers >= 4, (default.exposed_loads, default.barriers)
+    assert split.exposed_loads == 0 and split.barriers <= 2, (split.exposed_loads, split.barriers)
+
+
+def test_heuristic_takes_split_at_small_m():
+    """Unmeasured devices: ``split`` (no exposed activation loads) for both modes up to M=16, valid configs."""
+    from pallas_kernels import tuning
+
+    for name, mode in (("ternary", "w16"), ("ternary_a8", "a8")):
+        for m in (1, 5, 16):
+            cfg = tuning.heuristic(name, m, 8192, 8192, sms=132)
+            assert cfg.variant == "split" and supported(8192, 8192, "k", cfg, jnp.bfloat16, mode) is None
+        assert tuning.heuristic(name, 64, 8192, 8192, sms=132).variant == ""
+
+
 def test_unknown_variant_is_rejected():
     why = supported(256, 64, "k", BlockConfig(16, 64, 128, variant="interleave"), jnp.bfloat16, "w16")
     assert why is not None and "variant" in why
