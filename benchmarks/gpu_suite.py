@@ -15,7 +15,8 @@ Usage (from the repository root, nothing to install beyond jax; PYTHONPATH=. is 
 
 Sections: ``env`` (devices, versions), ``ceilings`` (copy bandwidth, bf16 matmul rate), ``check`` (each kernel
 vs the XLA path and float64 NumPy on ragged shapes, M=1, both activation dtypes, run twice to expose races),
-``bench:<kernel>`` (benchmarks/kernels.py), optionally ``tune`` (a few block configs of the int4 kernel).
+``bench:<kernel>`` (benchmarks/kernels.py), optionally ``tune`` (a few block configs of the int4 kernel) and,
+with ``--tune-variants``, ``tune_kernels`` (ternary, W1.58A8 and int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``).
 """
 
 from __future__ import annotations
@@ -292,7 +293,111 @@ def section_tune(args) -> dict[str, Any]:
     return {"rows": rows}
 
 
-SECTIONS = {"env": section_env, "ceilings": section_ceilings, "check": section_check, "tune": section_tune}
+#: ``--tune-variants`` for the other kernels at M <= 16 (weights and activations of benchmarks/kernels.py): the
+#: measured H100/H200 table row (variant "": strided activation loads) against ``split`` (one contiguous activation
+#: tile through the software pipeline). sm_90 K loop per trip (benchmarks/kernel_sass.py, compiled on the CPU):
+#: ternary W1.58A16 default 396 instructions with 16 exposed global loads and 8 barriers, split 324 with none;
+#: W1.58A8 427 / 431, same loads. Also split with split-K 8, and a 32-wide tile without split-K (no XLA
+#: partial-sum pass; 197 / 261 instructions per half-size trip). int8 W8A16 (2.5x above its memory floor on the
+#: H100 with no exposed load in its loop): more programs (split-K 8), wider tiles, the unsplit tile; its
+#: ``+postscale`` was left out (475 instructions vs 414, and the scale row load exposed). All 22 (kernel, config,
+#: M in {1, 16}) cases compiled for sm_90 at K=N=8192 on the CPU. Each (tile, split, warps, stages, variant).
+TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], ...]] = {
+    "ternary": (
+        (16, 64, 128, 4, 4, 4, ""),
+        (16, 64, 128, 4, 4, 4, "split"),
+        (16, 64, 128, 8, 4, 4, "split"),
+        (16, 32, 128, 1, 4, 3, "split"),
+    ),
+    "ternary_w158a8": (
+        (16, 64, 128, 4, 4, 4, ""),
+        (16, 64, 128, 4, 4, 4, "split"),
+        (16, 64, 128, 8, 4, 4, "split"),
+        (16, 32, 128, 1, 4, 3, "split"),
+    ),
+    "int8_w8a16": (
+        (16, 64, 128, 4, 4, 4, "strided"),
+        (16, 64, 128, 8, 4, 4, "strided"),
+        (16, 128, 128, 4, 8, 4, "strided"),
+        (16, 32, 128, 1, 4, 3, "strided"),
+    ),
+}
+
+
+def tune_kernel_candidates() -> list[tuple[str, Any]]:
+    """``(benchmark kernel name, BlockConfig)`` pairs timed by the ``tune_kernels`` section."""
+    from pallas_kernels._common import BlockConfig
+
+    return [(name, BlockConfig(*t)) for name, tiles in TUNE_KERNEL_CONFIGS.items() for t in tiles]
+
+
+def section_tune_kernels(args) -> dict[str, Any]:
+    """Time each config of :data:`TUNE_KERNEL_CONFIGS` through ``jq.qdot`` (or the kernel's direct op), with the
+    tuning table of this device replaced by that one config; report the error vs the XLA path too."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxquant as jq
+    from benchmarks import kernels as kb
+    from benchmarks.kernel_sass import TUNING_NAME
+    from jaxquant.ops import explain_qdot, kernel_mode
+    from pallas_kernels import tuning
+
+    t_start = time.time()
+    rows = []
+    ms = [1, 16] if args.dry_run else [int(v) for v in args.m.split(",") if int(v) <= 16]
+    k, n = (256, 256) if args.dry_run else (int(v) for v in args.tune_kn.split("x"))
+    mode = "interpret" if args.dry_run else "on"
+    dev = tuning.device_key()
+    table = tuning.TABLE.setdefault(dev, {})
+    for name, cfg in tune_kernel_candidates():
+        spec, tname = kb.SPECS[name], TUNING_NAME[name]
+        op = jq.qdot if spec.direct is None else kb._direct_fn(spec, args.dry_run)
+        for m in ms:
+            if time.time() - t_start > args.budget_s:
+                break
+            row = {"kernel": name, "m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{name}|{m}|{cfg!r}"}
+            if row["key"] in _skips(args):
+                continue
+            _mark(args, row)
+            key = jax.random.PRNGKey(m)
+            nb = 2 if args.dry_run else 12
+            w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
+            qs = [jq.quantize(jnp.roll(w, b, axis=1), spec.scheme()) for b in range(nb)]
+            xs = [kb._activations(spec.activations, jax.random.fold_in(key, 100 + b), m, k) for b in range(nb)]
+            saved = table.get(tname)
+            table[tname] = [(1 << 62, cfg)]
+            try:
+                jax.clear_caches()  # the config is read when qdot is traced
+                with kernel_mode(mode):
+                    f = jax.jit(lambda xl, ql, op=op: [op(xi, qi) for xi, qi in zip(xl, ql)])
+                    y = np.asarray(f(xs[:1], qs[:1])[0], np.float64)
+                    row["path"] = explain_qdot(xs[0], qs[0]) if spec.direct is None else spec.direct
+                    row["t"] = kb.time_per_call(f, (xs, qs), 2 if args.dry_run else 10, 1 if args.dry_run else 3) / nb
+                with kernel_mode("off"):
+                    r = np.asarray(jax.jit(op)(xs[0], qs[0]), np.float64)
+                row["rel_err_vs_xla"] = float(np.linalg.norm(y - r) / max(np.linalg.norm(r), 1e-30))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                if saved is None:
+                    del table[tname]
+                else:
+                    table[tname] = saved
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            _write_partial(args.result, {"rows": rows})
+    return {"rows": rows}
+
+
+SECTIONS = {
+    "env": section_env,
+    "ceilings": section_ceilings,
+    "check": section_check,
+    "tune": section_tune,
+    "tune_kernels": section_tune_kernels,
+}
 
 
 def _skips(args) -> set[str]:
@@ -428,6 +533,21 @@ def _tune_summary(rows: list[dict[str, Any]]) -> str:
     return s
 
 
+def _tune_kernels_summary(rows: list[dict[str, Any]]) -> str:
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        key = (r.get("kernel", "?"), r.get("m", 0))
+        if "t" in r and (key not in best or r["t"] < best[key]["t"]):
+            best[key] = r
+    s = "| kernel | M | K | N | config | µs | rel err vs XLA |\n|---|---:|---:|---:|---|---:|---:|\n"
+    for r in rows:
+        mark = " **best**" if best.get((r.get("kernel", "?"), r.get("m", 0))) is r else ""
+        t = f"{1e6 * r['t']:.1f}" if "t" in r else r.get("error", "")[:100]
+        e = f"{r['rel_err_vs_xla']:.1e}" if "rel_err_vs_xla" in r else "–"
+        s += f"| {r.get('kernel', '?')} | {r['m']} | {r['k']} | {r['n']} | `{r['config']}`{mark} | {t} | {e} |\n"
+    return s
+
+
 def orchestrate(a) -> int:
     t_start = time.time()
     tmp = tempfile.mkdtemp(prefix="gpu_suite_")
@@ -489,6 +609,11 @@ def orchestrate(a) -> int:
             a.dry_run,
         )
         report["tune_kn"] = a.tune_kn
+    kernels_s = min(a.tune_kernels_budget_s, left() - 10)
+    if a.tune and a.tune_postscale and kernels_s > 5:
+        tk_args = ["--budget-s", str(kernels_s), "--m", a.tune_m, "--tune-kn", a.tune_kn]
+        report["tune_kernels"] = _run_resilient("tune_kernels", tk_args, kernels_s + 30, tmp, a.dry_run)
+        report["tune_kn"] = a.tune_kn
     report["total_seconds"] = round(time.time() - t_start, 1)
     _write_report(a, report)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -545,17 +670,22 @@ def _write_report(a, report: dict[str, Any]) -> None:
         kn = report.get("tune_kn", "4096x4096").split("x")
         title = f"## int4 g128 block-config sweep (K={kn[0]}, N={kn[1]})"
         lines += [title, "", _tune_summary(tune.get("rows", [])), ""]
+    tk = report.get("tune_kernels")
+    if tk:
+        kn = report.get("tune_kn", "4096x4096").split("x")
+        title = f"## Variant sweep of the other kernels (K={kn[0]}, N={kn[1]}; `TUNE_KERNEL_CONFIGS`)"
+        lines += [title, "", _tune_kernels_summary(tk.get("rows", [])), ""]
     failed = {k: v for k, v in report.get("sections", {}).items() if "error" in v}
     if failed:
         lines += ["## Section failures", ""]
         for k, v in failed.items():
             lines += [f"### {k}: {v['error']}", "", "```", v.get("log_tail", ""), "```", ""]
     text = "\n".join(lines) + "\n"
-    with open(md_path, "w") as f:
-        f.write(text)
+    from jaxquant.files import atomic_write
+
+    atomic_write(md_path, text, mode=0o644)
     jsonl = os.path.join(out_dir, f"{dev}.json")
-    with open(jsonl, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    atomic_write(jsonl, json.dumps(report, indent=1, default=str), mode=0o644)
     print("\n" + text, flush=True)
     print(f"wrote {md_path} and {jsonl}", flush=True)
     out_env = os.environ.get("OUT")
@@ -591,9 +721,16 @@ def main(argv: list[str] | None = None) -> int:
         "--tune-postscale",
         dest="tune_postscale",
         action="store_true",
-        help="time the best measured int4 tiles with each variant of TUNE_VARIANTS (M <= 16)",
+        help="time the best measured int4 tiles with each variant of TUNE_VARIANTS, then the other kernels' "
+        "TUNE_KERNEL_CONFIGS (M <= 16)",
     )
     p.add_argument("--tune-budget-s", type=float, default=None, help="sweep budget (default: time left over)")
+    p.add_argument(
+        "--tune-kernels-budget-s",
+        type=float,
+        default=70.0,
+        help="with --tune-variants: budget of the other kernels' variant sweep (TUNE_KERNEL_CONFIGS), after int4's",
+    )
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results; dry run: a temp folder)")
     # internal: run one section in this process
