@@ -24,12 +24,15 @@ Kernel: grid ``(cdiv(M, BM), cdiv(N, BN), split_k)``; per step of ``BK`` (a mult
 block: load the ``(BN, B/2)`` byte tile (contiguous along K), split high/low nibbles, look the values up
 (``variant`` ``"lut"``: a pointer gather from the 16-entry table, served by L1; ``"select"``: a 4-level
 ``where`` tree over scalar constants), scale by the block's absmax, and multiply with the activation columns
-``k0 + 2j`` / ``k0 + 2j + 1`` (strided loads, ``x`` zero-padded to whole blocks) or, for
-``variant="*-interleave"``, with a contiguous tile after interleaving the two halves along K.
+``k0 + 2j`` / ``k0 + 2j + 1``: strided loads (``x`` zero-padded to whole blocks), or for ``"*-split"`` one
+contiguous ``(BM, B)`` tile split into even / odd columns in registers (no strided load to wait for in each
+step: the sm_90 K loop of ``select-split`` has no exposed global load, ``select`` 16 per step), or for
+``"*-interleave"`` a contiguous tile after interleaving the two weight halves along K.
 
 ``variant="select-gemv"`` (small ``M``, ``block_m <= 8``): no dot; one float32 ``(BN, B/2)`` accumulator per
 activation row in registers, ``acc += x_even * W_hi + x_odd * W_lo`` elementwise (the activations broadcast
-along N), reduced over K once at the end.
+along N), reduced over K once at the end; ``"select-split-gemv"`` reads each activation row contiguously and
+splits it in registers (sm_90: 128-bit loads, 11 exposed loads per step instead of 67 two-byte ones).
 
 The ``select`` tree tests the four code bits directly in the loaded byte (``p & (1 << (4 + i))`` for the high
 nibble, ``p & (1 << i)`` for the low one: no shift or mask to extract the nibble first) and picks among the 16
@@ -55,6 +58,7 @@ from pallas_kernels._common import (
     largest_divisor_at_most,
     load,
     row_slice,
+    split_cols,
     split_k_call,
     store,
 )
@@ -62,6 +66,13 @@ from pallas_kernels._common import (
 __all__ = ["NF4Layout", "dequantize_reference", "nf4_matmul", "nf4_matmul_reference", "supported"]
 
 DQ_BLOCK = 256  # blocks per double-quantization scale (bitsandbytes)
+
+#: lookup (``lut``: gather from the table; ``select``: where-tree over constants) x activation access (strided
+#: loads; ``-split``: one contiguous tile split in registers; ``-interleave``: weights rebuilt in K order) x kernel
+#: (``-gemv``: no dot, ``block_m <= 8``)
+VARIANTS = tuple(
+    f"{lk}{acc}" for lk in ("lut", "select") for acc in ("", "-split", "-interleave", "-gemv", "-split-gemv")
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +133,8 @@ def supported(layout: NF4Layout, cfg: BlockConfig, x_dtype) -> str | None:
         return f"block size {layout.block} (need a power of two >= 32)"
     if layout.k % layout.block:
         return f"K={layout.k} not a multiple of the block size {layout.block} (blocks would span two columns)"
+    if (cfg.variant or "lut") not in VARIANTS:
+        return f"variant {cfg.variant!r} (NF4 kernels: {', '.join(VARIANTS)})"
     if cfg.variant.endswith("gemv"):
         if cfg.block_m > 8 or cfg.block_n < 16:
             return "gemv needs block_m <= 8 and block_n >= 16"
@@ -158,6 +171,7 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
     mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
     interleave = variant.endswith("interleave")
     gemv = variant.endswith("gemv")
+    split = "-split" in variant
     use_select = variant.startswith("select")
     cdtype = x_ref.dtype
 
@@ -190,8 +204,11 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
                 hf, lf = hi.astype(jnp.float32), lo.astype(jnp.float32)
                 accs = []
                 for mi in range(bm):
-                    xe = x_ref[pl.ds(m0 + mi, 1), row_slice(k0, half, 2)].astype(jnp.float32)
-                    xo = x_ref[pl.ds(m0 + mi, 1), row_slice(k0 + 1, half, 2)].astype(jnp.float32)
+                    if split:  # one contiguous (1, B) row, split into even / odd columns in registers
+                        xe, xo = split_cols(x_ref[pl.ds(m0 + mi, 1), pl.ds(k0, blk)].astype(jnp.float32), 2)
+                    else:
+                        xe = x_ref[pl.ds(m0 + mi, 1), row_slice(k0, half, 2)].astype(jnp.float32)
+                        xo = x_ref[pl.ds(m0 + mi, 1), row_slice(k0 + 1, half, 2)].astype(jnp.float32)
                     accs.append(acc[mi] + xe * hf + xo * lf)
                 acc = tuple(accs)
             elif interleave:
@@ -199,8 +216,11 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
                 xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask)
                 acc = acc + jax.lax.dot_general(xt, w_t, dims, preferred_element_type=jnp.float32)
             else:
-                xe = x_ref[pl.ds(m0, bm), row_slice(k0, half, 2)]
-                xo = x_ref[pl.ds(m0, bm), row_slice(k0 + 1, half, 2)]
+                if split:  # one contiguous (BM, B) tile, split into even / odd columns in registers
+                    xe, xo = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask), 2)
+                else:
+                    xe = x_ref[pl.ds(m0, bm), row_slice(k0, half, 2)]
+                    xo = x_ref[pl.ds(m0, bm), row_slice(k0 + 1, half, 2)]
                 acc = acc + jax.lax.dot_general(xe, hi, dims, preferred_element_type=jnp.float32)
                 acc = acc + jax.lax.dot_general(xo, lo, dims, preferred_element_type=jnp.float32)
         return acc
@@ -250,7 +270,7 @@ def nf4_matmul(
       dq_scale, dq_offset, dyn_code: double quantization: float32 scale per 256 blocks, float32 offset, and the
         256-value dynamic table.
       layout, config, interpret: as for :func:`pallas_kernels.int4_matmul.int_matmul`; ``config.variant`` is
-        ``"lut"``, ``"select"``, ``"lut-interleave"``, ``"select-interleave"`` or ``"select-gemv"``.
+        one of :data:`VARIANTS` (``"lut"``, ``"select"``, ``"select-split"``, ``"select-gemv"``, ...).
       w_dtype: dtype the XLA path rounds the float32 dequantized weight to first (``None``/float32: none).
     """
     k, n, blk = layout.k, layout.n, layout.block
@@ -274,7 +294,7 @@ def nf4_matmul(
     nsteps = k // bk
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
-    if not variant.endswith("interleave") and m % bm:
+    if m % bm and ("-gemv" in variant or not ("-interleave" in variant or "-split" in variant)):  # unmasked rows
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, 0)))
     operands = [x, data, scale, jnp.asarray(code, jnp.float32)]
     if layout.double_quant:

@@ -136,9 +136,11 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         if m <= 8:
             bm = 1 << (m - 1).bit_length()  # m rounded up to a power of two
             bn, warps = (128, 4) if bm <= 2 else (64, 8)
-            bk, stages, variant = 64, 4, "select-gemv"
+            # "-split": contiguous activation rows (sm_90 K loop: 11 exposed global loads per step instead of 67;
+            # 0 instead of 16 for the dot kernel; benchmarks/kernel_sass.py); not yet timed
+            bk, stages, variant = 64, 4, "select-split-gemv"
         else:
-            variant = "select" if m <= 256 else "select-interleave"  # interleave: 128x128 tiles, 8 warps only
+            variant = "select-split" if m <= 256 else "select-interleave"  # interleave: 128x128 tiles, 8 warps
     elif kernel in ("ternary", "ternary_a8", "fp8_w8a8", "fp8_w8a16"):
         bk = 128
         if kernel in ("ternary", "ternary_a8") and m <= 16:

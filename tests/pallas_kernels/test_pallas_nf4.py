@@ -49,6 +49,9 @@ CASES = [
     (17, 128, 64, True, "lut-interleave", 1, 128, jnp.float16),
     (1, 256, 96, False, "select-gemv", 1, 128, jnp.bfloat16),  # two blocks per K step
     (5, 192, 80, True, "select-gemv", 3, 64, jnp.float32),  # ragged M (block_m 8) and N, double quant
+    (5, 192, 80, True, "select-split", 1, 64, jnp.float32),  # contiguous tile, masked ragged M (no padding)
+    (17, 256, 96, False, "lut-split", 2, 128, jnp.bfloat16),
+    (5, 192, 80, False, "select-split-gemv", 3, 64, jnp.float16),
 ]
 
 
@@ -92,10 +95,33 @@ def test_heuristic_small_m_is_select_gemv():
 
     for m in (1, 2, 3, 8):
         cfg = tuning.heuristic("nf4", m, 8192, 8192, sms=132)
-        assert cfg.variant == "select-gemv" and cfg.block_m >= m
+        assert cfg.variant == "select-split-gemv" and cfg.block_m >= m
         assert supported(NF4Layout(k=8192, n=8192), cfg, jnp.bfloat16) is None
-    assert tuning.heuristic("nf4", 16, 8192, 8192, sms=132).variant == "select"
+    assert tuning.heuristic("nf4", 16, 8192, 8192, sms=132).variant == "select-split"
     assert "lut" not in tuning.get_config("nf4", 4, 8192, 8192, device="h200").variant
+
+
+def test_unknown_variant_is_rejected():
+    why = supported(NF4Layout(k=256, n=64), BlockConfig(variant="select-strided"), jnp.bfloat16)
+    assert why is not None and "variant" in why
+
+
+@requires_triton
+def test_split_k_loops_have_fewer_exposed_loads_sm90():
+    """sm_90 K loops: the strided activation loads of ``select`` (16 per step at this tile) and the 2-byte ones of
+    ``select-gemv`` are global loads used in the same step; ``select-split`` loads through the pipeline (none),
+    ``select-split-gemv`` with 128-bit loads (several times fewer)."""
+    from pallas_kernels import _triton_tools as tt
+
+    def loop(variant, m):
+        call = _lower(False, variant, m, k=2048, n=512)[0]
+        return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+    dot, dot_split = loop("select", 16), loop("select-split", 16)
+    assert dot.exposed_loads >= 8 and dot_split.exposed_loads == 0, (dot.exposed_loads, dot_split.exposed_loads)
+    assert dot_split.instructions <= dot.instructions
+    gemv, gemv_split = loop("select-gemv", 1), loop("select-split-gemv", 1)
+    assert gemv_split.exposed_loads * 3 <= gemv.exposed_loads, (gemv.exposed_loads, gemv_split.exposed_loads)
 
 
 def test_dispatch_equals_xla_path():
@@ -145,7 +171,14 @@ def test_lowers_to_triton_custom_call(dq, variant, m):
 @requires_triton
 @pytest.mark.parametrize(
     "dq,variant,m",
-    [(True, "lut", 16), (False, "select-interleave", 128), (False, "select-gemv", 1), (True, "select-gemv", 4)],
+    [
+        (True, "lut", 16),
+        (False, "select-interleave", 128),
+        (False, "select-gemv", 1),
+        (True, "select-gemv", 4),
+        (True, "select-split", 16),
+        (False, "select-split-gemv", 1),
+    ],
 )
 def test_compiles_to_cubin_sm90_sm80(dq, variant, m):
     calls = _lower(dq, variant, m)
