@@ -16,7 +16,7 @@ Usage (from the repository root, nothing to install beyond jax; PYTHONPATH=. is 
 Sections: ``env`` (devices, versions), ``ceilings`` (copy bandwidth, bf16 matmul rate), ``check`` (each kernel
 vs the XLA path and float64 NumPy on ragged shapes, M=1, both activation dtypes, run twice to expose races),
 ``bench:<kernel>`` (benchmarks/kernels.py), optionally ``tune`` (a few block configs of the int4 kernel) and,
-with ``--tune-variants``, ``tune_kernels`` (ternary, W1.58A8 and int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``).
+with ``--tune-variants``, ``tune_kernels`` (ternary, W1.58A8, NF4 and int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``).
 """
 
 from __future__ import annotations
@@ -300,8 +300,11 @@ def section_tune(args) -> dict[str, Any]:
 #: W1.58A8 427 / 431, same loads. Also split with split-K 8, and a 32-wide tile without split-K (no XLA
 #: partial-sum pass; 197 / 261 instructions per half-size trip). int8 W8A16 (2.5x above its memory floor on the
 #: H100 with no exposed load in its loop): more programs (split-K 8), wider tiles, the unsplit tile; its
-#: ``+postscale`` was left out (475 instructions vs 414, and the scale row load exposed). All 22 (kernel, config,
-#: M in {1, 16}) cases compiled for sm_90 at K=N=8192 on the CPU. Each (tile, split, warps, stages, variant).
+#: ``+postscale`` was left out (475 instructions vs 414, and the scale row load exposed). NF4: the measured table
+#: rows (``select-gemv`` M <= 1, ``select`` M <= 64) against their ``-split`` forms (contiguous activation rows:
+#: 11 instead of 67 exposed loads per step for the GEMV, 0 instead of 16 for the dot kernel). Every (kernel,
+#: config, M in {1, 16}) case compiled for sm_90 at K=N=8192 on the CPU; 30 are timed (a GEMV only at
+#: M <= block_m). Each (tile, split, warps, stages, variant).
 TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], ...]] = {
     "ternary": (
         (16, 64, 128, 4, 4, 4, ""),
@@ -314,6 +317,12 @@ TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], .
         (16, 64, 128, 4, 4, 4, "split"),
         (16, 64, 128, 8, 4, 4, "split"),
         (16, 32, 128, 1, 4, 3, "split"),
+    ),
+    "nf4": (
+        (1, 128, 64, 16, 4, 4, "select-gemv"),
+        (1, 128, 64, 16, 4, 4, "select-split-gemv"),
+        (16, 64, 128, 4, 4, 4, "select"),
+        (16, 64, 128, 4, 4, 4, "select-split"),
     ),
     "int8_w8a16": (
         (16, 64, 128, 4, 4, 4, "strided"),
@@ -357,6 +366,8 @@ def section_tune_kernels(args) -> dict[str, Any]:
         for m in ms:
             if time.time() - t_start > args.budget_s:
                 break
+            if cfg.variant.endswith("gemv") and m > cfg.block_m:  # a GEMV tile covers only its own block of rows
+                continue
             row = {"kernel": name, "m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{name}|{m}|{cfg!r}"}
             if row["key"] in _skips(args):
                 continue
@@ -728,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tune-kernels-budget-s",
         type=float,
-        default=70.0,
+        default=90.0,
         help="with --tune-variants: budget of the other kernels' variant sweep (TUNE_KERNEL_CONFIGS), after int4's",
     )
     p.add_argument("--skip-check", action="store_true")
