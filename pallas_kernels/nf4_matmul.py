@@ -34,6 +34,13 @@ activation row in registers, ``acc += x_even * W_hi + x_odd * W_lo`` elementwise
 along N), reduced over K once at the end; ``"select-split-gemv"`` reads each activation row contiguously and
 splits it in registers (sm_90: 128-bit loads, 11 exposed loads per step instead of 67 two-byte ones).
 
+``variant="prmt*"`` looks the codes up with byte permutes (inline PTX, :func:`pallas_kernels._ptx.nf4_lookup_asm`):
+the float32 table lives in ``prmt`` immediates as four byte planes; one ``prmt`` selects a plane's byte for four
+codes at once, so four weights cost 26 instructions (sm_90 K loop of the 16x64x128 dot tile: 745 instructions per
+trip vs 1218 for ``select-split``). Exact: the looked-up values are the table's float32 bits. In interpret mode the
+same PTX text runs through the emulator of :mod:`pallas_kernels._ptx`; it has not yet run on a GPU, so no table
+or heuristic selects it (``benchmarks/gpu_suite.py --tune-variants`` times and checks it).
+
 The ``select`` tree tests the four code bits directly in the loaded byte (``p & (1 << (4 + i))`` for the high
 nibble, ``p & (1 << i)`` for the low one: no shift or mask to extract the nibble first) and picks among the 16
 constants with 8 + 4 + 2 + 1 = 15 selects: about 4 ALU + 4 compare + 15 select = 23 simple instructions per
@@ -62,16 +69,18 @@ from pallas_kernels._common import (
     split_k_call,
     store,
 )
+from pallas_kernels._ptx import nf4_lookup
 
 __all__ = ["NF4Layout", "dequantize_reference", "nf4_matmul", "nf4_matmul_reference", "supported"]
 
 DQ_BLOCK = 256  # blocks per double-quantization scale (bitsandbytes)
 
-#: lookup (``lut``: gather from the table; ``select``: where-tree over constants) x activation access (strided
+#: lookup (``lut``: gather from the table; ``select``: where-tree over constants; ``prmt``: byte permutes of an
+#: in-register table, inline PTX from :mod:`pallas_kernels._ptx`) x activation access (strided
 #: loads; ``-split``: one contiguous tile split in registers; ``-interleave``: weights rebuilt in K order) x kernel
 #: (``-gemv``: no dot, ``block_m <= 8``)
 VARIANTS = tuple(
-    f"{lk}{acc}" for lk in ("lut", "select") for acc in ("", "-split", "-interleave", "-gemv", "-split-gemv")
+    f"{lk}{acc}" for lk in ("lut", "select", "prmt") for acc in ("", "-split", "-interleave", "-gemv", "-split-gemv")
 )
 
 
@@ -157,7 +166,9 @@ def _select_lut(c, code_vals: tuple[float, ...], shift: int = 0):
     return jnp.where(b3, lvl[1], lvl[0])
 
 
-def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: int, variant: str, code_vals, w_round):
+def _kernel(
+    *refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: int, variant: str, code_vals, w_round, interpret
+):
     if layout.double_quant:
         x_ref, w_ref, s_ref, code_ref, dyn_ref, a2_ref, off_ref, o_ref = refs
     else:
@@ -173,9 +184,13 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
     gemv = variant.endswith("gemv")
     split = "-split" in variant
     use_select = variant.startswith("select")
+    use_prmt = variant.startswith("prmt")
     cdtype = x_ref.dtype
 
-    def lookup(p, high: bool):
+    def lookup(p8, high: bool):
+        if use_prmt:  # four codes per instruction from a table held in immediates (exact float32 values)
+            return nf4_lookup(p8, code_vals, high, interpret=interpret)
+        p = p8.astype(jnp.int32)
         if use_select:
             return _select_lut(p, code_vals, 4 if high else 0)
         return code_ref[p >> 4] if high else code_ref[p & 15]
@@ -185,7 +200,7 @@ def _kernel(*refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: 
         for sb in range(bk // blk):
             blk_idx = kb * (bk // blk) + sb  # block column
             k0 = blk_idx * blk
-            p = load(w_ref.at[pl.ds(n0, bn), pl.ds(blk_idx * half, half)], nmask).astype(jnp.int32)
+            p = load(w_ref.at[pl.ds(n0, bn), pl.ds(blk_idx * half, half)], nmask)  # uint8
             if layout.double_quant:
                 qa = load(s_ref.at[pl.ds(n0, bn), pl.ds(blk_idx, 1)], nmask).astype(jnp.int32)
                 flat = rows_n[:, None] * layout.blocks_per_col + blk_idx
@@ -282,8 +297,10 @@ def nf4_matmul(
     if data.size != n * k // 2:
         raise ValueError(f"nf4_matmul: data must hold {n * k // 2} bytes, got {data.size}")
     variant = config.variant or "lut"
-    if variant.startswith("select") and code_vals is None:
-        raise ValueError("nf4_matmul: variant 'select' needs code_vals")
+    if variant.startswith(("select", "prmt")) and code_vals is None:
+        raise ValueError(f"nf4_matmul: variant {variant!r} needs code_vals")
+    if variant.startswith("prmt") and jnp.dtype(data.dtype).itemsize != 1:
+        raise ValueError(f"nf4_matmul: variant {variant!r} needs byte codes (uint8), got {data.dtype}")
     data = data.reshape(n, k // 2)
     scale = scale.reshape(n, layout.blocks_per_col)
     m = x.shape[0]
@@ -316,6 +333,7 @@ def nf4_matmul(
         variant=variant,
         code_vals=code_vals,
         w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
+        interpret=interpret,
     )
     out = split_k_call(
         kernel,

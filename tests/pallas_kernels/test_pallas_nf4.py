@@ -14,7 +14,7 @@ import jaxquant as jq
 from jaxquant.core.formats import NF4_CODE
 from jaxquant.schemes.nf4 import DYNAMIC_CODE
 from pallas_kernels._common import BlockConfig
-from pallas_kernels.nf4_matmul import NF4Layout, nf4_matmul, supported
+from pallas_kernels.nf4_matmul import NF4Layout, nf4_matmul, nf4_matmul_reference, supported
 
 CODE_VALS = tuple(float(v) for v in NF4_CODE)
 
@@ -52,6 +52,11 @@ CASES = [
     (5, 192, 80, True, "select-split", 1, 64, jnp.float32),  # contiguous tile, masked ragged M (no padding)
     (17, 256, 96, False, "lut-split", 2, 128, jnp.bfloat16),
     (5, 192, 80, False, "select-split-gemv", 3, 64, jnp.float16),
+    # byte-permute lookup (inline PTX, run by its emulator in interpret mode)
+    (1, 256, 96, False, "prmt", 2, 128, jnp.bfloat16),
+    (5, 192, 80, True, "prmt-split", 1, 64, jnp.float32),
+    (17, 128, 64, False, "prmt-interleave", 1, 128, jnp.float16),
+    (5, 192, 80, True, "prmt-split-gemv", 3, 64, jnp.bfloat16),
 ]
 
 
@@ -124,6 +129,56 @@ def test_split_k_loops_have_fewer_exposed_loads_sm90():
     assert gemv_split.exposed_loads * 3 <= gemv.exposed_loads, (gemv.exposed_loads, gemv_split.exposed_loads)
 
 
+@pytest.mark.parametrize("variant", ["prmt-split", "prmt-split-gemv", "select-split"])
+@pytest.mark.parametrize("dq", [False, True])
+def test_weights_bit_identical_to_the_xla_path(variant, dq):
+    """One-hot activation rows return the dequantized weights themselves (one nonzero product per sum): the
+    byte-permute lookup (its PTX run by the emulator) and the select tree give the XLA path's weights bit for bit."""
+    k, n = 128, 64
+    rng = np.random.default_rng(11)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.NF4Scheme(64, double_quant=dq))
+    extra = (q.aux["absmax_scale"], q.aux["absmax_offset"], DYNAMIC_CODE) if dq else ()
+    layout = NF4Layout(k=k, n=n, block=64, double_quant=dq)
+    eye = jnp.eye(k, dtype=jnp.bfloat16)
+    cfg = BlockConfig(8 if variant.endswith("gemv") else 16, 32, 64, 1, variant=variant)
+    got = nf4_matmul(
+        eye, q.data, q.scale, NF4_CODE, *extra, layout=layout, config=cfg, code_vals=CODE_VALS, interpret=True
+    )
+    want = nf4_matmul_reference(eye, q.data, q.scale, layout, NF4_CODE, *extra)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@requires_triton
+def test_prmt_k_loop_needs_fewer_instructions_sm90():
+    """sm_90 K loops at the H100 table's dot tile (16x64x128) and GEMV tile: the byte-permute lookup replaces the
+    select tree (no ``FSEL`` left) with far fewer instructions per trip."""
+    from pallas_kernels import _triton_tools as tt
+
+    def loop(variant, m):
+        call = _lower(False, variant, m, k=2048, n=512)[0]
+        return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+    for sel, prmt, m in (("select-split", "prmt-split", 16), ("select-split-gemv", "prmt-split-gemv", 1)):
+        a, b = loop(sel, m), loop(prmt, m)
+        assert b.count("FSEL") == 0 and b.count("PRMT") > 0
+        assert b.instructions <= 0.75 * a.instructions, (sel, a.instructions, b.instructions)
+
+
+def test_prmt_needs_byte_codes():
+    layout = NF4Layout(k=128, n=64)
+    with pytest.raises(ValueError, match="byte codes"):
+        nf4_matmul(
+            jnp.ones((1, 128), jnp.bfloat16),
+            jnp.zeros((64 * 64,), jnp.int32),
+            jnp.ones((128,), jnp.float32),
+            NF4_CODE,
+            layout=layout,
+            config=BlockConfig(16, 32, 64, 1, variant="prmt-split"),
+            code_vals=CODE_VALS,
+            interpret=True,
+        )
+
+
 def test_dispatch_equals_xla_path():
     rng = np.random.default_rng(1)
     q = jq.quantize(jnp.asarray(rng.standard_normal((128, 48)), jnp.float32), jq.NF4Scheme(double_quant=True))
@@ -178,6 +233,8 @@ def test_lowers_to_triton_custom_call(dq, variant, m):
         (True, "select-gemv", 4),
         (True, "select-split", 16),
         (False, "select-split-gemv", 1),
+        (True, "prmt-split", 16),
+        (False, "prmt-split-gemv", 1),
     ],
 )
 def test_compiles_to_cubin_sm90_sm80(dq, variant, m):

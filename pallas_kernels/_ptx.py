@@ -1,0 +1,175 @@
+"""Inline PTX for the Pallas-Triton kernels, with an emulator that runs the same program on the CPU.
+
+Pallas' Triton backend passes PTX through ``jax.experimental.pallas.triton.elementwise_inline_asm``; the
+Pallas interpreter cannot run it. Every program here is therefore a plain string of a small PTX subset
+(``mov``, ``and``, ``or``, ``shl``, ``shr``, ``prmt``, ``lop3`` on ``.b32``) that :func:`emulate` executes
+instruction by instruction with NumPy or ``jax.numpy`` integer operations, following the PTX ISA's definitions
+(``prmt`` in its default mode: each selector nibble picks one of the 8 bytes of ``{b, a}``, its top bit
+replicating that byte's sign bit instead). On a GPU the string goes to ``ptxas``; in interpret mode
+(:func:`inline_asm`) the emulator runs it inside the kernel, so interpret-mode tests exercise the very program a
+GPU runs. Two things only a GPU can confirm: that the hardware follows the ISA text as emulated, and Triton's
+packing of ``pack`` consecutive elements of a thread into one register (element ``j`` in byte ``j``: LLVM's
+little-endian vector bitcast, visible in the LLVM IR the CPU compiles).
+
+``nf4_lookup_asm`` is the NF4 table lookup with byte permutes: four codes per instruction instead of a select
+tree per code (15 selects of float32 constants per weight).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["emulate", "inline_asm", "nf4_lookup", "nf4_lookup_asm"]
+
+
+def _f32_bits(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", float(np.float32(v))))[0]
+
+
+def nf4_lookup_asm(code_vals: Sequence[float], high: bool) -> str:
+    """PTX mapping 4 packed code bytes (``$4``) to the float32 bits of ``T[code]`` for each byte (``$0..$3``).
+
+    ``code = byte >> 4`` when ``high`` (the even element of a bitsandbytes NF4 byte), else ``byte & 15``. With
+    ``t_e`` the bits of ``T[e]``, plane ``i`` (byte ``i`` of every ``t_e``) is held by four immediates: entries
+    0-3, 4-7, 8-11, 12-15. Per call (four weights): the 3-bit selectors packed into one ``prmt`` selector and a
+    byte mask of ``code >= 8`` (a sign-replicating ``prmt``), then per plane two ``prmt`` (entries 0-7 and 8-15)
+    and one ``lop3`` choosing by the mask, then a 4x4 byte transpose (8 ``prmt``) from planes to values:
+    26 instructions per 4 weights.
+    """
+    if len(code_vals) != 16:
+        raise ValueError(f"nf4_lookup_asm: need 16 table values, got {len(code_vals)}")
+    t = [_f32_bits(v) for v in code_vals]
+
+    def plane(i: int, first: int) -> str:
+        return hex(sum(((t[first + e] >> (8 * i)) & 0xFF) << (8 * e) for e in range(4)))
+
+    lines = ["{", ".reg .b32 s, m, p, q, r0, r1, r2, r3, x0, x1, y0, y1;"]
+    if high:  # code j = bits 8j+4..8j+7
+        lines += ["shr.b32 s, $4, 4;", "and.b32 s, s, 0x07070707;", "prmt.b32 m, $4, 0, 0xBA98;"]
+    else:  # code j = bits 8j..8j+3; its bit 3 moved to the byte's sign bit for the mask
+        lines += ["and.b32 s, $4, 0x07070707;", "shl.b32 m, $4, 4;", "prmt.b32 m, m, 0, 0xBA98;"]
+    # nibble j of the selector = the low 3 bits of code j: bytes 0 and 2 of s | s >> 4 hold nibbles (0, 1), (2, 3)
+    lines += ["shr.b32 p, s, 4;", "or.b32 s, s, p;", "prmt.b32 s, s, 0, 0x20;"]
+    for i in range(4):
+        lines += [
+            f"prmt.b32 p, {plane(i, 0)}, {plane(i, 4)}, s;",
+            f"prmt.b32 q, {plane(i, 8)}, {plane(i, 12)}, s;",
+            f"lop3.b32 r{i}, p, q, m, 0xD8;",  # (p & ~m) | (q & m)
+        ]
+    lines += [
+        "prmt.b32 x0, r0, r1, 0x5140;",
+        "prmt.b32 x1, r0, r1, 0x7362;",
+        "prmt.b32 y0, r2, r3, 0x5140;",
+        "prmt.b32 y1, r2, r3, 0x7362;",
+        "prmt.b32 $0, x0, y0, 0x5410;",
+        "prmt.b32 $1, x0, y0, 0x7632;",
+        "prmt.b32 $2, x1, y1, 0x5410;",
+        "prmt.b32 $3, x1, y1, 0x7632;",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+_INSTR = re.compile(r"^([a-z0-9]+)\.b32\s+(.+)$")
+
+
+def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[Any]:
+    """Run a PTX program of the supported subset on uint32 arrays; returns the ``n_out`` outputs ``$0..``.
+
+    Operands: ``$k`` (outputs first, then ``inputs``), registers declared with ``.reg .b32``, and integer
+    immediates (hex or decimal). ``xp`` is ``numpy`` or ``jax.numpy`` (inside a jitted or interpreted kernel).
+    Raises ``ValueError`` on anything outside the subset, so a program change cannot silently escape the tests.
+    """
+    u32 = xp.uint32
+    regs: dict[str, Any] = {f"${n_out + i}": xp.asarray(v).astype(u32) for i, v in enumerate(inputs)}
+
+    def val(tok: str):
+        if tok in regs:
+            return regs[tok]
+        if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", tok):
+            return u32(int(tok, 0))
+        raise ValueError(f"emulate: unknown operand {tok!r}")
+
+    for raw in asm.replace("\n", ";").split(";"):
+        ins = raw.strip()
+        if not ins or ins in ("{", "}") or ins.startswith(".reg"):
+            continue
+        m = _INSTR.match(ins)
+        if not m:
+            raise ValueError(f"emulate: unsupported instruction {ins!r}")
+        op, ops = m.group(1), [o.strip() for o in m.group(2).split(",")]
+        d, src = ops[0], [val(o) for o in ops[1:]]
+        if op == "mov":
+            out = src[0]
+        elif op == "and":
+            out = src[0] & src[1]
+        elif op == "or":
+            out = src[0] | src[1]
+        elif op == "shl":
+            out = src[0] << src[1]
+        elif op == "shr":
+            out = src[0] >> src[1]
+        elif op == "lop3":
+            a, b, c, lut = src[0], src[1], src[2], int(ops[4], 0)
+            out = u32(0) * a
+            for bit in range(8):  # minterm bit: (a, b, c) = (bit & 4, bit & 2, bit & 1) as in the PTX LUT index
+                if lut >> bit & 1:
+                    ta = a if bit & 4 else ~a
+                    tb = b if bit & 2 else ~b
+                    tc = c if bit & 1 else ~c
+                    out = out | (ta & tb & tc)
+        elif op == "prmt":
+            a, b, c = src
+            out = u32(0) * a
+            for i in range(4):
+                sel = (c >> u32(4 * i)) & u32(15)
+                idx = sel & u32(7)
+                lo = (a >> ((idx & u32(3)) * u32(8))) & u32(0xFF)
+                hi = (b >> ((idx & u32(3)) * u32(8))) & u32(0xFF)
+                byte = xp.where(idx >= 4, hi, lo)
+                sign = xp.where((byte & u32(0x80)) != 0, u32(0xFF), u32(0))
+                byte = xp.where((sel & u32(8)) != 0, sign, byte)
+                out = out | (byte << u32(8 * i))
+        else:
+            raise ValueError(f"emulate: unsupported opcode {op!r}")
+        regs[d] = xp.asarray(out).astype(u32)
+    return [regs[f"${i}"] for i in range(n_out)]
+
+
+def inline_asm(asm: str, x: Any, out_dtype: Any, *, interpret: bool) -> Any:
+    """Apply a 4-way packed elementwise PTX program (``$4``: 4 uint8 elements, ``$0..$3``: one 32-bit result
+    each) to a uint8 tile inside a Pallas kernel: ``elementwise_inline_asm`` on a GPU, :func:`emulate` on the
+    bytes of groups of 4 consecutive elements along the last axis in interpret mode."""
+    import jax
+    import jax.numpy as jnp
+
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        (out,) = plgpu.elementwise_inline_asm(
+            asm,
+            args=[x],
+            constraints="=r,=r,=r,=r,r",
+            pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, out_dtype)],
+        )
+        return out
+    if x.shape[-1] % 4:
+        raise ValueError(f"inline_asm: the last axis must be a multiple of 4, got shape {x.shape}")
+    b = x.astype(jnp.uint32).reshape(*x.shape[:-1], x.shape[-1] // 4, 4)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    outs = emulate(asm, [word], 4, xp=jnp)
+    y = jnp.stack(outs, axis=-1).reshape(x.shape)
+    return jax.lax.bitcast_convert_type(y, out_dtype)
+
+
+def nf4_lookup(p: Any, code_vals: Sequence[float], high: bool, *, interpret: bool) -> Any:
+    """Float32 ``T[code]`` for each byte of the uint8 tile ``p`` (high or low nibble) by :func:`nf4_lookup_asm`."""
+    import jax.numpy as jnp
+
+    return inline_asm(nf4_lookup_asm(code_vals, high), p, jnp.float32, interpret=interpret)

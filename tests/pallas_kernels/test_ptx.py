@@ -1,0 +1,85 @@
+"""Inline PTX programs (pallas_kernels/_ptx.py): the emulator's instruction semantics (written from the PTX ISA),
+and the NF4 byte-permute lookup run through it exhaustively: the same program text a GPU compiles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxquant.core.formats import NF4_CODE
+from pallas_kernels._ptx import emulate, inline_asm, nf4_lookup_asm
+
+CODE_VALS = tuple(float(v) for v in NF4_CODE)
+BITS = NF4_CODE.astype(np.float32).view(np.uint32)
+
+
+def _words(n_random: int = 4096) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    same = np.arange(256, dtype=np.uint32) * np.uint32(0x01010101)  # every byte value in every position
+    return np.concatenate([same, rng.integers(0, 2**32, n_random, dtype=np.uint64).astype(np.uint32)])
+
+
+def test_prmt_follows_the_isa_default_mode():
+    """``prmt.b32 d, a, b, c``: nibble i of ``c`` picks byte ``c_i & 7`` of ``{b, a}`` (``a`` = bytes 0-3) for
+    byte i of ``d``; a nibble with its top bit set gives that byte's sign bit replicated instead."""
+    a, b = np.uint32(0x83_02_81_00), np.uint32(0x07_86_05_84)  # bytes 0..7: 00 81 02 83 84 05 86 07
+    (d,) = emulate("prmt.b32 $0, $1, $2, $3;", [a, b, np.uint32(0x7531)], 1)
+    assert int(d) == 0x07_05_83_81
+    (d,) = emulate("prmt.b32 $0, $1, $2, $3;", [a, b, np.uint32(0xF9B8)], 1)
+    assert int(d) == 0x00_FF_FF_00  # signs of bytes 0 (00), 3 (83), 1 (81), 7 (07)
+    (d,) = emulate("prmt.b32 $0, $1, 0x44332211, 0x4567;", [a], 1)  # immediate b, upper selector bits ignored
+    assert int(d) == 0x11_22_33_44
+
+
+@pytest.mark.parametrize("lut,fn", [(0xD8, lambda a, b, c: (a & ~c) | (b & c)), (0x96, lambda a, b, c: a ^ b ^ c)])
+def test_lop3_truth_table_index(lut, fn):
+    """``lop3.b32 d, a, b, c, lut``: bit ``4a + 2b + c`` of ``lut`` (the ISA's 0xF0 / 0xCC / 0xAA convention)."""
+    rng = np.random.default_rng(lut)
+    a, b, c = (rng.integers(0, 2**32, 64, dtype=np.uint64).astype(np.uint32) for _ in range(3))
+    (d,) = emulate(f"lop3.b32 $0, $1, $2, $3, {lut:#x};", [a, b, c], 1)
+    np.testing.assert_array_equal(d, fn(a, b, c))
+
+
+def test_scalar_ops_and_scoped_registers():
+    asm = "{\n.reg .b32 t;\nshl.b32 t, $1, 4;\nshr.b32 t, t, 8;\nand.b32 t, t, 0xFF;\nor.b32 $0, t, 0x100;\n}"
+    (d,) = emulate(asm, [np.uint32(0xABCD)], 1)
+    assert int(d) == ((0xABCD << 4) >> 8) & 0xFF | 0x100
+
+
+@pytest.mark.parametrize("bad", ["add.s32 $0, $1, 1;", "prmt.b32 $0, $1, %r9, 0;", "bra done;"])
+def test_unsupported_programs_are_rejected(bad):
+    with pytest.raises(ValueError, match="emulate"):
+        emulate(bad, [np.uint32(1)], 1)
+
+
+@pytest.mark.parametrize("high", [True, False])
+def test_nf4_lookup_program_is_the_table(high):
+    """All 256 byte values in each of the 4 packed positions, plus random words: output j is the float32 bits of
+    ``T[code]`` of byte j (its high or low nibble), with NumPy and with jax.numpy (the interpret-mode path)."""
+    w = _words()
+    asm = nf4_lookup_asm(CODE_VALS, high)
+    for xp in (np, jnp):
+        outs = emulate(asm, [xp.asarray(w)], 4, xp=xp)
+        for j in range(4):
+            byte = (w >> np.uint32(8 * j)) & np.uint32(0xFF)
+            code = byte >> np.uint32(4) if high else byte & np.uint32(15)
+            np.testing.assert_array_equal(np.asarray(outs[j]), BITS[code])
+    n = sum(ln.strip().endswith(";") and not ln.startswith(".reg") for ln in asm.splitlines())
+    assert n == 26, n  # instructions per 4 weights
+
+
+def test_inline_asm_interpret_packs_consecutive_elements():
+    """Interpret mode groups 4 consecutive elements of the last axis into one word (element j in byte j), as
+    Triton packs a thread's elements for ``pack=4``; the result keeps the tile's shape."""
+    p = jnp.asarray(np.random.default_rng(1).integers(0, 256, (6, 12)), jnp.uint8)
+    got = jax.jit(lambda v: inline_asm(nf4_lookup_asm(CODE_VALS, False), v, jnp.float32, interpret=True))(p)
+    np.testing.assert_array_equal(np.asarray(got), NF4_CODE.astype(np.float32)[np.asarray(p) & 15])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        inline_asm(nf4_lookup_asm(CODE_VALS, False), p[:, :6], jnp.float32, interpret=True)
+
+
+def test_table_size_is_checked():
+    with pytest.raises(ValueError, match="16 table values"):
+        nf4_lookup_asm(CODE_VALS[:8], True)
