@@ -302,9 +302,12 @@ def section_tune(args) -> dict[str, Any]:
 #: H100 with no exposed load in its loop): more programs (split-K 8), wider tiles, the unsplit tile; its
 #: ``+postscale`` was left out (475 instructions vs 414, and the scale row load exposed). NF4: the measured table
 #: rows (``select-gemv`` M <= 1, ``select`` M <= 64) against their ``-split`` forms (contiguous activation rows:
-#: 11 instead of 67 exposed loads per step for the GEMV, 0 instead of 16 for the dot kernel). Every (kernel,
-#: config, M in {1, 16}) case compiled for sm_90 at K=N=8192 on the CPU; 30 are timed (a GEMV only at
-#: M <= block_m). Each (tile, split, warps, stages, variant).
+#: 11 instead of 67 exposed loads per step for the GEMV, 0 instead of 16 for the dot kernel) and the ``prmt``
+#: lookup (inline PTX byte permutes; 964 / 745 instructions per trip vs 1432 / 1218 for select). ``prmt`` has
+#: run only through its emulator on the CPU: its rel. error vs the XLA path here (0 expected for the dot kernel)
+#: is its first check on real hardware; adopt it only then. Every (kernel, config, M in {1, 16}) case compiled for
+#: sm_90 at K=N=8192 on the CPU; 33 are timed (a GEMV only at M <= block_m). Each (tile, split, warps, stages,
+#: variant).
 TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], ...]] = {
     "ternary": (
         (16, 64, 128, 4, 4, 4, ""),
@@ -321,8 +324,10 @@ TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], .
     "nf4": (
         (1, 128, 64, 16, 4, 4, "select-gemv"),
         (1, 128, 64, 16, 4, 4, "select-split-gemv"),
+        (1, 128, 64, 16, 4, 4, "prmt-split-gemv"),
         (16, 64, 128, 4, 4, 4, "select"),
         (16, 64, 128, 4, 4, 4, "select-split"),
+        (16, 64, 128, 4, 4, 4, "prmt-split"),
     ),
     "int8_w8a16": (
         (16, 64, 128, 4, 4, 4, "strided"),
