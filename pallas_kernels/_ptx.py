@@ -1,18 +1,19 @@
 """Inline PTX for the Pallas-Triton kernels, with an emulator that runs the same program on the CPU.
 
 Pallas' Triton backend passes PTX through ``jax.experimental.pallas.triton.elementwise_inline_asm``; the
-Pallas interpreter cannot run it. Every program here is therefore a plain string of a small PTX subset
-(``mov``, ``and``, ``or``, ``shl``, ``shr``, ``prmt``, ``lop3`` on ``.b32``) that :func:`emulate` executes
-instruction by instruction with NumPy or ``jax.numpy`` integer operations, following the PTX ISA's definitions
-(``prmt`` in its default mode: each selector nibble picks one of the 8 bytes of ``{b, a}``, its top bit
-replicating that byte's sign bit instead). On a GPU the string goes to ``ptxas``; in interpret mode
+Pallas interpreter cannot run it. Every program here is therefore a plain string of a small PTX subset (``mov``,
+``and``, ``or``, ``xor``, ``shl``, ``shr``, ``prmt``, ``lop3`` on ``.b32``; ``sub.u32``) that :func:`emulate`
+executes instruction by instruction with NumPy or ``jax.numpy`` integer operations, following the PTX ISA's
+definitions (``prmt`` in its default mode: each selector nibble picks one of the 8 bytes of ``{b, a}``, its top
+bit replicating that byte's sign bit instead). On a GPU the string goes to ``ptxas``; in interpret mode
 (:func:`inline_asm`) the emulator runs it inside the kernel, so interpret-mode tests exercise the very program a
 GPU runs. Two things only a GPU can confirm: that the hardware follows the ISA text as emulated, and Triton's
 packing of ``pack`` consecutive elements of a thread into one register (element ``j`` in byte ``j``: LLVM's
 little-endian vector bitcast, visible in the LLVM IR the CPU compiles).
 
 ``nf4_lookup_asm`` is the NF4 table lookup with byte permutes: four codes per instruction instead of a select
-tree per code (15 selects of float32 constants per weight).
+tree per code (15 selects of float32 constants per weight). ``ternary_field_asm`` turns four packed 2-bit
+ternary codes into four int8 values in one register (SWAR arithmetic), the operand layout of the int8 dot.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["emulate", "inline_asm", "nf4_lookup", "nf4_lookup_asm"]
+__all__ = ["emulate", "inline_asm", "nf4_lookup", "nf4_lookup_asm", "ternary_field", "ternary_field_asm"]
 
 
 def _f32_bits(v: float) -> int:
@@ -75,7 +76,7 @@ def nf4_lookup_asm(code_vals: Sequence[float], high: bool) -> str:
     return "\n".join(lines)
 
 
-_INSTR = re.compile(r"^([a-z0-9]+)\.b32\s+(.+)$")
+_INSTR = re.compile(r"^([a-z0-9]+)\.([bu]32)\s+(.+)$")
 
 
 def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[Any]:
@@ -102,7 +103,9 @@ def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[A
         m = _INSTR.match(ins)
         if not m:
             raise ValueError(f"emulate: unsupported instruction {ins!r}")
-        op, ops = m.group(1), [o.strip() for o in m.group(2).split(",")]
+        op, ops = m.group(1), [o.strip() for o in m.group(3).split(",")]
+        if (m.group(2) == "u32") != (op == "sub"):
+            raise ValueError(f"emulate: unsupported instruction type {ins!r}")
         d, src = ops[0], [val(o) for o in ops[1:]]
         if op == "mov":
             out = src[0]
@@ -110,6 +113,10 @@ def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[A
             out = src[0] & src[1]
         elif op == "or":
             out = src[0] | src[1]
+        elif op == "xor":
+            out = src[0] ^ src[1]
+        elif op == "sub":  # modulo 2**32
+            out = src[0] - src[1]
         elif op == "shl":
             out = src[0] << src[1]
         elif op == "shr":
@@ -142,19 +149,25 @@ def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[A
 
 
 def inline_asm(asm: str, x: Any, out_dtype: Any, *, interpret: bool) -> Any:
-    """Apply a 4-way packed elementwise PTX program (``$4``: 4 uint8 elements, ``$0..$3``: one 32-bit result
-    each) to a uint8 tile inside a Pallas kernel: ``elementwise_inline_asm`` on a GPU, :func:`emulate` on the
-    bytes of groups of 4 consecutive elements along the last axis in interpret mode."""
+    """Apply a 4-way packed elementwise PTX program to a uint8 tile inside a Pallas kernel.
+
+    The program reads 4 uint8 elements from one register (``$n``, after the outputs) and writes the 4 results
+    into ``n`` 32-bit registers ``$0..$n-1`` (``n`` = the result's byte size: 4 for float32, 1 for int8), result
+    ``j`` in the ``j``-th slot, least significant first. On a GPU: ``elementwise_inline_asm`` with ``pack=4``;
+    in interpret mode: :func:`emulate` on groups of 4 consecutive elements along the last axis."""
     import jax
     import jax.numpy as jnp
 
+    n = jnp.dtype(out_dtype).itemsize
+    if n not in (1, 4):
+        raise ValueError(f"inline_asm: results must be 8- or 32-bit, got {jnp.dtype(out_dtype).name}")
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         (out,) = plgpu.elementwise_inline_asm(
             asm,
             args=[x],
-            constraints="=r,=r,=r,=r,r",
+            constraints=",".join(["=r"] * n + ["r"]),
             pack=4,
             result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, out_dtype)],
         )
@@ -163,9 +176,42 @@ def inline_asm(asm: str, x: Any, out_dtype: Any, *, interpret: bool) -> Any:
         raise ValueError(f"inline_asm: the last axis must be a multiple of 4, got shape {x.shape}")
     b = x.astype(jnp.uint32).reshape(*x.shape[:-1], x.shape[-1] // 4, 4)
     word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    outs = emulate(asm, [word], 4, xp=jnp)
-    y = jnp.stack(outs, axis=-1).reshape(x.shape)
-    return jax.lax.bitcast_convert_type(y, out_dtype)
+    outs = emulate(asm, [word], n, xp=jnp)
+    if n == 4:
+        y = jnp.stack(outs, axis=-1).reshape(x.shape)
+        return jax.lax.bitcast_convert_type(y, out_dtype)
+    y = jnp.stack([(outs[0] >> (8 * j)) & 0xFF for j in range(4)], axis=-1).reshape(x.shape)
+    return jax.lax.bitcast_convert_type(y.astype(jnp.uint8), out_dtype)
+
+
+def ternary_field_asm(j: int) -> str:
+    """PTX mapping 4 packed bytes (``$1``) to the int8 ternary values ``t = field_j - 1`` of each byte (``$0``).
+
+    Field ``j`` is bits ``2j..2j+1`` of a byte (a code ``c`` in {0, 1, 2}); four at once, without a borrow between
+    bytes: ``((c | 0x80) - 1) ^ 0x80`` per byte is ``c - 1`` in two's complement. 5 instructions (4 for ``j=0``)
+    per 4 weights."""
+    if j not in range(4):
+        raise ValueError(f"ternary_field_asm: field must be 0..3, got {j}")
+    src = "$1"
+    lines = ["{", ".reg .b32 t;"]
+    if j:
+        lines.append(f"shr.b32 t, $1, {2 * j};")
+        src = "t"
+    lines += [
+        f"and.b32 t, {src}, 0x03030303;",
+        "or.b32 t, t, 0x80808080;",
+        "sub.u32 t, t, 0x01010101;",
+        "xor.b32 $0, t, 0x80808080;",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+def ternary_field(p: Any, j: int, *, interpret: bool) -> Any:
+    """Int8 ``t = ((p >> 2j) & 3) - 1`` for each byte of the uint8 tile ``p`` by :func:`ternary_field_asm`."""
+    import jax.numpy as jnp
+
+    return inline_asm(ternary_field_asm(j), p, jnp.int8, interpret=interpret)
 
 
 def nf4_lookup(p: Any, code_vals: Sequence[float], high: bool, *, interpret: bool) -> Any:

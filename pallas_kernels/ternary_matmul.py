@@ -24,6 +24,12 @@ the four 2-bit fields, subtract 1, then for ``"k"`` packing multiply each field 
 ``(c - 1) * s`` builds ``c - 1`` exactly in float32 with integer ops (``_common.exact_int``), not an
 int-to-float conversion.
 
+``config.variant="split+ptx"`` (W1.58A8, ``packing="k"``): the int8 weight tiles come from inline PTX
+(:func:`pallas_kernels._ptx.ternary_field_asm`: four codes of one register to four int8 values in 4-5 instructions)
+instead of per-element integer arithmetic repacked into bytes; sm_90 K loop of the 16x64x128 tile: 207
+instructions per trip vs 425 for ``split``. Exact (the same int8 values); run by the PTX emulator in interpret
+mode and not yet on a GPU, so no table or heuristic selects it.
+
 ``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``), ``packing="k"``: the weight-only
 integer GEMV kernel of :mod:`pallas_kernels.int4_matmul` reads the same bytes as a 2-bit ``minmax`` weight with
 ``W = c * s - s`` (bit-identical to ``(c - 1) * s`` for ``c`` in {0, 1, 2}). For ``mode="a8"`` it runs on the
@@ -53,6 +59,7 @@ from pallas_kernels._common import (
     split_k_call,
     store,
 )
+from pallas_kernels._ptx import ternary_field
 
 __all__ = [
     "dequantize_reference",
@@ -117,8 +124,10 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
         jnp.dtype(jnp.float32),
     ):
         return f"activation dtype {jnp.dtype(x_dtype).name}"
-    if cfg.variant not in ("", "split", "gemv"):
-        return f"variant {cfg.variant!r} (ternary kernels: '', 'split', 'gemv')"
+    if cfg.variant not in ("", "split", "gemv", "split+ptx"):
+        return f"variant {cfg.variant!r} (ternary kernels: '', 'split', 'gemv', 'split+ptx')"
+    if cfg.variant == "split+ptx" and (mode != "a8" or packing != "k"):
+        return "variant 'split+ptx' is W1.58A8 with codes packed along K only"
     if cfg.variant == "gemv":
         if cfg.block_m > 8 or cfg.block_n < 16 or cfg.block_k < 32:
             return "gemv needs block_m <= 8, block_n >= 16 and block_k >= 32"
@@ -129,7 +138,7 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
     return None
 
 
-def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant=""):
+def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="", interpret=False):
     if mode == "a8":
         x_ref, w_ref, s_ref, sx_ref, o_ref = refs
     else:
@@ -143,7 +152,8 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="
     cdtype = x_ref.dtype
     acc_dtype = jnp.int32 if mode == "a8" else jnp.float32
 
-    split = variant == "split"
+    split = variant.startswith("split")
+    ptx = variant.endswith("+ptx")  # int8 weights from four packed codes per instruction (inline PTX)
 
     def field(p, jj):  # 2-bit field jj of the packed int32 tile: the code c = t + 1 in {0, 1, 2}
         return (p >> (2 * jj)) & 3
@@ -164,12 +174,13 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="
             pk = bk // 4
             r0 = k0 // 4
             rmask = (r0 + jnp.arange(pk) < cdiv(k, 4))[:, None] if k_ragged else None
-            p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], and_masks(nmask, rmask)).astype(jnp.int32)
+            p8 = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], and_masks(nmask, rmask))
+            p = p8.astype(jnp.int32)
             if split:  # one contiguous activation tile, split into the columns of each 2-bit field
                 xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
                 xts = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask), 4)
             for jj in range(4):
-                wt = as_weight(field(p, jj))
+                wt = ternary_field(p8, jj, interpret=interpret) if ptx else as_weight(field(p, jj))
                 xt = xts[jj] if split else x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, 4)]
                 acc = acc + jnp.dot(xt, wt, preferred_element_type=acc_dtype)
             return acc
@@ -246,7 +257,9 @@ def ternary_matmul(
     if packing == "k":
         if data.shape != (cdiv(k, 4), n):
             raise ValueError(f"ternary_matmul: packed data must be {(cdiv(k, 4), n)}, got {data.shape}")
-        if config.variant != "split" and (m % bm or k % bk):  # strided loads cannot be masked: zero-pad
+        if config.variant.endswith("+ptx") and jnp.dtype(data.dtype) != jnp.dtype(jnp.uint8):
+            raise ValueError(f"ternary_matmul: variant 'split+ptx' needs uint8 codes, got {data.dtype}")
+        if not config.variant.startswith("split") and (m % bm or k % bk):  # strided loads cannot be masked: zero-pad
             xin = jnp.pad(xin, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - k)))
     else:
         if data.size != k * n // 4:
@@ -267,6 +280,7 @@ def ternary_matmul(
         mode=mode,
         w_round=w_round,
         variant=config.variant if packing == "k" else "",
+        interpret=interpret,
     )
     return split_k_call(
         kernel,

@@ -40,6 +40,8 @@ def np_ternary(q, k, n, gran):
         (2, 300, 64, "tensor", "a8", 3, 64, ""),
         (3, 200, 80, "channel", "w16", 2, 64, "split"),  # ragged M, K, N; contiguous activation tile
         (18, 300, 64, "channel", "a8", 1, 128, "split"),
+        (18, 300, 64, "channel", "a8", 2, 128, "split+ptx"),  # inline PTX, run by its emulator
+        (1, 512, 96, "channel", "a8", 2, 128, "split+ptx"),
     ],
 )
 def test_interpret_matches_float64(m, k, n, gran, mode, split, bk, variant):
@@ -156,6 +158,46 @@ def test_split_k_loop_has_no_exposed_global_loads_sm90(mode):
     default, split = loop(""), loop("split")
     assert default.exposed_loads >= 4 and default.barriers >= 4, (default.exposed_loads, default.barriers)
     assert split.exposed_loads == 0 and split.barriers <= 2, (split.exposed_loads, split.barriers)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 512, 96), (21, 300, 80)])
+def test_ptx_variant_bit_identical_to_split(m, k, n):
+    """W1.58A8 ``split+ptx`` (int8 weights from the PTX program, emulated) equals ``split`` bit for bit: the
+    same int8 operands, exact int32 sums, the same epilogue."""
+    rng = np.random.default_rng(m * k)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+
+    def run(variant):
+        cfg = BlockConfig(16, 32, 128, 2, variant=variant)
+        return ternary_matmul(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8", config=cfg, interpret=True)
+
+    np.testing.assert_array_equal(np.asarray(run("split+ptx"), np.float32), np.asarray(run("split"), np.float32))
+    want = ternary_matmul_reference(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8")
+    np.testing.assert_array_equal(np.asarray(run("split+ptx"), np.float32), np.asarray(want, np.float32))
+
+
+def test_ptx_variant_is_w158a8_k_packing_only():
+    cfg = BlockConfig(16, 64, 128, variant="split+ptx")
+    assert supported(256, 64, "k", cfg, jnp.bfloat16, "a8") is None
+    assert "W1.58A8" in supported(256, 64, "k", cfg, jnp.bfloat16, "w16")
+    assert "W1.58A8" in supported(256, 64, "n", cfg, jnp.bfloat16, "a8")
+
+
+@requires_triton
+def test_ptx_k_loop_halves_the_instructions_sm90():
+    """sm_90 K loop of W1.58A8 at the H100 tile: the PTX program's packed int8 fields replace per-element integer
+    arithmetic and its repacking into bytes; it compiles for sm_80 too."""
+    from pallas_kernels import _triton_tools as tt
+
+    def loop(variant):
+        call = _lower("k", "a8", 16, k=2048, n=512, variant=variant)[0]
+        return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+    split, ptx = loop("split"), loop("split+ptx")
+    assert ptx.instructions <= 0.6 * split.instructions, (split.instructions, ptx.instructions)
+    assert ptx.count("IMMA") == split.count("IMMA") > 0 and ptx.exposed_loads == 0
+    assert_compiles(_lower("k", "a8", 16, variant="split+ptx"), archs=(90, 80))
 
 
 def test_heuristic_takes_split_at_small_m():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxquant.core.formats import NF4_CODE
-from pallas_kernels._ptx import emulate, inline_asm, nf4_lookup_asm
+from pallas_kernels._ptx import emulate, inline_asm, nf4_lookup_asm, ternary_field, ternary_field_asm
 
 CODE_VALS = tuple(float(v) for v in NF4_CODE)
 BITS = NF4_CODE.astype(np.float32).view(np.uint32)
@@ -83,3 +83,32 @@ def test_inline_asm_interpret_packs_consecutive_elements():
 def test_table_size_is_checked():
     with pytest.raises(ValueError, match="16 table values"):
         nf4_lookup_asm(CODE_VALS[:8], True)
+
+
+@pytest.mark.parametrize("j", range(4))
+def test_ternary_field_program_is_code_minus_one(j):
+    """Every byte value in every position: byte ``i`` of the result is ``((byte_i >> 2j) & 3) - 1`` as int8 for the
+    codes 0..2 (the code 3 never occurs; it gives 2 without disturbing the other bytes)."""
+    w = _words()
+    (out,) = emulate(ternary_field_asm(j), [w], 1)
+    for i in range(4):
+        code = (w >> np.uint32(8 * i + 2 * j)) & np.uint32(3)
+        got = ((out >> np.uint32(8 * i)) & np.uint32(0xFF)).astype(np.uint8).view(np.int8)
+        np.testing.assert_array_equal(got, code.astype(np.int8) - 1)
+
+
+def test_ternary_field_interpret_path():
+    p = jnp.asarray(np.random.default_rng(2).integers(0, 256, (8, 16)), jnp.uint8)
+    for j in range(4):
+        got = jax.jit(lambda v, j=j: ternary_field(v, j, interpret=True))(p)
+        assert got.dtype == jnp.int8
+        np.testing.assert_array_equal(np.asarray(got), ((np.asarray(p) >> (2 * j)) & 3).astype(np.int8) - 1)
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        ternary_field_asm(4)
+
+
+def test_sub_wraps_and_needs_u32():
+    (d,) = emulate("sub.u32 $0, $1, 2;", [np.uint32(1)], 1)
+    assert int(d) == 2**32 - 1
+    with pytest.raises(ValueError, match="type"):
+        emulate("sub.b32 $0, $1, 2;", [np.uint32(1)], 1)
