@@ -211,10 +211,22 @@ def _tune_candidates(m: int, wide: bool = False, postscale: bool = False):
 
     from pallas_kernels._common import BlockConfig
 
-    if postscale and m <= 16:  # the best measured tiles, each with every variant of TUNE_VARIANTS
-        return [BlockConfig(*t, v) for t in TUNE_VARIANT_TILES for v in TUNE_VARIANTS] + [
-            BlockConfig(*t, v) for t in TUNE_NO_SPLIT_TILES for v in ("split", "split+postscale")
+    if postscale and m <= 16:  # the best measured tiles with every variant of TUNE_VARIANTS, most promising first
+        t1, t2, t3 = TUNE_VARIANT_TILES
+        (ns,) = TUNE_NO_SPLIT_TILES
+        first = [
+            (ns, "split+postscale"),
+            (t1, "split+postscale"),
+            (t1, "split"),
+            (ns, "split"),
+            (t2, "split+postscale"),
+            (t3, "split+postscale"),
+            (t1, "interleave"),
+            (t2, "split"),
+            (t3, "split"),
         ]
+        rest = [(t, v) for t in TUNE_VARIANT_TILES for v in TUNE_VARIANTS if (t, v) not in first]
+        return [BlockConfig(*t, v) for t, v in first + rest]
     if wide and m <= 16:
         grid = itertools.product((64, 128, 256), (4, 8, 16), (4, 8), (3, 5), ("strided", "interleave"))
         return [
@@ -257,39 +269,50 @@ def section_tune(args) -> dict[str, Any]:
     rows = []
     ms = [1, 16] if args.dry_run else [int(v) for v in args.m.split(",")]
     k, n = (256, 256) if args.dry_run else (int(v) for v in args.tune_kn.split("x"))
-    for m in ms:
-        key = jax.random.PRNGKey(m)
-        nb = 2 if args.dry_run else max(3, min(24, (24 if m <= 256 else 3) * 4096 * 4096 // (k * n)))
-        qs = [
-            jq.quantize(jax.random.normal(jax.random.fold_in(key, b), (k, n)) * 0.02, jq.IntScheme(4, 128))
-            for b in range(nb)
-        ]
-        xs = [jax.random.normal(jax.random.fold_in(key, 100 + b), (m, k), jnp.bfloat16) for b in range(nb)]
-        lay = km.IntLayout(bits=4, mode="sym", k=k, n=n, group_size=128)
-        y_ref = km.int_matmul_reference(xs[0], qs[0].data, qs[0].scale, None, lay)
-        for cfg in _tune_candidates(m, wide=args.tune_wide, postscale=args.tune_postscale):
-            if time.time() - t_start > args.budget_s:
-                break
-            row = {"m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{m}|{cfg!r}"}
-            if row["key"] in _skips(args):
-                continue
-            _mark(args, row)
-            try:
-                f = jax.jit(
-                    lambda xl, ql, cfg=cfg, lay=lay: [
-                        km.int_matmul(xi, qi.data, qi.scale, None, layout=lay, config=cfg, interpret=args.dry_run)
-                        for xi, qi in zip(xl, ql)
-                    ]
-                )
-                row["t"] = time_per_call(f, (xs, qs), 2 if args.dry_run else 10, 1 if args.dry_run else 3) / nb
-                y = f(xs[:1], qs[:1])[0].astype(jnp.float32)
-                r = y_ref.astype(jnp.float32)
-                row["rel_err_vs_xla"] = float(jnp.linalg.norm(y - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30))
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            _write_partial(args.result, {"rows": rows})
+    lay = km.IntLayout(bits=4, mode="sym", k=k, n=n, group_size=128)
+    data: dict[int, tuple] = {}
+
+    def inputs(m: int):
+        if m not in data:
+            key = jax.random.PRNGKey(m)
+            nb = 2 if args.dry_run else max(3, min(24, (24 if m <= 256 else 3) * 4096 * 4096 // (k * n)))
+            qs = [
+                jq.quantize(jax.random.normal(jax.random.fold_in(key, b), (k, n)) * 0.02, jq.IntScheme(4, 128))
+                for b in range(nb)
+            ]
+            xs = [jax.random.normal(jax.random.fold_in(key, 100 + b), (m, k), jnp.bfloat16) for b in range(nb)]
+            data[m] = (nb, qs, xs, km.int_matmul_reference(xs[0], qs[0].data, qs[0].scale, None, lay))
+        return data[m]
+
+    if args.tune_postscale and all(m <= 16 for m in ms):  # candidate-major: each candidate at every M in turn
+        cands = _tune_candidates(max(ms), postscale=True)
+        cases = [(m, cfg) for cfg in cands for m in ms]
+    else:
+        cases = [(m, c) for m in ms for c in _tune_candidates(m, wide=args.tune_wide, postscale=args.tune_postscale)]
+    for m, cfg in cases:
+        if time.time() - t_start > args.budget_s:
+            break
+        row = {"m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{m}|{cfg!r}"}
+        if row["key"] in _skips(args):
+            continue
+        nb, qs, xs, y_ref = inputs(m)
+        _mark(args, row)
+        try:
+            f = jax.jit(
+                lambda xl, ql, cfg=cfg, lay=lay: [
+                    km.int_matmul(xi, qi.data, qi.scale, None, layout=lay, config=cfg, interpret=args.dry_run)
+                    for xi, qi in zip(xl, ql)
+                ]
+            )
+            row["t"] = time_per_call(f, (xs, qs), 2 if args.dry_run else 10, 1 if args.dry_run else 3) / nb
+            y = f(xs[:1], qs[:1])[0].astype(jnp.float32)
+            r = y_ref.astype(jnp.float32)
+            row["rel_err_vs_xla"] = float(jnp.linalg.norm(y - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        _write_partial(args.result, {"rows": rows})
     return {"rows": rows}
 
 
@@ -311,34 +334,35 @@ def section_tune(args) -> dict[str, Any]:
 #: sm_90 at K=N=8192 on the CPU; 39 are timed (a GEMV only at M <= block_m). Each (tile, split, warps, stages,
 #: variant).
 TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], ...]] = {
-    "ternary": (
-        (16, 64, 128, 4, 4, 4, ""),
-        (16, 64, 128, 4, 4, 4, "split"),
-        (16, 64, 128, 8, 4, 4, "split"),
-        (16, 32, 128, 1, 4, 3, "split"),
-    ),
+    # run in this order, most promising first, until the section's budget ends
     "ternary_w158a8": (
-        (16, 64, 128, 4, 4, 4, ""),
-        (16, 64, 128, 4, 4, 4, "split"),
-        (16, 64, 128, 8, 4, 4, "split"),
-        (16, 32, 128, 1, 4, 3, "split"),
         (16, 64, 128, 4, 4, 4, "split+ptx"),
-        (16, 64, 128, 8, 4, 4, "split+ptx"),
         (16, 32, 128, 1, 4, 3, "split+ptx"),
+        (16, 64, 128, 4, 4, 4, "split"),
+        (16, 64, 128, 4, 4, 4, ""),
+        (16, 64, 128, 8, 4, 4, "split+ptx"),
+        (16, 32, 128, 1, 4, 3, "split"),
+        (16, 64, 128, 8, 4, 4, "split"),
     ),
     "nf4": (
-        (1, 128, 64, 16, 4, 4, "select-gemv"),
-        (1, 128, 64, 16, 4, 4, "select-split-gemv"),
-        (1, 128, 64, 16, 4, 4, "prmt-split-gemv"),
-        (16, 64, 128, 4, 4, 4, "select"),
-        (16, 64, 128, 4, 4, 4, "select-split"),
         (16, 64, 128, 4, 4, 4, "prmt-split"),
+        (1, 128, 64, 16, 4, 4, "prmt-split-gemv"),
+        (16, 64, 128, 4, 4, 4, "select-split"),
+        (1, 128, 64, 16, 4, 4, "select-split-gemv"),
+        (1, 128, 64, 16, 4, 4, "select-gemv"),
+        (16, 64, 128, 4, 4, 4, "select"),
+    ),
+    "ternary": (
+        (16, 64, 128, 4, 4, 4, "split"),
+        (16, 32, 128, 1, 4, 3, "split"),
+        (16, 64, 128, 4, 4, 4, ""),
+        (16, 64, 128, 8, 4, 4, "split"),
     ),
     "int8_w8a16": (
-        (16, 64, 128, 4, 4, 4, "strided"),
         (16, 64, 128, 8, 4, 4, "strided"),
         (16, 128, 128, 4, 8, 4, "strided"),
         (16, 32, 128, 1, 4, 3, "strided"),
+        (16, 64, 128, 4, 4, 4, "strided"),
     ),
 }
 
@@ -749,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tune-kernels-budget-s",
         type=float,
-        default=90.0,
+        default=120.0,
         help="with --tune-variants: budget of the other kernels' variant sweep (TUNE_KERNEL_CONFIGS), after int4's",
     )
     p.add_argument("--skip-check", action="store_true")
