@@ -38,6 +38,7 @@ __all__ = [
     "get_kernel_mode",
     "kernel_mode",
     "qdot",
+    "qdot_dequant_dot",
     "qdot_fp8_w8a8",
     "qdot_ternary_a8",
     "set_kernel_mode",
@@ -376,6 +377,49 @@ def qdot_fp8_w8a8(x: jax.Array, w: QArray) -> jax.Array:
             raise ValueError("qdot_fp8_w8a8: kernel mode 'on' but the kernel cannot run this call")
         y = km.fp8_matmul_reference(x2, w.data, w.scale, mode="w8a8")
     return y.reshape(*lead, n)
+
+
+def _dequant_kernel_weight(w: QArray, dtype, interpret: bool) -> tuple[jax.Array | None, str]:
+    """``dequantize(w).astype(dtype)`` by a Pallas dequantization kernel (bit-identical), or ``None`` and why not."""
+    from pallas_kernels import int4_matmul as km
+
+    s = w.scheme
+    if getattr(s, "kind", None) != "int" or s.bits not in (2, 4, 8):
+        return None, f"no dequantization kernel for {type(s).__name__}"
+    k, n = w.shape
+    mode = "sym" if s.symmetric else s.range
+    layout = km.IntLayout(
+        bits=s.bits, mode=mode, k=k, n=n, group_size=s.group_size if s.granularity == "group" else None
+    )
+    why = km.dequantize_supported(layout)
+    if why:
+        return None, why
+    d = jnp.dtype(w.dtype)
+    w_dtype = None if d in (jnp.dtype(jnp.float32), jnp.dtype(dtype)) else d.name
+    zero = w.zero if mode != "sym" else None
+    return km.int_dequantize(
+        w.data, w.scale, zero, layout=layout, out_dtype=dtype, w_dtype=w_dtype, interpret=interpret
+    ), ""
+
+
+def qdot_dequant_dot(x: jax.Array, w: QArray) -> jax.Array:
+    """``qdot``'s XLA path with the weight dequantized by a Pallas kernel: the same weights, the same ``jnp.dot``,
+    the same result bit for bit (for large ``M``, where the dense GEMM beats a fused kernel and the XLA
+    dequantization is the slow part).
+
+    Integer schemes (2/4/8-bit, sym / zero point / min-max, any group size with whole tiles); elsewhere, on CPU
+    or in kernel mode ``"off"`` the XLA dequantization (in mode ``"on"``: an error instead).
+    """
+    x = jnp.asarray(x)
+    if not isinstance(w, QArray) or len(w.shape) != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"qdot_dequant_dot: x {tuple(x.shape)} and w do not contract (need a (K, N) QArray)")
+    interpret = _interpret()
+    wd, why = (None, f"kernel mode {_mode!r}") if interpret is None else _dequant_kernel_weight(w, x.dtype, interpret)
+    if wd is None:
+        if _mode == "on":
+            raise ValueError(f"qdot_dequant_dot: kernel mode 'on' but no dequantization kernel runs: {why}")
+        wd = dequantize(w).astype(x.dtype)
+    return jnp.dot(x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def qdot_ternary_a8(x: jax.Array, w: QArray) -> jax.Array:

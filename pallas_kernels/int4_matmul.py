@@ -62,6 +62,7 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
+    compiler_params,
     exact_int,
     interleave_rows,
     largest_divisor_at_most,
@@ -75,6 +76,8 @@ from pallas_kernels._common import (
 __all__ = [
     "IntLayout",
     "dequantize_reference",
+    "dequantize_supported",
+    "int_dequantize",
     "int_matmul",
     "int_matmul_reference",
     "supported",
@@ -233,6 +236,38 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
 _DOT_VARIANTS = ("", *(f"{b}{p}" for p in ("", "+postscale") for b in ("strided", "interleave", "split")))
 
 
+def _native(layout: IntLayout, s_dtype, cdtype, w_round) -> bool:
+    """Whether ``(c - z) * s`` can run in the activation dtype: scales already in it (bf16/f16), no other rounding
+    in between; ``c - z`` is exact there and one multiply rounds once, as the reference rounds its float32 product
+    (exact: <= 4 + 11 bits)."""
+    return (
+        layout.bits < 8
+        and layout.mode != "minmax"
+        and cdtype != jnp.float32
+        and s_dtype == cdtype
+        and w_round in (None, cdtype)
+    )
+
+
+def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w_round, cdtype):
+    """Dequantized weights of one code tile ``c`` (int32), in the activation dtype, exactly as the XLA path rounds
+    them: ``s`` the group scale row (float32, or the activation dtype when ``native``), ``z`` the float32 zero
+    point / minimum row, ``zi`` the integer zero point (``native`` zero-point mode)."""
+    bits = layout.bits
+    if native:  # packed bf16/f16 arithmetic, two weights per instruction; identical weights
+        return exact_int(c, (1 << (bits - 1)) if layout.mode == "sym" else zi, cdtype) * s
+    # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
+    if layout.mode == "sym":
+        w = (c.astype(jnp.float32) if sym_int8 else exact_int(c, 2 ** (bits - 1))) * s
+    elif layout.mode == "zeropoint":
+        w = exact_int(c, z) * s
+    else:
+        w = exact_int(c, 0) * s + z
+    if w_round is not None:
+        w = w.astype(w_round)
+    return w.astype(cdtype)
+
+
 def _kernel(
     *refs, layout: IntLayout, m: int, bm: int, bn: int, bk: int, steps: int, variant: str, gs: int, w_round=None
 ):
@@ -252,16 +287,7 @@ def _kernel(
     cdtype = x_ref.dtype
     sym_int8 = w_ref.dtype == jnp.int8
     base, post = variant.split("+")[0], variant.endswith("+postscale")
-    # scales already in the activation dtype (bf16/f16), no other rounding in between: (c - z) is exact in that dtype
-    # and one multiply there rounds once, as the reference rounds its float32 product (exact: <= 4 + 11 bits)
-    native = (
-        not post
-        and bits < 8
-        and layout.mode != "minmax"
-        and cdtype != jnp.float32
-        and s_ref.dtype == cdtype
-        and w_round in (None, cdtype)
-    )
+    native = not post and _native(layout, s_ref.dtype, cdtype, w_round)
 
     def body(t, acc):
         kb = sk * steps + t
@@ -291,19 +317,7 @@ def _kernel(
                     off = (1 << (bits - 1)) if layout.mode == "sym" else zi
                     tiles.append((c - off).astype(cdtype))
                 continue
-            if native:  # packed bf16/f16 arithmetic, two weights per instruction; identical weights
-                tiles.append(exact_int(c, (1 << (bits - 1)) if layout.mode == "sym" else zi, cdtype) * s)
-                continue
-            # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
-            if layout.mode == "sym":
-                w = (c.astype(jnp.float32) if sym_int8 else exact_int(c, 2 ** (bits - 1))) * s
-            elif layout.mode == "zeropoint":
-                w = exact_int(c, z) * s
-            else:
-                w = exact_int(c, 0) * s + z
-            if w_round is not None:
-                w = w.astype(w_round)
-            tiles.append(w.astype(cdtype))
+            tiles.append(_weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, cdtype))
         if per == 1 or base == "interleave":
             w = tiles[0] if per == 1 else interleave_rows(tiles)
             xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
@@ -509,3 +523,98 @@ def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, ns
         name=f"int{layout.bits}_gemv",
     )
     return out[:m]
+
+
+# -------------------------------------------------------------------------------------------------
+# dequantization kernel (large M: dequantize once, then XLA's dense matmul)
+# -------------------------------------------------------------------------------------------------
+def _dequant_kernel(*refs, layout: IntLayout, bk: int, bn: int, gs: int, w_round, out_dtype):
+    if layout.mode == "sym":
+        w_ref, s_ref, o_ref = refs
+        z_ref = None
+    else:
+        w_ref, s_ref, z_ref, o_ref = refs
+    per, bits = layout.per_byte, layout.bits
+    pk = bk // per
+    kb, j = pl.program_id(0), pl.program_id(1)
+    k0, n0 = kb * bk, j * bn
+    p = w_ref[pl.ds(kb * pk, pk), pl.ds(n0, bn)].astype(jnp.int32)
+    g = k0 // gs
+    native = _native(layout, s_ref.dtype, out_dtype, w_round)
+    s = s_ref[pl.ds(g, 1), pl.ds(n0, bn)]
+    s = s if native else s.astype(jnp.float32)
+    z = None if z_ref is None else z_ref[pl.ds(g, 1), pl.ds(n0, bn)]
+    zi = None if z is None or not native else z.astype(jnp.int32)
+    z = None if z is None else z.astype(jnp.float32)
+    sym_int8 = w_ref.dtype == jnp.int8
+    for jj in range(per):
+        c = p if per == 1 else (p >> (bits * jj)) & ((1 << bits) - 1)
+        tile = _weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, out_dtype)
+        rows = pl.ds(k0, bk) if per == 1 else pl.ds(k0 + jj, pk, stride=per)  # code jj: rows k0 + jj + per*r
+        o_ref[rows, pl.ds(n0, bn)] = tile
+
+
+def dequantize_supported(layout: IntLayout, block_k: int = 128, block_n: int = 128) -> str | None:
+    """``None`` when :func:`int_dequantize` handles this layout with these blocks, else why not."""
+    bk = min(block_k, _largest_pow2_divisor(layout.group_size)) if layout.group_size is not None else block_k
+    if layout.k % bk or layout.n % block_n:
+        return f"(K, N) = ({layout.k}, {layout.n}) not a multiple of the ({bk}, {block_n}) tile (no masked tiles)"
+    if bk // layout.per_byte < 8:
+        return f"group_size={layout.group_size} too small for a {layout.bits}-bit tile"
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "out_dtype", "w_dtype", "block_k", "block_n", "interpret"))
+def int_dequantize(
+    packed: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array | None,
+    *,
+    layout: IntLayout,
+    out_dtype,
+    w_dtype: str | None = None,
+    block_k: int = 128,
+    block_n: int = 128,
+    interpret: bool = False,
+) -> jax.Array:
+    """The ``(K, N)`` weight in ``out_dtype``, bit-identical to ``dequantize_reference`` rounded to ``w_dtype`` (if
+    given) and then to ``out_dtype`` (the XLA path's weights), in one memory-bound Pallas kernel.
+
+    For large ``M``, where a fused matmul kernel loses to the dense tensor-core GEMM, ``jnp.dot(x, int_dequantize(
+    ...))`` is the XLA path with a faster dequantization: the same weights, the same dot, the same result.
+    Grid ``(K / BK, N / BN)``: each program loads one packed ``(BK / per_byte, BN)`` tile and its scale (and zero)
+    row and stores each code's tile to its rows ``k0 + j + per_byte * r`` with a strided store.
+
+    Raises ``ValueError`` for shapes :func:`dequantize_supported` rejects (callers use the XLA dequantization).
+    """
+    why = dequantize_supported(layout, block_k, block_n)
+    if why:
+        raise ValueError(f"int_dequantize: unsupported: {why}")
+    if packed.shape != (layout.packed_rows, layout.n):
+        raise ValueError(f"int_dequantize: packed must be {(layout.packed_rows, layout.n)}, got {packed.shape}")
+    scale = scale.reshape(layout.groups, layout.n)
+    operands = [packed, scale]
+    if layout.mode != "sym":
+        if zero is None:
+            raise ValueError(f"int_dequantize: mode={layout.mode!r} needs zero")
+        operands.append(jnp.broadcast_to(zero, scale.shape) if zero.ndim < 2 else zero.reshape(scale.shape))
+    bk = min(block_k, _largest_pow2_divisor(layout.group_size)) if layout.group_size is not None else block_k
+    gs = layout.group_size if layout.group_size is not None else layout.k
+    out_dtype = jnp.dtype(out_dtype)
+    kernel = functools.partial(
+        _dequant_kernel,
+        layout=layout,
+        bk=bk,
+        bn=block_n,
+        gs=gs,
+        w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
+        out_dtype=out_dtype,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((layout.k, layout.n), out_dtype),
+        grid=(layout.k // bk, layout.n // block_n),
+        compiler_params=compiler_params(BlockConfig(num_warps=4, num_stages=1)),
+        interpret=interpret,
+        name=f"int{layout.bits}_dequantize",
+    )(*operands)
