@@ -93,6 +93,8 @@ def _specs() -> dict[str, KernelSpec]:
 SPECS = _specs()
 
 L2_BYTES = 50 * 2**20
+#: rows with at least this M also time ``jaxquant.ops.qdot_dequant_dot`` (integer schemes; 16 in CPU dry runs)
+DEQUANT_DOT_MIN_M = 256
 
 
 # -------------------------------------------------------------------------------------------------
@@ -219,6 +221,18 @@ def run_case(
     with kernel_mode("off"):
         row["t_xla"] = time_per_call(f_xla, (xs, qs), calls, trials) / nb
     row["t_bf16"] = time_per_call(f_bf16, (xs, ws), calls, trials) / nb
+    if spec.direct is None and getattr(scheme, "kind", None) == "int" and m >= (16 if interpret else DEQUANT_DOT_MIN_M):
+        # the XLA path with a Pallas dequantization kernel (same weights, same dot): the large-M alternative
+        from jaxquant.ops import qdot_dequant_dot
+
+        try:
+            with kernel_mode(mode):
+                f_dd = many(qdot_dequant_dot)
+                y_dd = f_dd(xs[:1], qs[:1])[0]
+                row["t_dequant_dot"] = time_per_call(f_dd, (xs, qs), calls, trials) / nb
+            row["dequant_dot_bit_identical"] = bool(np.array_equal(np.asarray(y_dd, np.float64), yx))
+        except Exception as e:  # reported in the note column
+            row["dequant_dot_error"] = f"{type(e).__name__}: {str(e)[:120]}"
     row["bytes"] = io_bytes
     row["speedup_vs_bf16"] = row["t_bf16"] / row["t_kernel"]
     row["speedup_vs_xla"] = row["t_xla"] / row["t_kernel"]
@@ -249,6 +263,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         note = "" if r.get("finite", True) else "NON-FINITE OUTPUT"
         if not r.get("path", "").startswith(("kernel", "direct")):
             note = (note + " " + r.get("path", "")).strip()
+        if "t_dequant_dot" in r:
+            same = "bit-identical to XLA" if r.get("dequant_dot_bit_identical") else "DIFFERS from XLA"
+            note = (
+                f"{note} deq-kernel+dot {1e6 * r['t_dequant_dot']:.1f} µs "
+                f"({r['t_bf16'] / r['t_dequant_dot']:.2f}x bf16, {same})"
+            ).strip()
+        elif "dequant_dot_error" in r:
+            note = f"{note} deq-kernel+dot FAILED: {r['dequant_dot_error']}".strip()
         lines.append(
             f"| {r['kernel']} | {r['m']} | {r['k']} | {r['n']} | {1e6 * r['t_kernel']:.1f} | "
             f"{1e6 * r['t_bf16']:.1f} | {1e6 * r['t_xla']:.1f} | {r['speedup_vs_bf16']:.2f} | "
