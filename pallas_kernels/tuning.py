@@ -16,7 +16,18 @@ import jax
 
 from pallas_kernels._common import BlockConfig, cdiv
 
-__all__ = ["LIMITS", "TABLE", "device_key", "gemv_config", "get_config", "heuristic", "max_m", "use_kernel"]
+__all__ = [
+    "DEQUANT_DOT",
+    "LIMITS",
+    "TABLE",
+    "device_key",
+    "gemv_config",
+    "get_config",
+    "heuristic",
+    "max_m",
+    "use_dequant_dot",
+    "use_kernel",
+]
 
 # Measured on an NVIDIA H200 (benchmarks/results/h200.md, 2026-11-27, JAX 0.11.2): the int4 g128 block sweep at
 # K=N=4096. M<=16: split_k=4, interleave, 5 stages (14.8 us at M=1, 13.4 us at M=16, vs 23.3 / 21.2 us with the
@@ -79,6 +90,12 @@ _HOPPER_LIMITS = {
 
 #: device key -> kernel -> largest M for which the Pallas kernel beats the XLA path (measured devices only)
 LIMITS: dict[str, dict[str, int]] = {"h200": dict(_HOPPER_LIMITS), "h100": dict(_HOPPER_LIMITS)}
+
+#: device key -> kernel -> smallest ``M`` from which ``qdot``, having left the fused kernel for the XLA path (``M``
+#: above :data:`LIMITS`), dequantizes with the Pallas kernel (``jaxquant.ops.qdot_dequant_dot``: the same weights
+#: and result) instead of XLA's. Filled from measurements only (``benchmarks/kernels.py`` prints it in the note
+#: column of rows with M >= 256); none yet.
+DEQUANT_DOT: dict[str, dict[str, int]] = {}
 
 _ALIASES = (("H200", "h200"), ("H100", "h100"), ("H800", "h100"), ("A100", "a100"), ("L40", "l40"), ("L4", "l4"))
 
@@ -217,3 +234,11 @@ def use_kernel(kernel: str, m: int, device: str | None = None) -> bool:
     """
     limit = max_m(kernel, device)
     return limit is None or m <= limit
+
+
+def use_dequant_dot(kernel: str, m: int, device: str | None = None) -> bool:
+    """Whether ``qdot`` in "auto" mode should dequantize with the Pallas kernel for ``M`` rows of ``kernel``'s
+    weights on ``device`` (only where :data:`DEQUANT_DOT` records a measurement and the fused kernel is not used)."""
+    dev = device or device_key()
+    start = DEQUANT_DOT.get(dev, {}).get(kernel)
+    return start is not None and m >= start and not use_kernel(kernel, m, dev)

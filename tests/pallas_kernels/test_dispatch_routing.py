@@ -74,3 +74,21 @@ def test_routed_call_computes_the_xla_result(fake_h200):
     with ops.kernel_mode("off"):
         y0 = ops.qdot(x, q)
     assert jnp.array_equal(y, y0)
+
+
+def test_large_m_dequant_kernel_only_where_measured(fake_h200, monkeypatch):
+    """Above the fused kernel's limit qdot takes the XLA path; it swaps in the Pallas dequantization (the same
+    weights) only for a device and kernel that :data:`tuning.DEQUANT_DOT` records, from that M on."""
+    q = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.IntScheme(bits=4, group_size=128))
+    with ops.kernel_mode("auto"):
+        assert ops.explain_qdot(_x(4096, 256), q).startswith("xla: M=4096")
+        assert not tuning.use_dequant_dot("int4", 4096)
+        monkeypatch.setitem(tuning.DEQUANT_DOT, "h200", {"int4": 256})
+        assert tuning.use_dequant_dot("int4", 4096) and tuning.use_dequant_dot("int4", 256)
+        assert not tuning.use_dequant_dot("int4", 128)  # below the recorded M
+        assert not tuning.use_dequant_dot("int4", 16)  # the fused kernel runs there
+        assert not tuning.use_dequant_dot("int8w", 4096)
+        assert ops.explain_qdot(_x(4096, 256), q).startswith("xla with the Pallas dequantization")
+        assert "int4_dequantize" in str(jax.make_jaxpr(ops.qdot)(_x(4096, 256), q))
+    with ops.kernel_mode("off"):
+        assert ops.explain_qdot(_x(4096, 256), q).startswith("xla: ")
