@@ -5,7 +5,9 @@ Backends, chosen per call at trace time:
 * a fused Pallas (Triton) kernel from :mod:`pallas_kernels`, on a CUDA GPU, when one exists for the weight's
   scheme and layout (see :func:`explain_qdot` for why a call did or did not take it);
 * the XLA path everywhere else: dequantize, then ``jnp.dot`` with float32 accumulation (or the scheme's own
-  ``_qdot``, e.g. LLM.int8's outlier split).
+  ``_qdot``, e.g. LLM.int8's outlier split). For integer weights at large ``M`` the dequantization itself can be
+  a Pallas kernel (:func:`qdot_dequant_dot`: the same weights and result), used by ``qdot`` only on devices whose
+  measurements chose it (``pallas_kernels.tuning.DEQUANT_DOT``).
 
 Both compute the same function: the kernels dequantize exactly as the schemes do (float32, then the activation
 dtype) and accumulate in float32, so results differ only by summation order. Unsupported cases fall back to
