@@ -17,7 +17,9 @@ With ``x_o`` = x restricted to columns in O (others zeroed) and ``x_r = x - x_o`
 where ``W_float`` is the dequantized weight (with the float16 outlier rows where stored). ``threshold=None``
 gives the paper's "vector-wise" int8 baseline without the split; ``granularity="tensor"`` with
 ``threshold=None`` gives the naive absmax per-tensor W8A8 baseline (one scale for W, one for x).
-Under ``jit`` the outlier set is a mask, so the float product is a dense masked matmul on the XLA path.
+Under ``jit`` the outlier set is a mask; the XLA path gathers at most ``max(16, K / 32)`` outlier dims into a
+small float product (a dense masked matmul only when there are more), instead of dequantizing the whole weight
+to float32 for a dense ``(M, K) x (K, N)`` product.
 """
 
 from __future__ import annotations
@@ -93,6 +95,39 @@ class LLMInt8Scheme(Scheme):
             w = w.at[jnp.asarray(self.outlier_rows)].set(q.aux["outlier_weight"].astype(jnp.float32))
         return w.astype(q.dtype)
 
+    def _dequantize_rows(self, q: QArray, idx: jax.Array) -> jax.Array:
+        """Rows ``idx`` of :meth:`_dequantize` (float16 outlier rows where stored), without the full weight."""
+        w = q.data[idx].astype(jnp.float32) * q.scale
+        if self.outlier_rows:
+            pos = [-1] * q.shape[0]
+            for i, r in enumerate(self.outlier_rows):
+                pos[r] = i
+            p = jnp.asarray(pos, jnp.int32)[idx]
+            stored = q.aux["outlier_weight"].astype(jnp.float32)[jnp.maximum(p, 0)]
+            w = jnp.where((p >= 0)[:, None], stored, w)
+        return w.astype(q.dtype)
+
+    def _outlier_product(self, x2: jax.Array, is_out: jax.Array, q: QArray) -> jax.Array:
+        """``x_o @ W_float`` over the outlier dims (float32): with at most ``cap = max(16, K / 32)`` of them (the
+        usual case: LLM.int8's outliers sit in a few feature dims), the gathered ``(M, cap) x (cap, N)`` product
+        of those dims' columns and weight rows; otherwise the dense masked ``(M, K) x (K, N)`` product. Both sum the
+        same nonzero terms (the order differs)."""
+        k = x2.shape[1]
+        cap = min(k, max(16, k // 32))
+        count = jnp.sum(is_out, dtype=jnp.int32)
+
+        def compact(_):
+            idx = jnp.nonzero(is_out, size=cap, fill_value=0)[0]
+            xc = jnp.where((jnp.arange(cap) < count)[None, :], x2[:, idx], 0.0)
+            wc = self._dequantize_rows(q, idx).astype(jnp.float32)
+            return jnp.dot(xc, wc, preferred_element_type=jnp.float32)
+
+        def dense(_):
+            x_o = jnp.where(is_out[None, :], x2, 0.0)
+            return jnp.dot(x_o, self._dequantize(q).astype(jnp.float32), preferred_element_type=jnp.float32)
+
+        return jax.lax.cond(count <= cap, compact, dense, None)
+
     def _qdot(self, x: jax.Array, q: QArray) -> jax.Array:
         """The LLM.int8() matmul (XLA path): int8 x int8 -> int32 plus the float outlier product."""
         lead, k = x.shape[:-1], x.shape[-1]
@@ -102,9 +137,8 @@ class LLMInt8Scheme(Scheme):
             y_o = 0.0
         else:
             is_out = jnp.max(jnp.abs(x2), axis=0) > self.threshold
-            x_o = jnp.where(is_out[None, :], x2, 0.0)
-            x_r = x2 - x_o
-            y_o = jnp.dot(x_o, self._dequantize(q).astype(jnp.float32), preferred_element_type=jnp.float32)
+            x_r = x2 - jnp.where(is_out[None, :], x2, 0.0)
+            y_o = self._outlier_product(x2, is_out, q)
         xq, sx = _absmax_int8(x_r, axis=1 if self.granularity == "channel" else None)
         acc = jnp.dot(xq, q.data, preferred_element_type=jnp.int32)
         y = acc.astype(jnp.float32) * sx * q.scale + y_o

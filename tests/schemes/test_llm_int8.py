@@ -146,3 +146,28 @@ def test_no_split_equals_manual_int8_product_exactly():
     manual = acc.astype(np.float32) * sx * sw
     assert manual.dtype == np.float32
     np.testing.assert_array_equal(y, manual)
+
+
+@pytest.mark.parametrize("gran", ["channel", "tensor"])
+@pytest.mark.parametrize("n_out", [3, 20])  # K=64: the gathered product holds up to 16 outlier dims
+def test_outlier_product_gathered_equals_dense(gran, n_out):
+    """The XLA path's float outlier product over the gathered outlier dims (at most max(16, K/32)) equals the dense
+    masked product over all K dims, float16 stored rows included; with more outlier dims it is the dense one."""
+    rng = np.random.default_rng(n_out)
+    k, n, m = 64, 48, 5
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    scheme = jq.LLMInt8Scheme(threshold=6.0, outlier_rows=(2, 9, 40), granularity=gran)
+    q = jq.quantize(w, scheme)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    cols = rng.choice(k, n_out, replace=False)
+    x[:, cols] *= 20.0
+    x2 = jnp.asarray(x)
+    is_out = jnp.max(jnp.abs(x2), axis=0) > 6.0
+    assert int(is_out.sum()) == n_out
+    got = jax.jit(lambda a, b, c: scheme._outlier_product(a, b, c))(x2, is_out, q)
+    dense = np.where(np.asarray(is_out)[None, :], x, 0.0).astype(np.float64) @ np.asarray(jq.dequantize(q), np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), dense, rtol=1e-5, atol=1e-4)
+    rows = np.asarray([0, 2, 9, 40, 63])
+    np.testing.assert_array_equal(
+        np.asarray(scheme._dequantize_rows(q, jnp.asarray(rows))), np.asarray(jq.dequantize(q))[rows]
+    )
