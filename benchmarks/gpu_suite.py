@@ -321,18 +321,18 @@ def section_tune(args) -> dict[str, Any]:
 #: tile through the software pipeline). sm_90 K loop per trip (benchmarks/kernel_sass.py, compiled on the CPU):
 #: ternary W1.58A16 default 396 instructions with 16 exposed global loads and 8 barriers, split 324 with none;
 #: W1.58A8 427 / 431, same loads; W1.58A8 ``split+ptx`` (int8 weights from an inline PTX program, 207
-#: instructions; first run on real hardware here: adopt only if its rel. error vs the XLA path is 0, as in the
-#: interpreter). Also split with split-K 8, and a 32-wide tile without split-K (no XLA
+#: instructions; first run on real hardware here: adopt only if its rel. error vs the XLA path equals
+#: ``split``'s, as in the interpreter). Also split with split-K 8, and a 32-wide tile without split-K (no XLA
 #: partial-sum pass; 197 / 261 instructions per half-size trip). int8 W8A16 (2.5x above its memory floor on the
 #: H100 with no exposed load in its loop): more programs (split-K 8), wider tiles, the unsplit tile; its
 #: ``+postscale`` was left out (475 instructions vs 414, and the scale row load exposed). NF4: the measured table
 #: rows (``select-gemv`` M <= 1, ``select`` M <= 64) against their ``-split`` forms (contiguous activation rows:
 #: 11 instead of 67 exposed loads per step for the GEMV, 0 instead of 16 for the dot kernel) and the ``prmt``
 #: lookup (inline PTX byte permutes; 964 / 745 instructions per trip vs 1432 / 1218 for select). ``prmt`` has
-#: run only through its emulator on the CPU: its rel. error vs the XLA path here (0 expected for the dot kernel)
-#: is its first check on real hardware; adopt it only then. Every (kernel, config, M in {1, 16}) case compiled for
-#: sm_90 at K=N=8192 on the CPU; 39 are timed (a GEMV only at M <= block_m). Each (tile, split, warps, stages,
-#: variant).
+#: run only through its emulator on the CPU: its rel. error vs the XLA path here (equal to ``select``'s of the
+#: same tile expected; 0 for the dot kernel) is its first check on real hardware; adopt it only then. Every
+#: (kernel, config, M in {1, 16}) case compiled for sm_90 at K=N=8192 on the CPU; 39 are timed (a GEMV only at
+#: M <= block_m). Each (tile, split, warps, stages, variant).
 TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], ...]] = {
     # run in this order, most promising first, until the section's budget ends
     "ternary_w158a8": (
