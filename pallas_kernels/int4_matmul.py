@@ -249,6 +249,23 @@ def _native(layout: IntLayout, s_dtype, cdtype, w_round) -> bool:
     )
 
 
+def _code_tiles(p, layout: IntLayout) -> list:
+    """The ``per_byte`` code tiles of a packed int32 tile: code ``j`` is bits ``bits*j ..`` (K row ``per*r + j``)."""
+    if layout.per_byte == 1:
+        return [p]
+    return [(p >> (layout.bits * jj)) & ((1 << layout.bits) - 1) for jj in range(layout.per_byte)]
+
+
+def _group_rows(s_ref, z_ref, g, n0: int, bn: int, nmask, native: bool, int_zero: bool):
+    """Scale (and zero) row of group ``g`` for columns ``n0 ..``: ``(s, z, zi)`` with ``s`` kept in its storage dtype
+    when ``native`` (else float32), ``z`` float32 and ``zi`` the int32 zero point when ``int_zero``."""
+    s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
+    s = s if native else s.astype(jnp.float32)
+    z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
+    zi = None if z is None or not int_zero else z.astype(jnp.int32)
+    return s, (None if z is None else z.astype(jnp.float32)), zi
+
+
 def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w_round, cdtype):
     """Dequantized weights of one code tile ``c`` (int32), in the activation dtype, exactly as the XLA path rounds
     them: ``s`` the group scale row (float32, or the activation dtype when ``native``), ``z`` the float32 zero
@@ -295,18 +312,9 @@ def _kernel(
         r0 = kb * pk
         wmask = and_masks(nmask, (r0 + jnp.arange(pk) < layout.packed_rows)[:, None] if k_ragged else None)
         p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
-        g = k0 // gs
-        s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
-        s = s if native else s.astype(jnp.float32)
-        z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
-        zi = None if z is None or not (post or native) else z.astype(jnp.int32)
-        z = None if z is None else z.astype(jnp.float32)
-        if per == 1:
-            codes = [p]
-        else:
-            codes = [(p >> (bits * jj)) & ((1 << bits) - 1) for jj in range(per)]
+        s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, nmask, native, post or native)
         tiles = []
-        for c in codes:
+        for c in _code_tiles(p, layout):
             if post:  # integer offsets only: exact in bf16/f16 (|c - z| <= 255); the scale comes after the dot
                 if layout.mode == "sym" and sym_int8:
                     tiles.append(c.astype(cdtype))
@@ -356,7 +364,7 @@ def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int
     else:
         xt_ref, w_ref, s_ref, z_ref, o_ref = refs
     k, n = layout.k, layout.n
-    per, bits = layout.per_byte, layout.bits
+    per = layout.per_byte
     pk = bk // per
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
@@ -364,7 +372,6 @@ def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int
     k_ragged = k % bk != 0
     cdtype = xt_ref.dtype
     sym_int8 = w_ref.dtype == jnp.int8
-    off = 0.0 if sym_int8 else float(2 ** (bits - 1))
 
     def body(t, accs):
         kb = sk * steps + t
@@ -376,19 +383,9 @@ def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int
         s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         accs = list(accs)
-        for jj in range(per):
-            c = p if per == 1 else (p >> (bits * jj)) & ((1 << bits) - 1)
-            # the same float32 operations as the XLA reference, so the weights round identically
-            if layout.mode == "sym":
-                w = (exact_int(c, int(off)) if off else c.astype(jnp.float32)) * s
-            elif layout.mode == "zeropoint":
-                w = exact_int(c, z) * s
-            else:
-                w = exact_int(c, 0) * s + z
-            if w_round is not None:
-                w = w.astype(w_round)
-            if cdtype != jnp.float32 or w_round is not None:
-                w = w.astype(cdtype).astype(jnp.float32)
+        for jj, c in enumerate(_code_tiles(p, layout)):
+            # the XLA path's weights (float32 operations, then its roundings), back in float32 for the accumulation
+            w = _weight_tile(c, s, z, None, layout, sym_int8, False, w_round, cdtype).astype(jnp.float32)
             for mi in range(bm):
                 # activations k0 + jj + per * r, r < pk: a contiguous column of the reordered (K, M) copy
                 xc = xt_ref[pl.ds(k0 + jj * pk, pk), pl.ds(m0 + mi, 1)].astype(jnp.float32)
@@ -534,21 +531,15 @@ def _dequant_kernel(*refs, layout: IntLayout, bk: int, bn: int, gs: int, w_round
         z_ref = None
     else:
         w_ref, s_ref, z_ref, o_ref = refs
-    per, bits = layout.per_byte, layout.bits
+    per = layout.per_byte
     pk = bk // per
     kb, j = pl.program_id(0), pl.program_id(1)
     k0, n0 = kb * bk, j * bn
     p = w_ref[pl.ds(kb * pk, pk), pl.ds(n0, bn)].astype(jnp.int32)
-    g = k0 // gs
     native = _native(layout, s_ref.dtype, out_dtype, w_round)
-    s = s_ref[pl.ds(g, 1), pl.ds(n0, bn)]
-    s = s if native else s.astype(jnp.float32)
-    z = None if z_ref is None else z_ref[pl.ds(g, 1), pl.ds(n0, bn)]
-    zi = None if z is None or not native else z.astype(jnp.int32)
-    z = None if z is None else z.astype(jnp.float32)
+    s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, None, native, native)
     sym_int8 = w_ref.dtype == jnp.int8
-    for jj in range(per):
-        c = p if per == 1 else (p >> (bits * jj)) & ((1 << bits) - 1)
+    for jj, c in enumerate(_code_tiles(p, layout)):
         tile = _weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, out_dtype)
         rows = pl.ds(k0, bk) if per == 1 else pl.ds(k0 + jj, pk, stride=per)  # code jj: rows k0 + jj + per*r
         o_ref[rows, pl.ds(n0, bn)] = tile
