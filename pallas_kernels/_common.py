@@ -34,6 +34,7 @@ __all__ = [
     "split_cols",
     "split_k_call",
     "store",
+    "weight_rounding",
 ]
 
 
@@ -181,6 +182,12 @@ def exact_int(c: jax.Array, off, dtype=jnp.float32) -> jax.Array:
     if isinstance(off, int | float):
         return f - (value + off)
     return f - (off.astype(jnp.float32) + value).astype(dtype)
+
+
+def weight_rounding(w_dtype: str | None):
+    """The dtype the XLA path rounds a float32 dequantized weight to before the activation dtype (the kernels'
+    ``w_dtype`` argument), or ``None`` when that rounding is a no-op (``None`` / ``"float32"``)."""
+    return None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
 
 
 def split_cols(x: jax.Array, parts: int) -> list[jax.Array]:

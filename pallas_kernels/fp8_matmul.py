@@ -41,6 +41,7 @@ from pallas_kernels._common import (
     load,
     split_k_call,
     store,
+    weight_rounding,
 )
 
 __all__ = ["fmax", "fp8_matmul", "fp8_matmul_reference", "row_scales", "supported"]
@@ -260,7 +261,7 @@ def fp8_matmul(
     operands = [x, w, sw2]
     if mode == "w8a8":
         operands.append(row_scales(x, w.dtype).reshape(m, 1))
-    w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
+    w_round = weight_rounding(w_dtype)
     if config.variant == "gemv":
         return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, interpret=interpret)
     bm, bn, bk = config.block_m, config.block_n, k_step(k, config)

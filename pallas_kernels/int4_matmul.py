@@ -71,6 +71,7 @@ from pallas_kernels._common import (
     split_cols,
     split_k_call,
     store,
+    weight_rounding,
 )
 
 __all__ = [
@@ -465,7 +466,7 @@ def int_matmul(
     bm, bn = config.block_m, config.block_n
     nsteps = cdiv(layout.k, bk)
     variant = config.variant or "strided"
-    w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
+    w_round = weight_rounding(w_dtype)
     if variant == "gemv":
         return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
     if variant.split("+")[0] == "strided" and layout.per_byte > 1 and (m % bm or layout.k % bk):
@@ -598,7 +599,7 @@ def int_dequantize(
         bk=bk,
         bn=block_n,
         gs=gs,
-        w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
+        w_round=weight_rounding(w_dtype),
         out_dtype=out_dtype,
     )
     return pl.pallas_call(

@@ -68,6 +68,7 @@ from pallas_kernels._common import (
     split_cols,
     split_k_call,
     store,
+    weight_rounding,
 )
 from pallas_kernels._ptx import nf4_lookup
 
@@ -332,7 +333,7 @@ def nf4_matmul(
         steps=steps,
         variant=variant,
         code_vals=code_vals,
-        w_round=None if w_dtype in (None, "float32") else jnp.dtype(w_dtype),
+        w_round=weight_rounding(w_dtype),
         interpret=interpret,
     )
     out = split_k_call(

@@ -58,6 +58,7 @@ from pallas_kernels._common import (
     split_cols,
     split_k_call,
     store,
+    weight_rounding,
 )
 from pallas_kernels._ptx import ternary_field
 
@@ -266,7 +267,7 @@ def ternary_matmul(
             raise ValueError(f"ternary_matmul: packed data must hold {k * n // 4} bytes, got {data.size}")
         data = data.reshape(k, n // 4)
     operands = [xin, data, s2] + ([sx.reshape(m, 1)] if mode == "a8" else [])
-    w_round = None if w_dtype in (None, "float32") else jnp.dtype(w_dtype)
+    w_round = weight_rounding(w_dtype)
     kernel = functools.partial(
         _kernel,
         m=m,
