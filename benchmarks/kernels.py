@@ -93,7 +93,7 @@ def _specs() -> dict[str, KernelSpec]:
 SPECS = _specs()
 
 L2_BYTES = 50 * 2**20
-#: rows with at least this M also time ``jaxquant.ops.qdot_dequant_dot`` (integer schemes; 16 in CPU dry runs)
+#: rows with at least this M also time ``jaxquant.ops.qdot_dequant_dot`` (integer and NF4 schemes; 16 in CPU dry runs)
 DEQUANT_DOT_MIN_M = 256
 
 
@@ -221,7 +221,8 @@ def run_case(
     with kernel_mode("off"):
         row["t_xla"] = time_per_call(f_xla, (xs, qs), calls, trials) / nb
     row["t_bf16"] = time_per_call(f_bf16, (xs, ws), calls, trials) / nb
-    if spec.direct is None and getattr(scheme, "kind", None) == "int" and m >= (16 if interpret else DEQUANT_DOT_MIN_M):
+    has_dequant_kernel = getattr(scheme, "kind", None) in ("int", "nf4")
+    if spec.direct is None and has_dequant_kernel and m >= (16 if interpret else DEQUANT_DOT_MIN_M):
         # the XLA path with a Pallas dequantization kernel (same weights, same dot): the large-M alternative
         from jaxquant.ops import qdot_dequant_dot
 

@@ -5,7 +5,7 @@ Backends, chosen per call at trace time:
 * a fused Pallas (Triton) kernel from :mod:`pallas_kernels`, on a CUDA GPU, when one exists for the weight's
   scheme and layout (see :func:`explain_qdot` for why a call did or did not take it);
 * the XLA path everywhere else: dequantize, then ``jnp.dot`` with float32 accumulation (or the scheme's own
-  ``_qdot``, e.g. LLM.int8's outlier split). For integer weights at large ``M`` the dequantization itself can be
+  ``_qdot``, e.g. LLM.int8's outlier split). For integer and NF4 weights at large ``M`` the dequantization can be
   a Pallas kernel (:func:`qdot_dequant_dot`: the same weights and result), used by ``qdot`` only on devices whose
   measurements chose it (``pallas_kernels.tuning.DEQUANT_DOT``).
 
@@ -130,15 +130,24 @@ _INT_KERNEL = {4: "int4", 8: "int8w", 2: "int2w"}
 
 
 def _routed_dequant_applies(x, w: QArray) -> bool:
-    """Auto mode on a GPU, an integer scheme, and a device whose measurements chose the Pallas dequantization for
+    """Auto mode on a GPU, an integer or NF4 scheme, and a device whose measurements chose the Pallas dequantization for
     this ``M`` (``pallas_kernels.tuning.DEQUANT_DOT``)."""
-    if _mode != "auto" or getattr(w.scheme, "kind", None) != "int" or w.scheme.bits not in _INT_KERNEL:
+    kernel = _dequant_kernel_name(w)
+    if _mode != "auto" or kernel is None:
         return False
     from pallas_kernels import tuning
     from pallas_kernels._common import gpu_available
 
     m = math.prod(x.shape[:-1])
-    return gpu_available() and tuning.use_dequant_dot(_INT_KERNEL[w.scheme.bits], m)
+    return gpu_available() and tuning.use_dequant_dot(kernel, m)
+
+
+def _dequant_kernel_name(w: QArray) -> str | None:
+    """The fused kernel's name in ``pallas_kernels.tuning`` for a scheme with a dequantization kernel, else None."""
+    kind = getattr(w.scheme, "kind", None)
+    if kind == "nf4":
+        return "nf4"
+    return _INT_KERNEL.get(w.scheme.bits) if kind == "int" else None
 
 
 def _routed_dequant(x, w: QArray) -> jax.Array:
@@ -408,12 +417,36 @@ def qdot_fp8_w8a8(x: jax.Array, w: QArray) -> jax.Array:
 
 def _dequant_kernel_weight(w: QArray, dtype, interpret: bool) -> tuple[jax.Array | None, str]:
     """``dequantize(w).astype(dtype)`` by a Pallas dequantization kernel (bit-identical), or ``None`` and why not."""
+    s = w.scheme
+    kind = getattr(s, "kind", None)
+    d = jnp.dtype(w.dtype)
+    w_dtype = None if d in (jnp.dtype(jnp.float32), jnp.dtype(dtype)) else d.name
+    k, n = w.shape
+    if kind == "nf4":
+        from jaxquant.core.formats import NF4_CODE
+        from jaxquant.schemes.nf4 import DYNAMIC_CODE
+        from pallas_kernels import nf4_matmul as nk
+
+        layout = nk.NF4Layout(k=k, n=n, block=s.block_size, double_quant=s.double_quant)
+        why = nk.dequantize_supported(layout)
+        if why:
+            return None, why
+        extra = (w.aux["absmax_scale"], w.aux["absmax_offset"], DYNAMIC_CODE) if s.double_quant else ()
+        return nk.nf4_dequantize(
+            w.data,
+            w.scale,
+            NF4_CODE,
+            *extra,
+            layout=layout,
+            out_dtype=dtype,
+            code_vals=tuple(float(v) for v in NF4_CODE),
+            w_dtype=w_dtype,
+            interpret=interpret,
+        ), ""
+    if kind != "int" or s.bits not in (2, 4, 8):
+        return None, f"no dequantization kernel for {type(s).__name__}"
     from pallas_kernels import int4_matmul as km
 
-    s = w.scheme
-    if getattr(s, "kind", None) != "int" or s.bits not in (2, 4, 8):
-        return None, f"no dequantization kernel for {type(s).__name__}"
-    k, n = w.shape
     mode = "sym" if s.symmetric else s.range
     layout = km.IntLayout(
         bits=s.bits, mode=mode, k=k, n=n, group_size=s.group_size if s.granularity == "group" else None
@@ -421,8 +454,6 @@ def _dequant_kernel_weight(w: QArray, dtype, interpret: bool) -> tuple[jax.Array
     why = km.dequantize_supported(layout)
     if why:
         return None, why
-    d = jnp.dtype(w.dtype)
-    w_dtype = None if d in (jnp.dtype(jnp.float32), jnp.dtype(dtype)) else d.name
     zero = w.zero if mode != "sym" else None
     return km.int_dequantize(
         w.data, w.scale, zero, layout=layout, out_dtype=dtype, w_dtype=w_dtype, interpret=interpret
@@ -434,7 +465,8 @@ def qdot_dequant_dot(x: jax.Array, w: QArray) -> jax.Array:
     the same result bit for bit (for large ``M``, where the dense GEMM beats a fused kernel and the XLA
     dequantization is the slow part).
 
-    Integer schemes (2/4/8-bit, sym / zero point / min-max, any group size with whole tiles); elsewhere, on CPU
+    Integer schemes (2/4/8-bit, sym / zero point / min-max, any group size with whole tiles) and NF4 (with or
+    without double quantization, whole ``128 x 128`` tiles); elsewhere, on CPU
     or in kernel mode ``"off"`` the XLA dequantization (in mode ``"on"``: an error instead).
     """
     x = jnp.asarray(x)

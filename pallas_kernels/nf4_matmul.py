@@ -61,6 +61,7 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
+    compiler_params,
     interleave_cols,
     largest_divisor_at_most,
     load,
@@ -72,7 +73,15 @@ from pallas_kernels._common import (
 )
 from pallas_kernels._ptx import nf4_lookup
 
-__all__ = ["NF4Layout", "dequantize_reference", "nf4_matmul", "nf4_matmul_reference", "supported"]
+__all__ = [
+    "NF4Layout",
+    "dequantize_reference",
+    "dequantize_supported",
+    "nf4_dequantize",
+    "nf4_matmul",
+    "nf4_matmul_reference",
+    "supported",
+]
 
 DQ_BLOCK = 256  # blocks per double-quantization scale (bitsandbytes)
 
@@ -167,34 +176,53 @@ def _select_lut(c, code_vals: tuple[float, ...], shift: int = 0):
     return jnp.where(b3, lvl[1], lvl[0])
 
 
+def _lookup(p8, high: bool, kind: str, code_vals, code_ref, interpret: bool):
+    """Float32 ``T[code]`` of the high or low nibble of each byte of the uint8 tile ``p8``, by ``kind``: ``"lut"``
+    (gather from ``code_ref``), ``"select"`` (:func:`_select_lut`) or ``"prmt"`` (byte permutes, inline PTX)."""
+    if kind == "prmt":  # four codes per instruction from a table held in immediates (exact float32 values)
+        return nf4_lookup(p8, code_vals, high, interpret=interpret)
+    p = p8.astype(jnp.int32)
+    if kind == "select":
+        return _select_lut(p, code_vals, 4 if high else 0)
+    return code_ref[p >> 4] if high else code_ref[p & 15]
+
+
+def _block_absmax(s_ref, dq_refs, layout: NF4Layout, n0, bn: int, blk_idx, nmask):
+    """Float32 ``(BN, 1)`` absmax of block column ``blk_idx`` for the output channels ``n0 .. n0 + BN``; with double
+    quantization ``D[q] * a2[b // 256] + offset`` (``dq_refs`` = the table ``D``, ``a2``, ``offset``)."""
+    if not layout.double_quant:
+        return load(s_ref.at[pl.ds(n0, bn), pl.ds(blk_idx, 1)], nmask)
+    dyn_ref, a2_ref, off_ref = dq_refs
+    qa = load(s_ref.at[pl.ds(n0, bn), pl.ds(blk_idx, 1)], nmask).astype(jnp.int32)
+    flat = (n0 + jnp.arange(bn))[:, None] * layout.blocks_per_col + blk_idx
+    if nmask is not None:
+        flat = jnp.where(nmask, flat, 0)
+    prod = dyn_ref[qa] * a2_ref[flat // DQ_BLOCK]
+    # rounded on its own before the offset is added, as the XLA path does (jaxquant.core.numerics.rounded_product):
+    # the product feeds a select, not the add, so it cannot be contracted into a fused multiply-add
+    prod = jnp.where(prod != prod, jnp.float32(np.nan), prod)
+    return prod + off_ref[0]
+
+
 def _kernel(
     *refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: int, variant: str, code_vals, w_round, interpret
 ):
-    if layout.double_quant:
-        x_ref, w_ref, s_ref, code_ref, dyn_ref, a2_ref, off_ref, o_ref = refs
-    else:
-        x_ref, w_ref, s_ref, code_ref, o_ref = refs
+    x_ref, w_ref, s_ref, code_ref, *dq_refs, o_ref = refs
     n, blk = layout.n, layout.block
     half = blk // 2
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
-    rows_n = n0 + jnp.arange(bn)
-    nmask = (rows_n < n)[:, None] if n % bn else None
+    nmask = (n0 + jnp.arange(bn) < n)[:, None] if n % bn else None
     mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
     interleave = variant.endswith("interleave")
     gemv = variant.endswith("gemv")
     split = "-split" in variant
-    use_select = variant.startswith("select")
-    use_prmt = variant.startswith("prmt")
     cdtype = x_ref.dtype
 
+    lookup_kind = variant.split("-")[0]
+
     def lookup(p8, high: bool):
-        if use_prmt:  # four codes per instruction from a table held in immediates (exact float32 values)
-            return nf4_lookup(p8, code_vals, high, interpret=interpret)
-        p = p8.astype(jnp.int32)
-        if use_select:
-            return _select_lut(p, code_vals, 4 if high else 0)
-        return code_ref[p >> 4] if high else code_ref[p & 15]
+        return _lookup(p8, high, lookup_kind, code_vals, code_ref, interpret)
 
     def body(t, acc):
         kb = sk * steps + t
@@ -202,14 +230,7 @@ def _kernel(
             blk_idx = kb * (bk // blk) + sb  # block column
             k0 = blk_idx * blk
             p = load(w_ref.at[pl.ds(n0, bn), pl.ds(blk_idx * half, half)], nmask)  # uint8
-            if layout.double_quant:
-                qa = load(s_ref.at[pl.ds(n0, bn), pl.ds(blk_idx, 1)], nmask).astype(jnp.int32)
-                flat = rows_n[:, None] * layout.blocks_per_col + blk_idx
-                if n % bn:
-                    flat = jnp.where(rows_n[:, None] < n, flat, 0)
-                a = dyn_ref[qa] * a2_ref[flat // DQ_BLOCK] + off_ref[0]
-            else:
-                a = load(s_ref.at[pl.ds(n0, bn), pl.ds(blk_idx, 1)], nmask)
+            a = _block_absmax(s_ref, dq_refs, layout, n0, bn, blk_idx, nmask)
             hi = lookup(p, True) * a  # rows k0 + 2j
             lo = lookup(p, False) * a  # rows k0 + 2j + 1
             if w_round is not None:
@@ -348,3 +369,111 @@ def nf4_matmul(
         name="nf4_gemv" if variant.endswith("gemv") else "nf4_matmul",
     )
     return out[:m]
+
+
+# -------------------------------------------------------------------------------------------------
+# dequantization kernel (large M: dequantize once, then XLA's dense matmul)
+# -------------------------------------------------------------------------------------------------
+def _dequant_kernel(
+    w_ref, s_ref, code_ref, *refs, layout: NF4Layout, bn: int, bk: int, lookup, code_vals, w_round, interpret
+):
+    *dq_refs, o_ref = refs
+    half = layout.block // 2
+    j, kb = pl.program_id(0), pl.program_id(1)
+    n0 = j * bn
+    for sb in range(bk // layout.block):
+        blk_idx = kb * (bk // layout.block) + sb
+        k0 = blk_idx * layout.block
+        p = w_ref[pl.ds(n0, bn), pl.ds(blk_idx * half, half)]  # (BN, B/2) uint8: W.T rows, K along the row
+        a = _block_absmax(s_ref, dq_refs, layout, n0, bn, blk_idx, None)
+        for r, high in ((0, True), (1, False)):  # even K rows in the high nibbles, odd ones in the low
+            t = _lookup(p, high, lookup, code_vals, code_ref, interpret) * a
+            if w_round is not None:
+                t = t.astype(w_round)
+            o_ref[pl.ds(k0 + r, half, stride=2), pl.ds(n0, bn)] = t.astype(o_ref.dtype).T
+
+
+def dequantize_supported(layout: NF4Layout, block_k: int = 128, block_n: int = 128) -> str | None:
+    """``None`` when :func:`nf4_dequantize` handles this layout with these blocks, else why not."""
+    if layout.block < 32 or layout.block & (layout.block - 1):
+        return f"block size {layout.block} (need a power of two >= 32)"
+    bk = max(block_k, layout.block)
+    if layout.k % bk or layout.n % block_n:
+        return f"(K, N) = ({layout.k}, {layout.n}) not a multiple of the ({bk}, {block_n}) tile (no masked tiles)"
+    return None
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("layout", "out_dtype", "w_dtype", "code_vals", "lookup", "block_k", "block_n", "interpret"),
+)
+def nf4_dequantize(
+    data: jax.Array,
+    scale: jax.Array,
+    code: jax.Array,
+    dq_scale: jax.Array | None = None,
+    dq_offset: jax.Array | None = None,
+    dyn_code: jax.Array | None = None,
+    *,
+    layout: NF4Layout,
+    out_dtype,
+    code_vals: tuple[float, ...],
+    w_dtype: str | None = None,
+    lookup: str = "select",
+    block_k: int = 128,
+    block_n: int = 128,
+    interpret: bool = False,
+) -> jax.Array:
+    """The ``(K, N)`` weight in ``out_dtype``, bit-identical to :func:`dequantize_reference` rounded to ``w_dtype``
+    (if given) and then to ``out_dtype`` (the XLA path's weights), in one memory-bound Pallas kernel.
+
+    For large ``M`` (QLoRA training, prefill), where a fused kernel loses to the dense tensor-core GEMM,
+    ``jnp.dot(x, nf4_dequantize(...))`` is the XLA path with a faster dequantization: the same weights, the same
+    dot, the same result. Grid ``(N / BN, K / BK)``: per NF4 block of ``B`` K rows each program loads the
+    ``(BN, B/2)`` byte tile (``W.T`` rows), looks both nibbles up (``lookup``: ``"select"``, ``"lut"`` or
+    ``"prmt"``, as in :func:`nf4_matmul`; in interpret mode ``"prmt"``'s PTX runs through its emulator), scales by
+    the block's absmax (double quantization dequantized in the kernel), and stores the transposed ``(B/2, BN)``
+    halves to the even and odd rows ``k0 + 2j`` / ``k0 + 2j + 1``.
+
+    Raises ``ValueError`` for shapes :func:`dequantize_supported` rejects (callers use the XLA dequantization).
+    """
+    why = dequantize_supported(layout, block_k, block_n)
+    if why:
+        raise ValueError(f"nf4_dequantize: unsupported: {why}")
+    if lookup not in ("lut", "select", "prmt"):
+        raise ValueError(f"nf4_dequantize: lookup must be 'lut', 'select' or 'prmt', got {lookup!r}")
+    if data.size != layout.n * layout.k // 2:
+        raise ValueError(f"nf4_dequantize: data must hold {layout.n * layout.k // 2} bytes, got {data.size}")
+    if lookup == "prmt" and jnp.dtype(data.dtype).itemsize != 1:
+        raise ValueError(f"nf4_dequantize: lookup 'prmt' needs byte codes (uint8), got {data.dtype}")
+    if len(code_vals) != 16:
+        raise ValueError(f"nf4_dequantize: code_vals must hold the 16 table values, got {len(code_vals)}")
+    operands = [data.reshape(layout.n, layout.k // 2), scale.reshape(layout.n, layout.blocks_per_col)]
+    operands.append(jnp.asarray(code, jnp.float32))
+    if layout.double_quant:
+        if dq_scale is None or dq_offset is None or dyn_code is None:
+            raise ValueError("nf4_dequantize: double_quant needs dq_scale, dq_offset and dyn_code")
+        operands += [
+            jnp.asarray(dyn_code, jnp.float32),
+            dq_scale.astype(jnp.float32),
+            jnp.asarray(dq_offset, jnp.float32).reshape(1),
+        ]
+    bk = max(block_k, layout.block)
+    kernel = functools.partial(
+        _dequant_kernel,
+        layout=layout,
+        bn=block_n,
+        bk=bk,
+        lookup=lookup,
+        code_vals=code_vals,
+        w_round=weight_rounding(w_dtype),
+        interpret=interpret,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((layout.k, layout.n), jnp.dtype(out_dtype)),
+        grid=(layout.n // block_n, layout.k // bk),
+        compiler_params=compiler_params(BlockConfig(num_warps=4, num_stages=1)),
+        interpret=interpret,
+        name="nf4_dequantize",
+    )(*operands)

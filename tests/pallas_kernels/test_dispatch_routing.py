@@ -92,3 +92,14 @@ def test_large_m_dequant_kernel_only_where_measured(fake_h200, monkeypatch):
         assert "int4_dequantize" in str(jax.make_jaxpr(ops.qdot)(_x(4096, 256), q))
     with ops.kernel_mode("off"):
         assert ops.explain_qdot(_x(4096, 256), q).startswith("xla: ")
+
+
+def test_large_m_nf4_dequant_kernel_only_where_measured(fake_h200, monkeypatch):
+    """The same routing for NF4 (QLoRA training and prefill run large M over NF4 weights)."""
+    q = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.NF4Scheme(double_quant=True))
+    with ops.kernel_mode("auto"):
+        assert ops.explain_qdot(_x(4096, 256), q).startswith("xla: M=4096")
+        monkeypatch.setitem(tuning.DEQUANT_DOT, "h200", {"nf4": 1024})
+        assert ops.explain_qdot(_x(512, 256), q).startswith("xla: M=512")
+        assert ops.explain_qdot(_x(4096, 256), q).startswith("xla with the Pallas dequantization")
+        assert "nf4_dequantize" in str(jax.make_jaxpr(ops.qdot)(_x(4096, 256), q))

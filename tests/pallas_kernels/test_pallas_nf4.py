@@ -241,3 +241,116 @@ def test_compiles_to_cubin_sm90_sm80(dq, variant, m):
     calls = _lower(dq, variant, m)
     assert calls[0].name == ("nf4_gemv" if variant.endswith("gemv") else "nf4_matmul")
     assert_compiles(calls, archs=(90, 80))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dequantization kernel (large M: dequantize once, then the dense dot)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lookup", ["select", "lut", "prmt"])
+@pytest.mark.parametrize("dq", [False, True])
+def test_dequantize_kernel_bit_identical_to_the_xla_path(lookup, dq):
+    """``nf4_dequantize`` returns exactly ``dequantize(w).astype(dt)`` for float32 and bfloat16 stored weights and
+    every activation dtype (double quantization too: its absmax product is rounded before the offset is added)."""
+    from jaxquant.core.api import dequantize
+    from pallas_kernels.nf4_matmul import nf4_dequantize
+
+    rng = np.random.default_rng(5 + dq)
+    k, n = 256, 256
+    layout = NF4Layout(k=k, n=n, block=64, double_quant=dq)
+    for w_dt in (jnp.float32, jnp.bfloat16):
+        q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), w_dt), jq.NF4Scheme(64, double_quant=dq))
+        extra = (q.aux["absmax_scale"], q.aux["absmax_offset"], DYNAMIC_CODE) if dq else ()
+        for dt in (jnp.bfloat16, jnp.float16, jnp.float32):
+            w_dtype = None if jnp.dtype(w_dt) in (jnp.dtype(jnp.float32), jnp.dtype(dt)) else jnp.dtype(w_dt).name
+            got = nf4_dequantize(
+                q.data, q.scale, NF4_CODE, *extra, layout=layout, out_dtype=dt, code_vals=CODE_VALS,
+                w_dtype=w_dtype, lookup=lookup, interpret=True,
+            )  # fmt: skip
+            assert got.dtype == dt and got.shape == (k, n)
+            want = dequantize(q).astype(dt)
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+            if w_dt == jnp.float32 and dt == jnp.float32:  # the layout understood: float64 NumPy from its definition
+                np.testing.assert_allclose(np.asarray(got, np.float64), np_dequant(q, k, n, 64, dq), rtol=1e-6)
+
+
+def test_qdot_dequant_dot_nf4_equals_the_xla_path():
+    from jaxquant.ops import _dequant_kernel_name, kernel_mode, qdot_dequant_dot
+
+    rng = np.random.default_rng(2)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((256, 128)), jnp.float32), jq.NF4Scheme(double_quant=True))
+    assert _dequant_kernel_name(q) == "nf4"
+    x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
+    with kernel_mode("interpret"):
+        assert "pallas_call" in str(jax.make_jaxpr(qdot_dequant_dot)(x, q))
+        y = jax.jit(qdot_dequant_dot)(x, q)
+    with kernel_mode("off"):
+        y0 = jax.jit(jq.qdot)(x, q)
+    assert y.shape == (2, 3, 128)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y0, np.float32))
+
+
+def test_dequantize_kernel_rejects_partial_tiles_and_falls_back():
+    from jaxquant.ops import kernel_mode, qdot_dequant_dot
+    from pallas_kernels.nf4_matmul import dequantize_supported, nf4_dequantize
+
+    assert "multiple" in dequantize_supported(NF4Layout(k=192, n=128))
+    assert "block size" in dequantize_supported(NF4Layout(k=256, n=128, block=48))
+    q = jq.quantize(jnp.ones((192, 128), jnp.float32), jq.NF4Scheme())
+    with pytest.raises(ValueError, match="unsupported"):
+        nf4_dequantize(
+            q.data, q.scale, NF4_CODE, layout=NF4Layout(192, 128), out_dtype=jnp.bfloat16, code_vals=CODE_VALS
+        )
+    with pytest.raises(ValueError, match="lookup"):
+        nf4_dequantize(
+            q.data, q.scale, NF4_CODE, layout=NF4Layout(256, 128), out_dtype=jnp.bfloat16, code_vals=CODE_VALS,
+            lookup="table",
+        )  # fmt: skip
+    x = jnp.ones((2, 192), jnp.bfloat16)
+    with kernel_mode("interpret"):
+        assert "pallas_call" not in str(jax.make_jaxpr(qdot_dequant_dot)(x, q))
+        y = qdot_dequant_dot(x, q)
+    with kernel_mode("off"):
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jq.qdot(x, q), np.float32))
+    with kernel_mode("on"), pytest.raises(ValueError, match="no dequantization kernel"):
+        qdot_dequant_dot(x, q)
+
+
+def _lower_dequant(dq: bool, lookup: str, k=512, n=256):
+    from pallas_kernels.nf4_matmul import nf4_dequantize
+
+    nb = k * n // 64
+    args = [
+        shape_struct((k * n // 2,), jnp.uint8),
+        shape_struct((nb,), jnp.uint8 if dq else jnp.float32),
+        shape_struct((16,), jnp.float32),
+    ]
+    if dq:
+        args += [
+            shape_struct((nb // 256,), jnp.float32),
+            shape_struct((), jnp.float32),
+            shape_struct((256,), jnp.float32),
+        ]
+    fn = functools.partial(
+        nf4_dequantize, layout=NF4Layout(k=k, n=n, double_quant=dq), out_dtype=jnp.bfloat16, code_vals=CODE_VALS,
+        lookup=lookup,
+    )  # fmt: skip
+    return cuda_lowering(fn, *args)
+
+
+@requires_triton
+@pytest.mark.parametrize("dq,lookup", [(False, "select"), (True, "select"), (True, "prmt")])
+def test_dequantize_kernel_compiles_sm90_sm80(dq, lookup):
+    calls = _lower_dequant(dq, lookup)
+    assert [c.name for c in calls] == ["nf4_dequantize"]
+    assert_compiles(calls, archs=(90, 80))
+
+
+@requires_triton
+def test_double_quant_absmax_is_not_contracted_into_an_fma_sm90():
+    """The XLA path rounds ``D[q] * a2`` before adding the offset; Triton would contract ``a * b + c`` into one
+    ``FFMA`` (one rounding, a different absmax in the last bit). The kernels' absmax keeps the separate rounding."""
+    from pallas_kernels import _triton_tools as tt
+
+    call = _lower_dequant(True, "select")[0]
+    code = tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages)
+    assert "FFMA" not in code and "FADD" in code
