@@ -16,7 +16,8 @@ Usage (from the repository root, nothing to install beyond jax; PYTHONPATH=. is 
 Sections: ``env`` (devices, versions), ``ceilings`` (copy bandwidth, bf16 matmul rate), ``check`` (each kernel
 vs the XLA path and float64 NumPy on ragged shapes, M=1, both activation dtypes, run twice to expose races),
 ``bench:<kernel>`` (benchmarks/kernels.py), optionally ``tune`` (a few block configs of the int4 kernel) and,
-with ``--tune-variants``, ``tune_kernels`` (ternary, W1.58A8, NF4 and int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``).
+with ``--tune-variants``, ``tune_kernels`` (fp8 W8A8 at M=K=N=8192, LLM.int8 at M=4096, ternary, W1.58A8, NF4 and
+int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``).
 """
 
 from __future__ import annotations
@@ -333,8 +334,18 @@ def section_tune(args) -> dict[str, Any]:
 #: same tile expected; 0 for the dot kernel) is its first check on real hardware; adopt it only then. Every
 #: (kernel, config, M in {1, 16}) case compiled for sm_90 at K=N=8192 on the CPU; 39 are timed (a GEMV only at
 #: M <= block_m). Each (tile, split, warps, stages, variant).
-TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], ...]] = {
-    # run in this order, most promising first, until the section's budget ends
+TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[Any, ...], ...]] = {
+    # run in this order, most promising first, until the section's budget ends; BlockConfig fields, then optionally
+    # the M values to time (default: the --m values <= 16)
+    "fp8_w8a8": (  # fp8 wgmma (maxNumImpreciseAcc set): the goal shape M=K=N=8192, activation quantization included
+        (128, 256, 64, 1, 8, 3, "prequant", (8192,)),
+        (128, 128, 64, 1, 8, 4, "prequant", (8192,)),
+        (128, 256, 64, 1, 8, 3, "prequant+promote", (8192,)),
+    ),
+    "int8_outlier": (  # LLM.int8 at M=4096 (goal >= 1.0x bf16 at M >= 1024): the int8 dot from a K-major weight copy
+        (128, 256, 64, 1, 8, 3, "kmajor", (4096,)),
+        (128, 128, 64, 1, 8, 4, "kmajor", (4096,)),
+    ),
     "ternary_w158a8": (
         (16, 64, 128, 4, 4, 4, "split+ptx"),
         (16, 32, 128, 1, 4, 3, "split+ptx"),
@@ -367,11 +378,15 @@ TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int, int, str], .
 }
 
 
-def tune_kernel_candidates() -> list[tuple[str, Any]]:
-    """``(benchmark kernel name, BlockConfig)`` pairs timed by the ``tune_kernels`` section."""
+def tune_kernel_candidates() -> list[tuple[str, Any, tuple[int, ...] | None]]:
+    """``(benchmark kernel name, BlockConfig, M values or None for the default)`` timed by ``tune_kernels``."""
     from pallas_kernels._common import BlockConfig
 
-    return [(name, BlockConfig(*t)) for name, tiles in TUNE_KERNEL_CONFIGS.items() for t in tiles]
+    return [
+        (name, BlockConfig(*t[:7]), tuple(t[7]) if len(t) > 7 else None)
+        for name, tiles in TUNE_KERNEL_CONFIGS.items()
+        for t in tiles
+    ]
 
 
 def section_tune_kernels(args) -> dict[str, Any]:
@@ -394,10 +409,12 @@ def section_tune_kernels(args) -> dict[str, Any]:
     mode = "interpret" if args.dry_run else "on"
     dev = tuning.device_key()
     table = tuning.TABLE.setdefault(dev, {})
-    for name, cfg in tune_kernel_candidates():
+    for name, cfg, cfg_ms in tune_kernel_candidates():
         spec, tname = kb.SPECS[name], TUNING_NAME[name]
         op = jq.qdot if spec.direct is None else kb._direct_fn(spec, args.dry_run)
-        for m in ms:
+        if cfg_ms is not None and args.dry_run:
+            cfg_ms = tuple(min(v, 2 * cfg.block_m) for v in cfg_ms)  # interpret mode: small, two row blocks
+        for m in cfg_ms or ms:
             if time.time() - t_start > args.budget_s:
                 break
             if cfg.variant.endswith("gemv") and m > cfg.block_m:  # a GEMV tile covers only its own block of rows
@@ -407,7 +424,7 @@ def section_tune_kernels(args) -> dict[str, Any]:
                 continue
             _mark(args, row)
             key = jax.random.PRNGKey(m)
-            nb = 2 if args.dry_run else 12
+            nb = 2 if args.dry_run else (12 if m <= 256 else 3)  # large M: each input set is far beyond L2
             w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
             qs = [jq.quantize(jnp.roll(w, b, axis=1), spec.scheme()) for b in range(nb)]
             xs = [kb._activations(spec.activations, jax.random.fold_in(key, 100 + b), m, k) for b in range(nb)]
@@ -654,7 +671,8 @@ def orchestrate(a) -> int:
             a.dry_run,
         )
         report["tune_kn"] = a.tune_kn
-    kernels_s = min(a.tune_kernels_budget_s, left() - 10)
+    # its own budget, like an explicit --tune-budget-s (left() is the benchmark's budget, spent by now)
+    kernels_s = a.tune_kernels_budget_s
     if a.tune and a.tune_postscale and kernels_s > 5:
         tk_args = ["--budget-s", str(kernels_s), "--m", a.tune_m, "--tune-kn", a.tune_kn]
         report["tune_kernels"] = _run_resilient("tune_kernels", tk_args, kernels_s + 30, tmp, a.dry_run)
@@ -767,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         dest="tune_postscale",
         action="store_true",
         help="time the best measured int4 tiles with each variant of TUNE_VARIANTS, then the other kernels' "
-        "TUNE_KERNEL_CONFIGS (M <= 16)",
+        "TUNE_KERNEL_CONFIGS (M <= 16; fp8 W8A8 at M=8192, LLM.int8 at M=4096)",
     )
     p.add_argument("--tune-budget-s", type=float, default=None, help="sweep budget (default: time left over)")
     p.add_argument(

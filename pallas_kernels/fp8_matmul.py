@@ -18,9 +18,13 @@ where ``q`` is computed per tile inside the kernel and never written to memory.
 ``(BK, BN)`` accumulator per activation row and adds ``x * float32(w)`` elementwise (fp8 x fp8 products are
 exact in float32), reducing over K once at the end. In W8A8 mode the activations are quantized by an XLA
 pre-pass there (a tiny ``(K, M)`` tensor) and the scales applied afterwards. fp8 dots need sm_89+
-(Ada/Hopper): this kernel does not compile for sm_80. Note: JAX's Pallas Triton lowering does not set
-``maxNumImpreciseAcc``, so on Hopper Triton emits ``mma.sync`` rather than ``wgmma`` for fp8 dots; large-M W8A8
-is compute bound and may be faster through XLA's cuBLASLt fp8 GEMM (see ``jaxquant.ops.qdot_fp8_w8a8``).
+(Ada/Hopper): this kernel does not compile for sm_80.
+
+The W8A8 dot is :func:`pallas_kernels._triton_ext.fp8_dot`: JAX's Pallas Triton lowering does not set
+``maxNumImpreciseAcc``, without which Triton runs fp8 dots as float16 ``mma.sync`` on Hopper; ``fp8_dot`` sets it
+(sm_90: fp8 ``wgmma``, ``QGMMA`` in the machine code). ``variant="prequant"`` (large ``M``, compute bound) takes
+the activations already quantized by an XLA pre-pass (``quantize_rows``: the reference's fp8 values, computed once
+instead of once per N tile), so the K loop is a pure fp8 x fp8 GEMM; the scale epilogue stays fused.
 """
 
 from __future__ import annotations
@@ -43,10 +47,18 @@ from pallas_kernels._common import (
     store,
     weight_rounding,
 )
+from pallas_kernels._triton_ext import DEFAULT_IMPRECISE_ACC, fp8_dot
 
-__all__ = ["fmax", "fp8_matmul", "fp8_matmul_reference", "row_scales", "supported"]
+__all__ = ["VARIANTS", "fmax", "fp8_matmul", "fp8_matmul_reference", "row_scales", "supported"]
 
 _FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+#: ``""``: dot kernel, W8A8 activations quantized per tile in the kernel; ``"gemv"``: no dot (small M);
+#: ``"prequant"``: W8A8 activations quantized once by an XLA pre-pass and the weight transposed to ``(N, K)`` (the
+#: K-major layout fp8 ``wgmma`` reads), the kernel a pure fp8 x fp8 GEMM with the scale epilogue (large M).
+#: ``"+promote"``: the fp8 tensor-core partial sums are added to the float32 accumulator every K step
+#: (``maxNumImpreciseAcc = block_k``) instead of once per dot (``2**30``, cuBLAS' fast accumulation).
+VARIANTS = ("", "gemv", "+promote", "prequant", "prequant+promote")
 
 
 def fmax(dtype) -> float:
@@ -99,6 +111,8 @@ def supported(w_dtype, cfg: BlockConfig, x_dtype) -> str | None:
         return f"weight dtype {jnp.dtype(w_dtype).name} is not float8_e4m3fn/float8_e5m2"
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return f"activation dtype {jnp.dtype(x_dtype).name}"
+    if cfg.variant not in VARIANTS:
+        return f"variant {cfg.variant!r} (fp8 kernels: {', '.join(repr(v) for v in VARIANTS)})"
     if cfg.variant == "gemv":
         if cfg.block_m > 8 or cfg.block_n < 16 or cfg.block_k < 8:
             return "gemv needs block_m <= 8, block_n >= 16 and block_k >= 8"
@@ -108,7 +122,7 @@ def supported(w_dtype, cfg: BlockConfig, x_dtype) -> str | None:
     return None
 
 
-def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round):
+def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round, prequant, imprecise_acc, interpret):
     if mode == "w8a8":
         x_ref, w_ref, sw_ref, sx_ref, o_ref = refs
     else:
@@ -126,11 +140,20 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round):
 
     def body(t, acc):
         k0 = (sk * steps + t) * bk
-        xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mmask)
+        # fp8 tiles: masked without a fill value (an fp8 fill does not lower); unfilled rows / columns only reach
+        # output entries that are never stored
+        xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mmask, other=None if prequant else 0)
+        if prequant:  # x already fp8 (the XLA pre-pass), w as (N, K): both tiles go to the tensor cores as loaded
+            wt = load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], nmask.T if nmask is not None else None, other=None)
+            if interpret:
+                return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            return fp8_dot(xt, wt, acc, max_num_imprecise_acc=imprecise_acc, transpose_b=True)
         wt = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], nmask, other=None)  # K divides into bk: no K mask
         if mode == "w8a8":
             q = jnp.clip(xt.astype(jnp.float32) / inv_guard, -f8max, f8max).astype(wt.dtype)
-            return acc + jnp.dot(q, wt, preferred_element_type=jnp.float32)
+            if interpret:
+                return acc + jnp.dot(q, wt, preferred_element_type=jnp.float32)
+            return fp8_dot(q, wt, acc, max_num_imprecise_acc=imprecise_acc)
         wd = wt.astype(jnp.float32) * sw
         if w_round is not None:
             wd = wd.astype(w_round)
@@ -250,6 +273,8 @@ def fp8_matmul(
     why = supported(w.dtype, config, x.dtype)
     if why:
         raise ValueError(f"fp8_matmul: unsupported: {why}")
+    if mode == "w8a16" and config.variant.startswith("prequant"):
+        raise ValueError(f"fp8_matmul: variant {config.variant!r} quantizes activations: mode 'w8a8' only")
     if k_step(k, config) < (8 if config.variant == "gemv" else 32):
         # K without a power-of-two step (rare: transformer widths are multiples of 64): zero-pad K to whole
         # blocks, a copy of the weight per call; zeros add nothing to the dot and do not change row absmax
@@ -264,12 +289,29 @@ def fp8_matmul(
     w_round = weight_rounding(w_dtype)
     if config.variant == "gemv":
         return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, interpret=interpret)
+    prequant = config.variant.startswith("prequant")
+    if prequant:  # XLA pre-pass: the fp8 activations once (the reference's values), the weight K-major
+        operands[0] = quantize_rows(x, operands[3].reshape(m), w.dtype)
+        operands[1] = w.T
     bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
     nsteps = cdiv(k, bk)
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     kernel = functools.partial(
-        _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, mode=mode, f8max=fmax(w.dtype), w_round=w_round
+        _kernel,
+        m=m,
+        k=k,
+        n=n,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        steps=steps,
+        mode=mode,
+        f8max=fmax(w.dtype),
+        w_round=w_round,
+        prequant=prequant,
+        imprecise_acc=bk if config.variant.endswith("+promote") else DEFAULT_IMPRECISE_ACC,
+        interpret=interpret,
     )
     return split_k_call(
         kernel,

@@ -94,13 +94,26 @@ def int8_outlier_matmul_reference(x, xq, sx, is_out, wq, sw) -> jax.Array:
 # -------------------------------------------------------------------------------------------------
 # Pallas kernel
 # -------------------------------------------------------------------------------------------------
+#: ``""``: the int8 dot reads ``(BK, BN)`` tiles of the ``(K, N)`` weight; ``"kmajor"`` (large ``M``): of a ``(N, K)``
+#: copy made by XLA per call, the K-major layout Hopper's 8-bit ``wgmma`` reads from shared memory (the ``(K, N)``
+#: tile is otherwise transposed byte by byte through shared memory in every K step: 64 ``STS`` per trip of the
+#: 128x256x64 tile on sm_90, compiled on the CPU)
+VARIANTS = ("", "kmajor")
+
+
 def supported(k: int, n: int, cfg: BlockConfig) -> str | None:
+    """``None`` when the kernel handles this case with ``cfg``, else why not (callers take the XLA path)."""
+    if cfg.variant not in VARIANTS:
+        return f"variant {cfg.variant!r} (LLM.int8 kernel: {', '.join(repr(v) for v in VARIANTS)})"
     if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 32:
         return "block_m, block_n >= 16 and block_k >= 32 needed (int8 mma)"
     return None
 
 
-def _kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, o_ref, *, m, k, n, bm, bn, bk, steps, outliers):
+def _kernel(
+    x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, *refs, m, k, n, bm, bn, bk, steps, outliers, kmajor
+):
+    wt_ref, o_ref = refs if kmajor else (None, refs[0])
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
     mvec = m0 + jnp.arange(bm)
@@ -112,6 +125,11 @@ def _kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, o_ref, *, m
         k0 = (sk * steps + t) * bk
         kmask = (k0 + jnp.arange(bk) < k) if k_ragged else None
         xq = load(xq_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], and_masks(mmask, None if kmask is None else kmask[None]))
+        if kmajor:  # (BN, BK) tile of the (N, K) copy; the dot contracts its K axis (a shared-memory view)
+            kk = None if kmask is None else kmask[None]
+            wt = load(wt_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], and_masks(None if nmask is None else nmask.T, kk))
+            dims = (((1,), (1,)), ((), ()))
+            return acc + jax.lax.dot_general(xq, wt, dims, preferred_element_type=jnp.int32)
         wq = load(wq_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], and_masks(nmask, None if kmask is None else kmask[:, None]))
         return acc + jnp.dot(xq, wq, preferred_element_type=jnp.int32)
 
@@ -185,8 +203,13 @@ def int8_outlier_matmul(
     nsteps = cdiv(k, bk)
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
-    kernel = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, outliers=outliers)
+    kmajor = config.variant == "kmajor"
+    kernel = functools.partial(
+        _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, outliers=outliers, kmajor=kmajor
+    )
     operands = [x, xq, sx.astype(jnp.float32), idx, count.astype(jnp.int32).reshape(1), wq, sw.astype(jnp.float32)]
+    if kmajor:  # the int8 dot's K-major copy (the outlier rows are still gathered from wq)
+        operands.append(wq.T)
     return split_k_call(
         kernel,
         operands,

@@ -29,12 +29,21 @@ def test_w8a16_interpret_matches_float64(m, k, n, fmt, gran, split, dt):
     assert rel_err(y, np.asarray(x, np.float64) @ round_to(w64, dt)) <= bound
 
 
-@pytest.mark.parametrize("m,k,n,fmt", [(3, 256, 96, "e4m3"), (20, 300, 64, "e5m2")])
-def test_w8a8_interpret_matches_float64(m, k, n, fmt):
+@pytest.mark.parametrize(
+    "m,k,n,fmt,variant",
+    [
+        (3, 256, 96, "e4m3", ""),
+        (20, 300, 64, "e5m2", ""),
+        (3, 256, 96, "e4m3", "prequant"),  # ragged M (masked fp8 rows), 4 K steps
+        (20, 300, 80, "e5m2", "prequant+promote"),  # ragged N, zero-padded K
+    ],
+)
+def test_w8a8_interpret_matches_float64(m, k, n, fmt, variant):
     rng = np.random.default_rng(n + m)
     q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.FP8Scheme(fmt, "channel"))
     xn = rng.standard_normal((m, k)).astype(np.float32)
-    y = fp8_matmul(jnp.asarray(xn), q.data, q.scale, mode="w8a8", config=BlockConfig(16, 32, 64), interpret=True)
+    cfg = BlockConfig(16, 32, 64, variant=variant)
+    y = fp8_matmul(jnp.asarray(xn), q.data, q.scale, mode="w8a8", config=cfg, interpret=True)
     # float64 model: per-row scale, saturating round-to-nearest fp8 of x / s_x, exact products
     sx = np.abs(xn).max(axis=1, keepdims=True).astype(np.float32) / np.float32(fmax(q.data.dtype))
     xq = np.clip(xn / sx, -fmax(q.data.dtype), fmax(q.data.dtype)).astype(q.data.dtype).astype(np.float64)
@@ -130,3 +139,92 @@ def test_ragged_shapes_lower_and_compile(mode, m, k, n, gemv):
     calls = _lower(mode, m, k=k, n=n, gemv=gemv)
     assert calls[0].name == f"fp8_{mode}_{'gemv' if gemv else 'matmul'}"
     assert_compiles(calls, archs=(90,))
+
+
+def test_prequant_equals_the_reference_and_rejects_w8a16():
+    """The pre-quantized form feeds the reference's own fp8 activations: the products are exact in float32, so for
+    a K small enough that every partial sum is exact the result equals the XLA reference bit for bit."""
+    rng = np.random.default_rng(8)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((64, 96)), jnp.float32), jq.FP8Scheme("e4m3", "channel"))
+    x = jnp.asarray(rng.standard_normal((20, 64)), jnp.float32)
+    cfg = BlockConfig(16, 32, 32, variant="prequant")
+    y = fp8_matmul(x, q.data, q.scale, mode="w8a8", config=cfg, interpret=True)
+    y0 = fp8_matmul_reference(x, q.data, q.scale, mode="w8a8")
+    assert rel_err(y, y0) <= 1e-6
+    with pytest.raises(ValueError, match="w8a8"):
+        fp8_matmul(x, q.data, q.scale, mode="w8a16", config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="variant"):
+        fp8_matmul(x, q.data, q.scale, mode="w8a8", config=BlockConfig(16, 32, 32, variant="tma"), interpret=True)
+
+
+def test_fp8_dot_primitive_outside_kernels():
+    """``fp8_dot`` is ``acc + a @ b`` in float32 wherever it runs (here XLA:CPU), in both operand layouts."""
+    from pallas_kernels._triton_ext import fp8_dot
+
+    rng = np.random.default_rng(9)
+    a = jnp.asarray(rng.standard_normal((8, 32)), jnp.float8_e4m3fn)
+    b = jnp.asarray(rng.standard_normal((32, 16)), jnp.float8_e5m2)
+    acc = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
+    want = np.asarray(acc, np.float64) + np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    got = jax.jit(fp8_dot)(a, b, acc)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)
+    got_t = jax.jit(functools.partial(fp8_dot, transpose_b=True))(a, b.T, acc)
+    np.testing.assert_allclose(np.asarray(got_t, np.float64), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="float8"):
+        fp8_dot(a.astype(jnp.bfloat16), b, acc)
+    with pytest.raises(ValueError, match="must be"):
+        fp8_dot(a, b.T, acc)
+    with pytest.raises(ValueError, match="acc"):
+        fp8_dot(a, b, acc.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="max_num_imprecise_acc"):
+        fp8_dot(a, b, acc, max_num_imprecise_acc=0)
+
+
+def _lower_w8a8_large(variant: str, bm=128, bn=128, bk=64, warps=8, stages=4):
+    cfg = BlockConfig(bm, bn, bk, 1, num_warps=warps, num_stages=stages, variant=variant)
+    n, k = 1024, 8192  # a long K loop (short constant loops are unrolled)
+    args = [
+        shape_struct((512, k), jnp.bfloat16),
+        shape_struct((k, n), jnp.float8_e4m3fn),
+        shape_struct((n,), jnp.float32),
+    ]
+    return cuda_lowering(functools.partial(fp8_matmul, mode="w8a8", config=cfg), *args)
+
+
+@requires_triton
+def test_w8a8_runs_on_fp8_tensor_cores_sm90():
+    """JAX's Pallas lowering leaves ``maxNumImpreciseAcc`` unset, and Triton then runs fp8 dots as float16
+    ``mma.sync`` (``HMMA``) on sm_90; ``fp8_dot`` sets it: fp8 ``wgmma`` (``QGMMA``). ``prequant`` (fp8 activations
+    from the XLA pre-pass, K-major weight) leaves a K loop with no exposed load and a fraction of the instructions."""
+    from pallas_kernels import _triton_tools as tt
+    from pallas_kernels._triton_ext import AVAILABLE, UNAVAILABLE_REASON
+
+    assert AVAILABLE, UNAVAILABLE_REASON
+
+    def profile(variant):
+        call = _lower_w8a8_large(variant)[0]
+        assert "maxNumImpreciseAcc" in tt.ir_text(call.ir)
+        return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+    fused, pre, promote = profile(""), profile("prequant"), profile("prequant+promote")
+    for p in (fused, pre, promote):
+        assert p.count("QGMMA") > 0 and p.count("HMMA") == 0
+    assert pre.exposed_loads == 0 and pre.count("STS") == 0  # no byte-wise transpose of the weight tile
+    assert pre.instructions <= 0.3 * fused.instructions, (pre.instructions, fused.instructions)
+    assert pre.instructions < promote.instructions  # promotion adds the per-step float32 additions
+
+
+def test_heuristic_large_m_w8a8_is_prequant_and_dispatch_matches_the_reference():
+    from pallas_kernels import tuning
+
+    cfg = tuning.heuristic("fp8_w8a8", 4096, 8192, 8192, sms=132)
+    assert cfg.variant == "prequant" and (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps) == (128, 128, 64, 8)
+    assert tuning.heuristic("fp8_w8a8", 16, 8192, 8192, sms=132).variant == ""
+    rng = np.random.default_rng(12)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((256, 128)), jnp.float32), jq.FP8Scheme("e4m3", "channel"))
+    x = jnp.asarray(rng.standard_normal((300, 256)), jnp.bfloat16)  # M > 256: the heuristic's prequant tile
+    with jq.ops.kernel_mode("interpret"):
+        y = jax.jit(jq.ops.qdot_fp8_w8a8)(x, q)
+    with jq.ops.kernel_mode("off"):
+        y0 = jax.jit(jq.ops.qdot_fp8_w8a8)(x, q)
+    assert rel_err(y, y0) <= 4e-3  # the same fp8 activations and products; bf16 output rounding

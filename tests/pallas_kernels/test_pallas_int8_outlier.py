@@ -29,16 +29,18 @@ def np_llm_int8(x, wq, sw, threshold):
 
 
 @pytest.mark.parametrize(
-    "m,k,n,threshold,bk,split",
+    "m,k,n,threshold,bk,split,variant",
     [
-        (1, 256, 96, 6.0, 64, 1),
-        (19, 200, 80, 6.0, 128, 1),
-        (4, 128, 64, None, 64, 1),
-        (1, 512, 96, 6.0, 64, 4),  # split-K: outliers added once (split 0), partial sums added by XLA
-        (19, 300, 80, 6.0, 64, 3),  # ragged K with split-K
+        (1, 256, 96, 6.0, 64, 1, ""),
+        (19, 200, 80, 6.0, 128, 1, ""),
+        (4, 128, 64, None, 64, 1, ""),
+        (1, 512, 96, 6.0, 64, 4, ""),  # split-K: outliers added once (split 0), partial sums added by XLA
+        (19, 300, 80, 6.0, 64, 3, ""),  # ragged K with split-K
+        (19, 300, 80, 6.0, 64, 1, "kmajor"),  # (N, K) weight copy: ragged M, N and K
+        (33, 256, 96, None, 64, 2, "kmajor"),
     ],
 )
-def test_interpret_matches_float64(m, k, n, threshold, bk, split):
+def test_interpret_matches_float64(m, k, n, threshold, bk, split, variant):
     rng = np.random.default_rng(m + k)
     q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.LLMInt8Scheme(threshold=threshold))
     xn = rng.standard_normal((m, k)).astype(np.float32)
@@ -54,7 +56,7 @@ def test_interpret_matches_float64(m, k, n, threshold, bk, split):
         count,
         q.data,
         q.scale,
-        config=BlockConfig(16, 32, bk, split_k=split),
+        config=BlockConfig(16, 32, bk, split_k=split, variant=variant),
         outliers=threshold is not None,
         interpret=True,
     )
@@ -101,3 +103,35 @@ def test_lowers_to_triton_custom_call(outliers, m):
 @pytest.mark.parametrize("split", [1, 4])
 def test_compiles_to_cubin_sm90_sm80(split):
     assert_compiles(_lower(True, 16, split=split), archs=(90, 80))
+
+
+@requires_triton
+def test_kmajor_int8_loop_has_no_byte_transposes_sm90():
+    """The int8 ``wgmma`` reads K-major operands from shared memory: from the ``(K, N)`` weight Triton transposes
+    each tile byte by byte (``STS.U8``) and waits for the loaded registers in the same trip; from the ``(N, K)``
+    copy (``"kmajor"``) the K loop is the pipelined copies and the ``IGMMA`` alone."""
+    from pallas_kernels import _triton_tools as tt
+    from pallas_kernels.tuning import heuristic
+
+    m, k, n = 512, 8192, 1024  # a long K loop (short constant loops are unrolled)
+    args = [
+        shape_struct((m, k), jnp.bfloat16),
+        shape_struct((m, k), jnp.int8),
+        shape_struct((m,), jnp.float32),
+        shape_struct((k,), jnp.int32),
+        shape_struct((1,), jnp.int32),
+        shape_struct((k, n), jnp.int8),
+        shape_struct((n,), jnp.float32),
+    ]
+
+    def profile(variant):
+        cfg = BlockConfig(128, 256, 64, num_warps=8, num_stages=3, variant=variant)
+        call = cuda_lowering(functools.partial(int8_outlier_matmul, config=cfg, outliers=False), *args)[0]
+        return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+    kn, nk = profile(""), profile("kmajor")
+    assert kn.count("IGMMA") > 0 and nk.count("IGMMA") > 0
+    assert kn.count("STS") > 0 and nk.count("STS") == 0 and nk.exposed_loads == 0
+    assert nk.instructions <= 0.6 * kn.instructions, (nk.instructions, kn.instructions)
+    assert heuristic("int8_outlier", 4096, 8192, 8192, sms=132).variant == "kmajor"
+    assert heuristic("int8_outlier", 16, 8192, 8192, sms=132).variant == ""
