@@ -334,59 +334,51 @@ def section_tune(args) -> dict[str, Any]:
 #: same tile expected; 0 for the dot kernel) is its first check on real hardware; adopt it only then. Every
 #: (kernel, config, M in {1, 16}) case compiled for sm_90 at K=N=8192 on the CPU; 39 are timed (a GEMV only at
 #: M <= block_m). Each (tile, split, warps, stages, variant).
-TUNE_KERNEL_CONFIGS: dict[str, tuple[tuple[Any, ...], ...]] = {
-    # run in this order, most promising first, until the section's budget ends; BlockConfig fields, then optionally
-    # the M values to time (default: the --m values <= 16)
-    "fp8_w8a8": (  # fp8 wgmma (maxNumImpreciseAcc set): the goal shape M=K=N=8192, activation quantization included
-        (128, 256, 64, 1, 8, 3, "prequant", (8192,)),
-        (128, 128, 64, 1, 8, 4, "prequant", (8192,)),
-        (128, 256, 64, 1, 8, 3, "prequant+promote", (8192,)),
-    ),
-    "int8_outlier": (  # LLM.int8 at M=4096 (goal >= 1.0x bf16 at M >= 1024): the int8 dot from a K-major weight copy
-        (128, 256, 64, 1, 8, 3, "kmajor", (4096,)),
-        (128, 128, 64, 1, 8, 4, "kmajor", (4096,)),
-    ),
-    "ternary_w158a8": (
-        (16, 64, 128, 4, 4, 4, "split+ptx"),
-        (16, 32, 128, 1, 4, 3, "split+ptx"),
-        (16, 64, 128, 4, 4, 4, "split"),
-        (16, 64, 128, 4, 4, 4, ""),
-        (16, 64, 128, 8, 4, 4, "split+ptx"),
-        (16, 32, 128, 1, 4, 3, "split"),
-        (16, 64, 128, 8, 4, 4, "split"),
-    ),
-    "nf4": (
-        (16, 64, 128, 4, 4, 4, "prmt-split"),
-        (1, 128, 64, 16, 4, 4, "prmt-split-gemv"),
-        (16, 64, 128, 4, 4, 4, "select-split"),
-        (1, 128, 64, 16, 4, 4, "select-split-gemv"),
-        (1, 128, 64, 16, 4, 4, "select-gemv"),
-        (16, 64, 128, 4, 4, 4, "select"),
-    ),
-    "ternary": (
-        (16, 64, 128, 4, 4, 4, "split"),
-        (16, 32, 128, 1, 4, 3, "split"),
-        (16, 64, 128, 4, 4, 4, ""),
-        (16, 64, 128, 8, 4, 4, "split"),
-    ),
-    "int8_w8a16": (
-        (16, 64, 128, 8, 4, 4, "strided"),
-        (16, 128, 128, 4, 8, 4, "strided"),
-        (16, 32, 128, 1, 4, 3, "strided"),
-        (16, 64, 128, 4, 4, 4, "strided"),
-    ),
-}
+#: ``(benchmark kernel, BlockConfig fields[, M values])`` in run order, most useful first, until the section's budget
+#: ends; without M values: the ``--m`` values <= 16
+TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # first on-device checks of the inline-PTX variants (M <= 16)
+    ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split+ptx")),
+    ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split")),
+    ("nf4", (16, 64, 128, 4, 4, 4, "prmt-split")),
+    ("nf4", (1, 128, 64, 16, 4, 4, "prmt-split-gemv")),
+    # large M on the 8-bit tensor cores (goal shapes): fp8 W8A8 M=K=N=8192 with the activation quantization, fp8
+    # wgmma; LLM.int8 at M=4096 (goal >= 1.0x bf16 at M >= 1024), the int8 dot from a K-major weight copy
+    ("fp8_w8a8", (128, 256, 64, 1, 8, 3, "prequant", (8192,))),
+    ("fp8_w8a8", (128, 128, 64, 1, 8, 4, "prequant", (8192,))),
+    ("int8_outlier", (128, 256, 64, 1, 8, 3, "kmajor", (4096,))),
+    ("int8_outlier", (128, 128, 64, 1, 8, 4, "kmajor", (4096,))),
+    # int4 at M=4096 (goal >= 0.9x bf16): 256-row tiles dequantize each weight tile for twice the rows (sm_90 K
+    # loop: 260 instructions per trip for 8 HGMMA vs 251 for 4 with the table's 128x128x64)
+    ("int4_g128", (256, 128, 64, 1, 8, 3, "interleave", (4096,))),
+    ("int4_g128", (256, 64, 64, 1, 8, 3, "interleave", (4096,))),
+    ("fp8_w8a8", (128, 256, 64, 1, 8, 3, "prequant+promote", (8192,))),
+    # the rest of the small-M variants
+    ("ternary_w158a8", (16, 32, 128, 1, 4, 3, "split+ptx")),
+    ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "")),
+    ("nf4", (16, 64, 128, 4, 4, 4, "select-split")),
+    ("nf4", (1, 128, 64, 16, 4, 4, "select-split-gemv")),
+    ("ternary", (16, 64, 128, 4, 4, 4, "split")),
+    ("int8_w8a16", (16, 64, 128, 8, 4, 4, "strided")),
+    ("int8_w8a16", (16, 128, 128, 4, 8, 4, "strided")),
+    ("ternary_w158a8", (16, 64, 128, 8, 4, 4, "split+ptx")),
+    ("ternary_w158a8", (16, 32, 128, 1, 4, 3, "split")),
+    ("ternary_w158a8", (16, 64, 128, 8, 4, 4, "split")),
+    ("nf4", (1, 128, 64, 16, 4, 4, "select-gemv")),
+    ("nf4", (16, 64, 128, 4, 4, 4, "select")),
+    ("ternary", (16, 32, 128, 1, 4, 3, "split")),
+    ("ternary", (16, 64, 128, 4, 4, 4, "")),
+    ("ternary", (16, 64, 128, 8, 4, 4, "split")),
+    ("int8_w8a16", (16, 32, 128, 1, 4, 3, "strided")),
+    ("int8_w8a16", (16, 64, 128, 4, 4, 4, "strided")),
+)
 
 
 def tune_kernel_candidates() -> list[tuple[str, Any, tuple[int, ...] | None]]:
     """``(benchmark kernel name, BlockConfig, M values or None for the default)`` timed by ``tune_kernels``."""
     from pallas_kernels._common import BlockConfig
 
-    return [
-        (name, BlockConfig(*t[:7]), tuple(t[7]) if len(t) > 7 else None)
-        for name, tiles in TUNE_KERNEL_CONFIGS.items()
-        for t in tiles
-    ]
+    return [(name, BlockConfig(*t[:7]), tuple(t[7]) if len(t) > 7 else None) for name, t in TUNE_KERNEL_CONFIGS]
 
 
 def section_tune_kernels(args) -> dict[str, Any]:
