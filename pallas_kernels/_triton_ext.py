@@ -77,7 +77,15 @@ def _register_triton_rule() -> str:
         del ctx
         if transpose_b:  # a K-major (N, K) tile: the transpose is a shared-memory view, no data moves
             b = tt_dialect.trans(b, (1, 0))
-        return tt_dialect.dot(a, b, acc, max_num_imprecise_acc=int(max_num_imprecise_acc))
+        n = int(max_num_imprecise_acc)
+        try:
+            return tt_dialect.dot(a, b, acc, max_num_imprecise_acc=n)
+        except TypeError:  # a dialect builder without the keyword: the same attribute, set on the op itself
+            from jax._src.lib.mlir import ir
+
+            out = tt_dialect.dot(a, b, acc)
+            out.owner.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), n)
+            return out
 
     tl.triton_lowering_rules[fp8_dot_p] = rule
     return ""
