@@ -371,6 +371,9 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("ternary", (16, 64, 128, 8, 4, 4, "split")),
     ("int8_w8a16", (16, 32, 128, 1, 4, 3, "strided")),
     ("int8_w8a16", (16, 64, 128, 4, 4, 4, "strided")),
+    # W1.58A8 in one launch (activation quantization in the kernel, no split-K): more instructions per trip
+    ("ternary_w158a8", (16, 32, 128, 1, 4, 4, "split+ptx+xq")),
+    ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split+ptx+xq")),
 )
 
 

@@ -14,6 +14,12 @@ little-endian vector bitcast, visible in the LLVM IR the CPU compiles).
 ``nf4_lookup_asm`` is the NF4 table lookup with byte permutes: four codes per instruction instead of a select
 tree per code (15 selects of float32 constants per weight). ``ternary_field_asm`` turns four packed 2-bit
 ternary codes into four int8 values in one register (SWAR arithmetic), the operand layout of the int8 dot.
+
+:func:`div_rn` is float32 division correctly rounded (``div.rn.f32``, IEEE 754 round to nearest even, no
+flush to zero), which is what XLA's GPU compiler emits for a float32 divide; Pallas-Triton lowers ``/`` to
+``div.full.f32``, an approximation (up to 2 ulp). Kernels that must reproduce an XLA ``x / s`` bit for bit (an
+int8 activation quantization ``round(x / s)``) use it; its emulation is the float32 ``/`` of XLA:CPU / NumPy,
+which is correctly rounded too.
 """
 
 from __future__ import annotations
@@ -25,7 +31,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["emulate", "inline_asm", "nf4_lookup", "nf4_lookup_asm", "ternary_field", "ternary_field_asm"]
+__all__ = [
+    "DIV_RN_ASM",
+    "RINT_ASM",
+    "div_rn",
+    "emulate",
+    "inline_asm",
+    "nf4_lookup",
+    "nf4_lookup_asm",
+    "rint",
+    "ternary_field",
+    "ternary_field_asm",
+]
+
+#: correctly rounded float32 division (IEEE 754 round to nearest even; denormals kept: no ``.ftz``)
+DIV_RN_ASM = "div.rn.f32 $0, $1, $2;"
+#: float32 rounded to the nearest integer, ties to even (``jnp.round``; ``lax.round`` has no Triton lowering)
+RINT_ASM = "cvt.rni.f32.f32 $0, $1;"
 
 
 def _f32_bits(v: float) -> int:
@@ -219,3 +241,41 @@ def nf4_lookup(p: Any, code_vals: Sequence[float], high: bool, *, interpret: boo
     import jax.numpy as jnp
 
     return inline_asm(nf4_lookup_asm(code_vals, high), p, jnp.float32, interpret=interpret)
+
+
+def div_rn(a: Any, b: Any, *, interpret: bool) -> Any:
+    """``a / b`` for float32 tiles of one shape, correctly rounded (see the module docstring), inside a Pallas
+    kernel: inline ``div.rn.f32`` on a GPU; the float32 ``/`` (also correctly rounded) in interpret mode."""
+    import jax.numpy as jnp
+
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"div_rn: operands of one shape needed, got {a.shape} and {b.shape}")
+    if interpret:
+        return a / b
+    return _f32_asm(DIV_RN_ASM, a, b)
+
+
+def rint(a: Any, *, interpret: bool) -> Any:
+    """Float32 ``a`` rounded to the nearest integer, ties to even, as ``jnp.round`` (inline ``cvt.rni.f32.f32`` on a
+    GPU; ``jnp.round`` in interpret mode). The usual ``(a + 1.5 * 2**23) - 1.5 * 2**23`` is not an option: XLA's
+    algebraic simplifier folds it to ``a`` (checked on XLA:CPU), so interpret mode would not round at all."""
+    import jax.numpy as jnp
+
+    a = jnp.asarray(a, jnp.float32)
+    return jnp.round(a) if interpret else _f32_asm(RINT_ASM, a)
+
+
+def _f32_asm(asm: str, *args: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas import triton as plgpu
+
+    (out,) = plgpu.elementwise_inline_asm(
+        asm,
+        args=list(args),
+        constraints=",".join(["=r"] + ["r"] * len(args)),
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)],
+    )
+    return out

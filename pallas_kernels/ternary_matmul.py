@@ -30,6 +30,14 @@ instead of per-element integer arithmetic repacked into bytes; sm_90 K loop of t
 instructions per trip vs 425 for ``split``. Exact (the same int8 values); run by the PTX emulator in interpret
 mode and not yet on a GPU, so no table or heuristic selects it.
 
+``config.variant="split+xq"`` / ``"split+ptx+xq"`` (W1.58A8, ``packing="k"``): no XLA pre-pass; each program finds
+its rows' maxima over all of K first, then quantizes each activation tile as it is loaded, bit-identical to
+:func:`quantize_activations` (correctly rounded divisions and ties-to-even rounding by inline PTX,
+:func:`pallas_kernels._ptx.div_rn` / :func:`~pallas_kernels._ptx.rint`). With ``split_k=1`` the whole product is
+one launch. The price is in the K loop: sm_90, 16x64x128 tile: 543 instructions per trip vs 213 for ``split+ptx``
+(``div.rn`` is a reciprocal, five FMAs and a range check per element), so it can win only where the launch it
+saves costs more; a GPU has to time it.
+
 ``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``), ``packing="k"``: the weight-only
 integer GEMV kernel of :mod:`pallas_kernels.int4_matmul` reads the same bytes as a 2-bit ``minmax`` weight with
 ``W = c * s - s`` (bit-identical to ``(c - 1) * s`` for ``c`` in {0, 1, 2}). For ``mode="a8"`` it runs on the
@@ -60,9 +68,10 @@ from pallas_kernels._common import (
     store,
     weight_rounding,
 )
-from pallas_kernels._ptx import ternary_field
+from pallas_kernels._ptx import div_rn, rint, ternary_field
 
 __all__ = [
+    "VARIANTS",
     "dequantize_reference",
     "quantize_activations",
     "supported",
@@ -114,7 +123,15 @@ def ternary_matmul_reference(x, data, scale, *, k: int, n: int, packing: str, mo
     return (acc.astype(jnp.float32) * sx[:, None] * s[None, :]).astype(x.dtype)
 
 
+#: ``""`` (strided activation loads), ``"split"`` (one contiguous activation tile split in registers), ``"gemv"``;
+#: W1.58A8 only: ``"+ptx"`` (int8 weights by inline PTX), ``"+xq"`` (the activation quantization inside the kernel,
+#: bit-identical to the XLA pre-pass: one launch less, each program reading its rows' K columns once more for the
+#: row maxima)
+VARIANTS = ("", "split", "gemv", "split+ptx", "split+xq", "split+ptx+xq")
+
+
 def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str) -> str | None:
+    """``None`` when the kernel handles this case with ``cfg``, else why not (callers take the XLA path)."""
     if packing not in ("k", "n"):
         return f"packing {packing!r}"
     if packing == "n" and n % 4:
@@ -125,10 +142,10 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
         jnp.dtype(jnp.float32),
     ):
         return f"activation dtype {jnp.dtype(x_dtype).name}"
-    if cfg.variant not in ("", "split", "gemv", "split+ptx"):
-        return f"variant {cfg.variant!r} (ternary kernels: '', 'split', 'gemv', 'split+ptx')"
-    if cfg.variant == "split+ptx" and (mode != "a8" or packing != "k"):
-        return "variant 'split+ptx' is W1.58A8 with codes packed along K only"
+    if cfg.variant not in VARIANTS:
+        return f"variant {cfg.variant!r} (ternary kernels: {', '.join(repr(v) for v in VARIANTS)})"
+    if ("+ptx" in cfg.variant or "+xq" in cfg.variant) and (mode != "a8" or packing != "k"):
+        return f"variant {cfg.variant!r} is W1.58A8 with codes packed along K only"
     if cfg.variant == "gemv":
         if cfg.block_m > 8 or cfg.block_n < 16 or cfg.block_k < 32:
             return "gemv needs block_m <= 8, block_n >= 16 and block_k >= 32"
@@ -139,8 +156,35 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
     return None
 
 
+def _quantize_rows_in_kernel(x_ref, m0, bm: int, k: int, bk: int, mmask, interpret: bool):
+    """Per-row ``s_x`` ``(BM, 1)`` exactly as :func:`quantize_activations` computes it, from all ``K`` columns of
+    the block's rows, and the quantizer of one ``(BM, BK)`` tile: ``clip(round(x / s_x), -127, 127)`` as int8.
+
+    Bit-identical to the XLA pre-pass: the maximum of ``|x|`` is exact in any order, both divisions are correctly
+    rounded (:func:`pallas_kernels._ptx.div_rn`; Pallas' own ``/`` is approximate), and the rounding to the nearest
+    even integer is ``cvt.rni`` (:func:`pallas_kernels._ptx.rint`; ``lax.round`` does not lower)."""
+    k_ragged = k % bk != 0
+
+    def amax_step(t_, amax):
+        k0 = t_ * bk
+        xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
+        xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask).astype(jnp.float32)
+        return jnp.maximum(amax, jnp.max(jnp.abs(xt), axis=1, keepdims=True))
+
+    amax = jax.lax.fori_loop(0, cdiv(k, bk), amax_step, jnp.zeros((bm, 1), jnp.float32))
+    sx = jnp.where(amax > 0, div_rn(amax, jnp.full((bm, 1), 127.0, jnp.float32), interpret=interpret), 1.0)
+
+    def quantize(xt):
+        xf = xt.astype(jnp.float32)
+        v = div_rn(xf, jnp.broadcast_to(sx, xf.shape), interpret=interpret)
+        return jnp.clip(rint(v, interpret=interpret), -127.0, 127.0).astype(jnp.int8)
+
+    return sx, quantize
+
+
 def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="", interpret=False):
-    if mode == "a8":
+    xq = variant.endswith("+xq")  # W1.58A8 activations quantized here, not by an XLA pre-pass
+    if mode == "a8" and not xq:
         x_ref, w_ref, s_ref, sx_ref, o_ref = refs
     else:
         x_ref, w_ref, s_ref, o_ref = refs
@@ -154,7 +198,9 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="
     acc_dtype = jnp.int32 if mode == "a8" else jnp.float32
 
     split = variant.startswith("split")
-    ptx = variant.endswith("+ptx")  # int8 weights from four packed codes per instruction (inline PTX)
+    ptx = "+ptx" in variant  # int8 weights from four packed codes per instruction (inline PTX)
+    if xq:
+        sx_rows, quantize = _quantize_rows_in_kernel(x_ref, m0, bm, k, bk, mmask, interpret)
 
     def field(p, jj):  # 2-bit field jj of the packed int32 tile: the code c = t + 1 in {0, 1, 2}
         return (p >> (2 * jj)) & 3
@@ -179,7 +225,8 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="
             p = p8.astype(jnp.int32)
             if split:  # one contiguous activation tile, split into the columns of each 2-bit field
                 xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
-                xts = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask), 4)
+                xtile = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask)
+                xts = split_cols(quantize(xtile) if xq else xtile, 4)
             for jj in range(4):
                 wt = ternary_field(p8, jj, interpret=interpret) if ptx else as_weight(field(p, jj))
                 xt = xts[jj] if split else x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, 4)]
@@ -198,7 +245,7 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, packing, mode, w_round, variant="
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), acc_dtype))
     if mode == "a8":
-        sx = load(sx_ref.at[pl.ds(m0, bm), pl.ds(0, 1)], mmask)
+        sx = sx_rows if xq else load(sx_ref.at[pl.ds(m0, bm), pl.ds(0, 1)], mmask)
         y = acc.astype(jnp.float32) * sx * s
     else:
         y = acc
@@ -251,22 +298,23 @@ def ternary_matmul(
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
-    if mode == "a8":
+    xq = config.variant.endswith("+xq") and packing == "k"
+    if mode == "a8" and not xq:
         xin, sx = quantize_activations(x)
     else:
         xin, sx = x, None
     if packing == "k":
         if data.shape != (cdiv(k, 4), n):
             raise ValueError(f"ternary_matmul: packed data must be {(cdiv(k, 4), n)}, got {data.shape}")
-        if config.variant.endswith("+ptx") and jnp.dtype(data.dtype) != jnp.dtype(jnp.uint8):
-            raise ValueError(f"ternary_matmul: variant 'split+ptx' needs uint8 codes, got {data.dtype}")
+        if "+ptx" in config.variant and jnp.dtype(data.dtype) != jnp.dtype(jnp.uint8):
+            raise ValueError(f"ternary_matmul: variant {config.variant!r} needs uint8 codes, got {data.dtype}")
         if not config.variant.startswith("split") and (m % bm or k % bk):  # strided loads cannot be masked: zero-pad
             xin = jnp.pad(xin, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - k)))
     else:
         if data.size != k * n // 4:
             raise ValueError(f"ternary_matmul: packed data must hold {k * n // 4} bytes, got {data.size}")
         data = data.reshape(k, n // 4)
-    operands = [xin, data, s2] + ([sx.reshape(m, 1)] if mode == "a8" else [])
+    operands = [xin, data, s2] + ([sx.reshape(m, 1)] if sx is not None else [])
     w_round = weight_rounding(w_dtype)
     kernel = functools.partial(
         _kernel,

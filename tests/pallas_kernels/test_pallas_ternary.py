@@ -177,11 +177,60 @@ def test_ptx_variant_bit_identical_to_split(m, k, n):
     np.testing.assert_array_equal(np.asarray(run("split+ptx"), np.float32), np.asarray(want, np.float32))
 
 
-def test_ptx_variant_is_w158a8_k_packing_only():
-    cfg = BlockConfig(16, 64, 128, variant="split+ptx")
+@pytest.mark.parametrize("variant", ["split+ptx", "split+xq", "split+ptx+xq"])
+def test_ptx_and_xq_variants_are_w158a8_k_packing_only(variant):
+    cfg = BlockConfig(16, 64, 128, variant=variant)
     assert supported(256, 64, "k", cfg, jnp.bfloat16, "a8") is None
     assert "W1.58A8" in supported(256, 64, "k", cfg, jnp.bfloat16, "w16")
     assert "W1.58A8" in supported(256, 64, "n", cfg, jnp.bfloat16, "a8")
+
+
+@pytest.mark.parametrize(
+    "m,k,n,dt,variant,split",
+    [
+        (1, 512, 96, jnp.bfloat16, "split+xq", 2),
+        (5, 300, 80, jnp.float32, "split+ptx+xq", 1),  # ragged M, K and N
+        (21, 512, 64, jnp.float16, "split+ptx+xq", 4),  # two row blocks, split-K (each split finds the row maxima)
+    ],
+)
+def test_in_kernel_activation_quantization_is_the_xla_pre_pass(m, k, n, dt, variant, split):
+    """``+xq`` quantizes the activations inside the kernel (row maxima over all of K, correctly rounded divisions,
+    ties to even): bit-identical to ``split`` with the XLA pre-pass and to the reference, including exact ties
+    (``x / s_x`` = 2.5, -3.5, ...), an all-zero row and a row whose maximum sits in the last ragged K block."""
+    rng = np.random.default_rng(m + k)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
+    xn = rng.standard_normal((m, k)).astype(np.float32) * 3
+    xn[0, :8] = [127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.5, -127.0]  # s_x = 1: the quotients are these ties
+    if m > 2:
+        xn[1] = 0.0
+        xn[2, k - 1] = 50.0
+    x = jnp.asarray(xn, dt)
+
+    def run(variant):
+        cfg = BlockConfig(16, 32, 128, split, variant=variant)
+        return ternary_matmul(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8", config=cfg, interpret=True)
+
+    got = np.asarray(run(variant), np.float32)
+    np.testing.assert_array_equal(got, np.asarray(run("split"), np.float32))
+    want = np.asarray(ternary_matmul_reference(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8"), np.float32)
+    if split == 1:
+        np.testing.assert_array_equal(got, want)
+    else:  # split-K adds float32 partial products acc_i * s_x * s: a float32 rounding from the exact int32 total
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@requires_triton
+def test_in_kernel_quantization_uses_exact_division_and_rounding_sm90():
+    """The kernel's division is ``div.rn.f32`` (Pallas' ``/`` would be ``div.full.f32``, approximate) and its
+    rounding ``cvt.rni``; it compiles for sm_90 and sm_80, and costs instructions in the K loop (the trade against
+    the pre-pass launch is for a GPU to time)."""
+    from pallas_kernels import _triton_tools as tt
+    from pallas_kernels._ptx import DIV_RN_ASM, RINT_ASM
+
+    calls = _lower("k", "a8", 16, variant="split+ptx+xq")
+    text = tt.ir_text(calls[0].ir)
+    assert DIV_RN_ASM.split()[0] in text and RINT_ASM.split()[0] in text
+    assert_compiles(calls, archs=(90, 80))
 
 
 @requires_triton

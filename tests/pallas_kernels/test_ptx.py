@@ -112,3 +112,20 @@ def test_sub_wraps_and_needs_u32():
     assert int(d) == 2**32 - 1
     with pytest.raises(ValueError, match="type"):
         emulate("sub.b32 $0, $1, 2;", [np.uint32(1)], 1)
+
+
+def test_div_rn_and_rint_interpret_paths_and_programs():
+    """The interpret-mode forms are the float32 operations the PTX instructions define: IEEE division (correctly
+    rounded, checked here against float64 rounded once) and rounding to the nearest integer with ties to even."""
+    from pallas_kernels._ptx import DIV_RN_ASM, RINT_ASM, div_rn, rint
+
+    assert DIV_RN_ASM == "div.rn.f32 $0, $1, $2;" and RINT_ASM == "cvt.rni.f32.f32 $0, $1;"
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(4096).astype(np.float32) * 100
+    b = (rng.random(4096).astype(np.float32) + 0.01) / 127
+    got = np.asarray(div_rn(jnp.asarray(a), jnp.asarray(b), interpret=True))
+    np.testing.assert_array_equal(got, (a.astype(np.float64) / b.astype(np.float64)).astype(np.float32))
+    ties = jnp.asarray([0.5, 1.5, 2.5, -0.5, -2.5, 126.5, 3.4999998, -3.5000002], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(rint(ties, interpret=True)), [0, 2, 2, -0, -2, 126, 3, -4])
+    with pytest.raises(ValueError, match="one shape"):
+        div_rn(jnp.ones((2, 3)), jnp.ones((2, 1)), interpret=True)
