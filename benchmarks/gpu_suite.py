@@ -342,6 +342,9 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split")),
     ("nf4", (16, 64, 128, 4, 4, 4, "prmt-split")),
     ("nf4", (1, 128, 64, 16, 4, 4, "prmt-split-gemv")),
+    # LLM.int8 at M <= 16 with its activation split in one Pallas launch, and without (the measured tile)
+    ("int8_outlier", (16, 64, 128, 4, 4, 4, "prepass")),
+    ("int8_outlier", (16, 64, 128, 4, 4, 4, "")),
     # large M on the 8-bit tensor cores (goal shapes): fp8 W8A8 M=K=N=8192 with the activation quantization, fp8
     # wgmma; LLM.int8 at M=4096 (goal >= 1.0x bf16 at M >= 1024), the int8 dot from a K-major weight copy
     ("fp8_w8a8", (128, 256, 64, 1, 8, 3, "prequant", (8192,))),

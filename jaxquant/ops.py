@@ -290,8 +290,15 @@ def _llm_int8_adapter(x, w: QArray, m: int, interpret: bool):
     if why:
         return None, why
     per_row = s.granularity == "channel"
+    use_prepass = cfg.variant == "prepass" and m <= km.PREPASS_MAX_M
 
     def run(x2):
+        if use_prepass:  # the same split in one Pallas launch (bit-identical)
+            xq, sx, idx, count = km.prepass(x2, s.threshold, per_row, interpret=interpret)
+            return km.int8_outlier_matmul(
+                x2, xq, sx, idx, count, w.data, jnp.broadcast_to(w.scale, (n,)), config=cfg,
+                outliers=s.threshold is not None, interpret=interpret,
+            )  # fmt: skip
         # the activation split exactly as LLMInt8Scheme._qdot computes it
         xf = x2.astype(jnp.float32)
         if s.threshold is None:

@@ -246,13 +246,14 @@ def nf4_lookup(p: Any, code_vals: Sequence[float], high: bool, *, interpret: boo
 def div_rn(a: Any, b: Any, *, interpret: bool) -> Any:
     """``a / b`` for float32 tiles of one shape, correctly rounded (see the module docstring), inside a Pallas
     kernel: inline ``div.rn.f32`` on a GPU; the float32 ``/`` (also correctly rounded) in interpret mode."""
+    import jax
     import jax.numpy as jnp
 
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     if a.shape != b.shape:
         raise ValueError(f"div_rn: operands of one shape needed, got {a.shape} and {b.shape}")
-    if interpret:
-        return a / b
+    if interpret:  # the barrier keeps XLA from turning a division by a broadcast constant into a reciprocal product
+        return a / jax.lax.optimization_barrier(b)
     return _f32_asm(DIV_RN_ASM, a, b)
 
 

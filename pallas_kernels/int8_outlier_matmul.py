@@ -19,7 +19,9 @@ The kernel computes, per output tile::
 which is the scheme's XLA path with the dense masked float matmul replaced by a loop over the ``count``
 outlier rows only (gathered by pointer from ``x`` and ``W_q``): grid ``(cdiv(M, BM), cdiv(N, BN), split_k)``, a K
 loop in steps of ``BK`` for the int8 part, then (in split 0) ``cdiv(count, 16)`` steps of 16 gathered outlier
-dims. With ``config.split_k > 1`` each split's ``acc_i * s_x * s_w`` is written as a float32 partial sum that XLA
+dims. The activation split itself is an XLA pre-pass (``jaxquant.ops``), or for ``M <= PREPASS_MAX_M`` one Pallas
+program (:func:`prepass`, bit-identical; used where a tuning row has ``variant="prepass"``). With
+``config.split_k > 1`` each split's ``acc_i * s_x * s_w`` is written as a float32 partial sum that XLA
 adds (the exact int32 sum becomes a sum of ``split_k`` float32 terms: a float32 rounding, far below the output's):
 at small ``M`` a ``(1, N / BN)`` grid leaves most SMs idle (128 programs for N=8192 on a 132-SM H100, which
 measured 0.75x of bf16 at M=1; split-K is not yet measured on a GPU).
@@ -37,16 +39,20 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
+    compiler_params,
     largest_divisor_at_most,
     load,
     split_k_call,
     store,
 )
+from pallas_kernels._ptx import div_rn, rint
 
 __all__ = [
+    "PREPASS_MAX_M",
     "int8_outlier_matmul",
     "int8_outlier_matmul_reference",
     "outlier_indices",
+    "prepass",
     "quantize_activations",
     "supported",
 ]
@@ -82,6 +88,99 @@ def outlier_indices(is_out: jax.Array) -> tuple[jax.Array, jax.Array]:
     return idx, jnp.sum(is_out, dtype=jnp.int32).reshape(1)
 
 
+#: largest ``M`` for :func:`prepass` (one program reads all rows of ``x`` twice)
+PREPASS_MAX_M = 16
+
+
+def _prepass_kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, *, m, k, mp, bk, threshold, per_row, interpret):
+    nk = cdiv(k, bk)
+    rmask = (jnp.arange(mp) < m)[:, None] if m != mp else None
+
+    def regular(c):
+        """The chunk's regular part ``x_r`` (float32, outlier columns zeroed as the XLA path does) and mask."""
+        k0 = c * bk
+        kmask = (k0 + jnp.arange(bk) < k)[None, :] if k % bk else None
+        xt = load(x_ref.at[pl.ds(0, mp), pl.ds(k0, bk)], and_masks(rmask, kmask)).astype(jnp.float32)
+        if threshold is None:
+            return xt, None
+        is_out = jnp.max(jnp.abs(xt), axis=0, keepdims=True) > threshold  # (1, BK); padding (0) never is
+        return xt - jnp.where(is_out, xt, 0.0), is_out
+
+    def scan(c, carry):  # row maxima of x_r, and the outlier dims compacted in increasing order
+        amax, count = carry
+        x_r, is_out = regular(c)
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(x_r), axis=1, keepdims=True))
+        if is_out is not None:
+            flags = is_out.astype(jnp.int32)
+            lane = jnp.arange(bk)[None, :]
+            # outlier j of the chunk goes to count + (its rank); the others to distinct slots past K (never read)
+            pos = jnp.where(is_out, count + jnp.cumsum(flags, axis=1) - 1, k + lane)
+            idx_ref[pos] = c * bk + lane
+            count = count + jnp.sum(flags)
+        return amax, count
+
+    amax, count = jax.lax.fori_loop(0, nk, scan, (jnp.zeros((mp, 1), jnp.float32), jnp.int32(0)))
+    if not per_row:
+        amax = jnp.broadcast_to(jnp.max(amax, axis=0, keepdims=True), (mp, 1))
+    sx = jnp.where(amax != 0, div_rn(amax, jnp.full((mp, 1), 127.0, jnp.float32), interpret=interpret), 1.0)
+    store(sx_ref.at[pl.ds(0, mp), pl.ds(0, 1)], sx, rmask)
+    cnt_ref[...] = jnp.full((1,), count, jnp.int32)
+
+    def quantize(c, carry):
+        x_r, _ = regular(c)
+        q = jnp.clip(
+            rint(div_rn(x_r, jnp.broadcast_to(sx, x_r.shape), interpret=interpret), interpret=interpret), -127.0, 127.0
+        )
+        k0 = c * bk
+        kmask = (k0 + jnp.arange(bk) < k)[None, :] if k % bk else None
+        store(xq_ref.at[pl.ds(0, mp), pl.ds(k0, bk)], q.astype(jnp.int8), and_masks(rmask, kmask))
+        return carry
+
+    jax.lax.fori_loop(0, nk, quantize, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("threshold", "per_row", "block_k", "interpret"))
+def prepass(
+    x: jax.Array, threshold: float | None, per_row: bool = True, *, block_k: int = 512, interpret: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The LLM.int8 activation split of ``jaxquant.schemes.llm_int8`` (the XLA path's ``x_r``, ``_absmax_int8`` and
+    :func:`outlier_indices`) in one Pallas program instead of a chain of XLA launches, for ``M <= PREPASS_MAX_M``.
+
+    Returns ``(x_q int8 (M, K), s_x float32 (M,), idx int32 (K + block_k,), count int32 (1,))``, bit-identical to
+    the XLA path's ``x_q`` and ``s_x`` (row or tensor maxima are exact; both divisions correctly rounded and the
+    rounding ties-to-even by inline PTX, :func:`pallas_kernels._ptx.div_rn` / :func:`~pallas_kernels._ptx.rint`)
+    and to :func:`outlier_indices` on ``idx[:count]`` (entries from ``count`` on are unspecified; the matmul kernel
+    reads only the first ``count``). One program: a first pass over K finds the outlier dims of each chunk (column
+    maxima over the ``M`` rows), compacts them by a running prefix sum and takes the row maxima of ``x_r``; a second
+    pass quantizes. Raises ``ValueError`` for ``M > PREPASS_MAX_M`` or a non-2-D ``x``.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"prepass: x must be (M, K), got {x.shape}")
+    m, k = x.shape
+    if not 1 <= m <= PREPASS_MAX_M:
+        raise ValueError(f"prepass: M={m} outside 1..{PREPASS_MAX_M} (one program reads every row)")
+    if block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(f"prepass: block_k must be a power of two >= 16, got {block_k}")
+    mp = 1 << (m - 1).bit_length()
+    kernel = functools.partial(
+        _prepass_kernel, m=m, k=k, mp=mp, bk=block_k, threshold=threshold, per_row=per_row, interpret=interpret
+    )
+    xq, sx, idx, count = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((m, k), jnp.int8),
+            jax.ShapeDtypeStruct((m, 1), jnp.float32),
+            jax.ShapeDtypeStruct((k + block_k,), jnp.int32),
+            jax.ShapeDtypeStruct((1,), jnp.int32),
+        ),
+        grid=(1,),
+        compiler_params=compiler_params(BlockConfig(num_warps=8, num_stages=1)),
+        interpret=interpret,
+        name="llm_int8_prepass",
+    )(x)
+    return xq, sx.reshape(m), idx, count
+
+
 @jax.jit
 def int8_outlier_matmul_reference(x, xq, sx, is_out, wq, sw) -> jax.Array:
     """XLA reference: the int8 product plus a dense masked float product over the outlier dims."""
@@ -97,8 +196,9 @@ def int8_outlier_matmul_reference(x, xq, sx, is_out, wq, sw) -> jax.Array:
 #: ``""``: the int8 dot reads ``(BK, BN)`` tiles of the ``(K, N)`` weight; ``"kmajor"`` (large ``M``): of a ``(N, K)``
 #: copy made by XLA per call, the K-major layout Hopper's 8-bit ``wgmma`` reads from shared memory (the ``(K, N)``
 #: tile is otherwise transposed byte by byte through shared memory in every K step: 64 ``STS`` per trip of the
-#: 128x256x64 tile on sm_90, compiled on the CPU)
-VARIANTS = ("", "kmajor")
+#: 128x256x64 tile on sm_90, compiled on the CPU); ``"prepass"`` (``M <= PREPASS_MAX_M``): the kernel of ``""``, fed by
+#: :func:`prepass` (one Pallas launch for the activation split) instead of the XLA pre-pass (``jaxquant.ops``)
+VARIANTS = ("", "kmajor", "prepass")
 
 
 def supported(k: int, n: int, cfg: BlockConfig) -> str | None:
@@ -199,7 +299,10 @@ def int8_outlier_matmul(
     if why:
         raise ValueError(f"int8_outlier_matmul: unsupported: {why}")
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    idx = jnp.pad(idx.astype(jnp.int32), (0, cdiv(k, OUTLIER_CHUNK) * OUTLIER_CHUNK - k))
+    # whole 16-entry chunks are read (entries from count on are masked): pad a (K,) index vector; prepass' is longer
+    idx = idx.astype(jnp.int32)
+    if idx.shape[0] < cdiv(k, OUTLIER_CHUNK) * OUTLIER_CHUNK:
+        idx = jnp.pad(idx, (0, cdiv(k, OUTLIER_CHUNK) * OUTLIER_CHUNK - idx.shape[0]))
     nsteps = cdiv(k, bk)
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split

@@ -12,7 +12,7 @@ from pallas_helpers import assert_compiles, cuda_lowering, rel_err, requires_tri
 
 import jaxquant as jq
 from pallas_kernels._common import BlockConfig
-from pallas_kernels.int8_outlier_matmul import int8_outlier_matmul, outlier_indices, quantize_activations
+from pallas_kernels.int8_outlier_matmul import int8_outlier_matmul, outlier_indices, prepass, quantize_activations
 
 
 def np_llm_int8(x, wq, sw, threshold):
@@ -135,3 +135,95 @@ def test_kmajor_int8_loop_has_no_byte_transposes_sm90():
     assert nk.instructions <= 0.6 * kn.instructions, (nk.instructions, kn.instructions)
     assert heuristic("int8_outlier", 4096, 8192, 8192, sms=132).variant == "kmajor"
     assert heuristic("int8_outlier", 16, 8192, 8192, sms=132).variant == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the activation split in one Pallas launch (small M)
+# ---------------------------------------------------------------------------------------------------------------
+def _xla_split(x, threshold, per_row):
+    from jaxquant.schemes.llm_int8 import _absmax_int8
+
+    xf = x.astype(jnp.float32)
+    if threshold is None:
+        is_out, x_r = jnp.zeros((x.shape[1],), bool), xf
+    else:
+        is_out = jnp.max(jnp.abs(xf), axis=0) > threshold
+        x_r = xf - jnp.where(is_out[None, :], xf, 0.0)
+    xq, sx = _absmax_int8(x_r, axis=1 if per_row else None)
+    idx, count = outlier_indices(is_out)
+    return xq, jnp.broadcast_to(sx.reshape(-1), (x.shape[0],)), idx, count
+
+
+@pytest.mark.parametrize(
+    "m,k,threshold,per_row,dt",
+    [
+        (1, 1000, 6.0, True, jnp.bfloat16),  # ragged K (two 512 chunks)
+        (5, 2048, 6.0, True, jnp.float16),  # rows padded to 8
+        (16, 512, None, True, jnp.float32),  # no split: plain int8 quantization
+        (3, 700, 6.0, False, jnp.float32),  # one scale for the whole tensor
+        (2, 256, 1e6, True, jnp.bfloat16),  # no outlier at all
+    ],
+)
+def test_prepass_is_the_xla_split_bit_for_bit(m, k, threshold, per_row, dt):
+    """``prepass`` (one program) returns the XLA path's ``x_q`` and ``s_x`` and the compacted outlier dims, with an
+    all-zero row, exact ties (``x_r / s_x`` = 2.5, -0.5) and outliers in several chunks."""
+    rng = np.random.default_rng(m * k)
+    xn = rng.standard_normal((m, k)).astype(np.float32) * 2
+    xn[:, rng.choice(k, 37, replace=False)] *= 20
+    xn[0, :3] = [5.5, 2.5 * 5.5 / 127, -0.5 * 5.5 / 127]
+    if m > 2:
+        xn[2] = 0.0
+    x = jnp.asarray(xn, dt)
+    xq, sx, idx, count = prepass(x, threshold, per_row, interpret=True)
+    xq0, sx0, idx0, count0 = _xla_split(x, threshold, per_row)
+    np.testing.assert_array_equal(np.asarray(xq), np.asarray(xq0))
+    np.testing.assert_array_equal(np.asarray(sx), np.asarray(sx0))
+    c = int(count[0])
+    assert c == int(count0[0]) and (c > 0) == (threshold is not None and threshold < 100)
+    np.testing.assert_array_equal(np.asarray(idx[:c]), np.asarray(idx0[:c]))
+
+
+def test_prepass_feeds_the_kernel_through_qdot(monkeypatch):
+    """With an ``int8_outlier`` table row of variant ``"prepass"``, ``qdot`` runs the one-launch split and the same
+    kernel: the result equals the XLA-split kernel's bit for bit."""
+    from pallas_kernels import tuning
+
+    rng = np.random.default_rng(3)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((384, 96)), jnp.float32), jq.LLMInt8Scheme())
+    xn = rng.standard_normal((3, 384))
+    xn[:, [5, 200, 383]] *= 40.0
+    x = jnp.asarray(xn, jnp.bfloat16)
+    dev = tuning.device_key()
+    out = {}
+    for variant in ("", "prepass"):
+        cfg = BlockConfig(16, 32, 128, split_k=2, variant=variant)
+        monkeypatch.setitem(tuning.TABLE, dev, {"int8_outlier": [(1 << 62, cfg)]})
+        jax.clear_caches()
+        with jq.ops.kernel_mode("interpret"):
+            jaxpr = str(jax.make_jaxpr(jq.qdot)(x, q))
+            out[variant] = np.asarray(jax.jit(jq.qdot)(x, q), np.float32)
+        assert ("llm_int8_prepass" in jaxpr) == (variant == "prepass")
+    np.testing.assert_array_equal(out["prepass"], out[""])
+
+
+def test_prepass_rejects_large_m_and_bad_blocks():
+    from pallas_kernels.int8_outlier_matmul import PREPASS_MAX_M
+
+    with pytest.raises(ValueError, match="outside"):
+        prepass(jnp.ones((PREPASS_MAX_M + 1, 64)), 6.0)
+    with pytest.raises(ValueError, match="block_k"):
+        prepass(jnp.ones((2, 64)), 6.0, block_k=48)
+    with pytest.raises(ValueError, match="M, K"):
+        prepass(jnp.ones((64,)), 6.0)
+
+
+@requires_triton
+def test_prepass_lowers_and_compiles_sm90_sm80():
+    from pallas_kernels import _triton_tools as tt
+    from pallas_kernels._ptx import DIV_RN_ASM, RINT_ASM
+
+    calls = cuda_lowering(functools.partial(prepass, threshold=6.0), shape_struct((4, 8192), jnp.bfloat16))
+    assert [c.name for c in calls] == ["llm_int8_prepass"]
+    text = tt.ir_text(calls[0].ir)
+    assert DIV_RN_ASM.split()[0] in text and RINT_ASM.split()[0] in text
+    assert_compiles(calls, archs=(90, 80))
