@@ -340,6 +340,7 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     # first on-device checks of the inline-PTX variants (M <= 16)
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split+ptx")),
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split")),
+    ("nf4", (16, 64, 128, 4, 4, 4, "prmt16-split")),
     ("nf4", (16, 64, 128, 4, 4, 4, "prmt-split")),
     ("nf4", (1, 128, 64, 16, 4, 4, "prmt-split-gemv")),
     # LLM.int8 at M <= 16 with its activation split in one Pallas launch, and without (the measured tile)

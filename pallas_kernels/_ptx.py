@@ -25,7 +25,6 @@ which is correctly rounded too.
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,40 +49,53 @@ DIV_RN_ASM = "div.rn.f32 $0, $1, $2;"
 RINT_ASM = "cvt.rni.f32.f32 $0, $1;"
 
 
-def _f32_bits(v: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", float(np.float32(v))))[0]
+def _table_bits(code_vals: Sequence[float], dtype: str) -> tuple[list[int], int]:
+    """The table's bit patterns in ``dtype`` (float32, or rounded to nearest bfloat16 / float16) and their bytes."""
+    import ml_dtypes
+
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(dtype)
+    if np_dtype is None:
+        raise ValueError(f"nf4_lookup_asm: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    vals = np.asarray([np.float32(v) for v in code_vals], np.float32).astype(np_dtype)
+    width = np.dtype(np_dtype).itemsize
+    return [int(b) for b in vals.view(np.uint32 if width == 4 else np.uint16)], width
 
 
-def nf4_lookup_asm(code_vals: Sequence[float], high: bool) -> str:
-    """PTX mapping 4 packed code bytes (``$4``) to the float32 bits of ``T[code]`` for each byte (``$0..$3``).
+def nf4_lookup_asm(code_vals: Sequence[float], high: bool, dtype: str = "float32") -> str:
+    """PTX mapping 4 packed code bytes (last operand) to the bits of ``T[code]`` in ``dtype`` for each byte.
 
     ``code = byte >> 4`` when ``high`` (the even element of a bitsandbytes NF4 byte), else ``byte & 15``. With
-    ``t_e`` the bits of ``T[e]``, plane ``i`` (byte ``i`` of every ``t_e``) is held by four immediates: entries
-    0-3, 4-7, 8-11, 12-15. Per call (four weights): the 3-bit selectors packed into one ``prmt`` selector and a
-    byte mask of ``code >= 8`` (a sign-replicating ``prmt``), then per plane two ``prmt`` (entries 0-7 and 8-15)
-    and one ``lop3`` choosing by the mask, then a 4x4 byte transpose (8 ``prmt``) from planes to values:
-    26 instructions per 4 weights.
+    ``t_e`` the bits of ``T[e]`` (float32, or rounded to nearest in bfloat16 / float16), plane ``i`` (byte ``i`` of
+    every ``t_e``) is held by four immediates: entries 0-3, 4-7, 8-11, 12-15. Per call (four weights): the 3-bit
+    selectors packed into one ``prmt`` selector and a byte mask of ``code >= 8`` (a sign-replicating ``prmt``),
+    then per plane two ``prmt`` (entries 0-7 and 8-15) and one ``lop3`` choosing by the mask, then a byte
+    transpose from planes to values: float32 (4 planes, results ``$0..$3``): 26 instructions per 4 weights;
+    16-bit (2 planes, results ``$0`` = values 0-1, ``$1`` = values 2-3, the low half first): 14.
     """
     if len(code_vals) != 16:
         raise ValueError(f"nf4_lookup_asm: need 16 table values, got {len(code_vals)}")
-    t = [_f32_bits(v) for v in code_vals]
+    t, width = _table_bits(code_vals, dtype)
+    src = f"${width}"  # the outputs come first: one 32-bit register per 4 bytes of results
 
     def plane(i: int, first: int) -> str:
         return hex(sum(((t[first + e] >> (8 * i)) & 0xFF) << (8 * e) for e in range(4)))
 
     lines = ["{", ".reg .b32 s, m, p, q, r0, r1, r2, r3, x0, x1, y0, y1;"]
     if high:  # code j = bits 8j+4..8j+7
-        lines += ["shr.b32 s, $4, 4;", "and.b32 s, s, 0x07070707;", "prmt.b32 m, $4, 0, 0xBA98;"]
+        lines += [f"shr.b32 s, {src}, 4;", "and.b32 s, s, 0x07070707;", f"prmt.b32 m, {src}, 0, 0xBA98;"]
     else:  # code j = bits 8j..8j+3; its bit 3 moved to the byte's sign bit for the mask
-        lines += ["and.b32 s, $4, 0x07070707;", "shl.b32 m, $4, 4;", "prmt.b32 m, m, 0, 0xBA98;"]
+        lines += [f"and.b32 s, {src}, 0x07070707;", f"shl.b32 m, {src}, 4;", "prmt.b32 m, m, 0, 0xBA98;"]
     # nibble j of the selector = the low 3 bits of code j: bytes 0 and 2 of s | s >> 4 hold nibbles (0, 1), (2, 3)
     lines += ["shr.b32 p, s, 4;", "or.b32 s, s, p;", "prmt.b32 s, s, 0, 0x20;"]
-    for i in range(4):
+    for i in range(width):
         lines += [
             f"prmt.b32 p, {plane(i, 0)}, {plane(i, 4)}, s;",
             f"prmt.b32 q, {plane(i, 8)}, {plane(i, 12)}, s;",
             f"lop3.b32 r{i}, p, q, m, 0xD8;",  # (p & ~m) | (q & m)
         ]
+    if width == 2:  # value j: bytes (r0.j, r1.j); values 0-1 in $0, 2-3 in $1
+        lines += ["prmt.b32 $0, r0, r1, 0x5140;", "prmt.b32 $1, r0, r1, 0x7362;", "}"]
+        return "\n".join(lines)
     lines += [
         "prmt.b32 x0, r0, r1, 0x5140;",
         "prmt.b32 x1, r0, r1, 0x7362;",
@@ -174,15 +186,16 @@ def inline_asm(asm: str, x: Any, out_dtype: Any, *, interpret: bool) -> Any:
     """Apply a 4-way packed elementwise PTX program to a uint8 tile inside a Pallas kernel.
 
     The program reads 4 uint8 elements from one register (``$n``, after the outputs) and writes the 4 results
-    into ``n`` 32-bit registers ``$0..$n-1`` (``n`` = the result's byte size: 4 for float32, 1 for int8), result
-    ``j`` in the ``j``-th slot, least significant first. On a GPU: ``elementwise_inline_asm`` with ``pack=4``;
-    in interpret mode: :func:`emulate` on groups of 4 consecutive elements along the last axis."""
+    into ``n`` 32-bit registers ``$0..$n-1`` (``n`` = the result's byte size: 4 for float32, 2 for bfloat16 /
+    float16, 1 for int8), results packed least significant first (16-bit: results 0-1 in ``$0``, 2-3 in ``$1``, as
+    Triton's LLVM IR unpacks ``{<2 x bfloat>, <2 x bfloat>}``). On a GPU: ``elementwise_inline_asm`` with
+    ``pack=4``; in interpret mode: :func:`emulate` on groups of 4 consecutive elements along the last axis."""
     import jax
     import jax.numpy as jnp
 
     n = jnp.dtype(out_dtype).itemsize
-    if n not in (1, 4):
-        raise ValueError(f"inline_asm: results must be 8- or 32-bit, got {jnp.dtype(out_dtype).name}")
+    if n not in (1, 2, 4):
+        raise ValueError(f"inline_asm: results must be 8-, 16- or 32-bit, got {jnp.dtype(out_dtype).name}")
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
@@ -202,6 +215,9 @@ def inline_asm(asm: str, x: Any, out_dtype: Any, *, interpret: bool) -> Any:
     if n == 4:
         y = jnp.stack(outs, axis=-1).reshape(x.shape)
         return jax.lax.bitcast_convert_type(y, out_dtype)
+    if n == 2:
+        y = jnp.stack([(outs[j // 2] >> (16 * (j % 2))) & 0xFFFF for j in range(4)], axis=-1).reshape(x.shape)
+        return jax.lax.bitcast_convert_type(y.astype(jnp.uint16), out_dtype)
     y = jnp.stack([(outs[0] >> (8 * j)) & 0xFF for j in range(4)], axis=-1).reshape(x.shape)
     return jax.lax.bitcast_convert_type(y.astype(jnp.uint8), out_dtype)
 
@@ -236,11 +252,13 @@ def ternary_field(p: Any, j: int, *, interpret: bool) -> Any:
     return inline_asm(ternary_field_asm(j), p, jnp.int8, interpret=interpret)
 
 
-def nf4_lookup(p: Any, code_vals: Sequence[float], high: bool, *, interpret: bool) -> Any:
-    """Float32 ``T[code]`` for each byte of the uint8 tile ``p`` (high or low nibble) by :func:`nf4_lookup_asm`."""
+def nf4_lookup(p: Any, code_vals: Sequence[float], high: bool, *, interpret: bool, dtype: Any = None) -> Any:
+    """``T[code]`` for each byte of the uint8 tile ``p`` (high or low nibble) by :func:`nf4_lookup_asm`, in float32
+    (default) or with the table rounded to ``dtype`` (bfloat16 / float16)."""
     import jax.numpy as jnp
 
-    return inline_asm(nf4_lookup_asm(code_vals, high), p, jnp.float32, interpret=interpret)
+    dt = jnp.dtype(dtype or jnp.float32)
+    return inline_asm(nf4_lookup_asm(code_vals, high, dt.name), p, dt, interpret=interpret)
 
 
 def div_rn(a: Any, b: Any, *, interpret: bool) -> Any:

@@ -41,6 +41,13 @@ trip vs 1218 for ``select-split``). Exact: the looked-up values are the table's 
 same PTX text runs through the emulator of :mod:`pallas_kernels._ptx`; it has not yet run on a GPU, so no table
 or heuristic selects it (``benchmarks/gpu_suite.py --tune-variants`` times and checks it).
 
+``variant="prmt16"`` / ``"prmt16-split"`` (bfloat16 / float16 activations): the table rounded to the activation dtype
+and looked up two bytes per value (14 instructions per four weights), the dot run on those values, and each
+block's absmax applied once to its ``(BM, BN)`` partial product (one ``(BN, blocks)`` absmax load per K step):
+``W = round(T[code]) * absmax`` instead of the XLA path's ``round(T[code] * absmax)``, a rounding moved like
+int4's ``+postscale`` (within a weight rounding of the XLA path, and of float64). sm_90 K loop of the 16x64x128
+tile: 404 instructions per trip vs 745 for ``prmt-split``. Not yet run on a GPU: in the sweep only.
+
 The ``select`` tree tests the four code bits directly in the loaded byte (``p & (1 << (4 + i))`` for the high
 nibble, ``p & (1 << i)`` for the low one: no shift or mask to extract the nibble first) and picks among the 16
 constants with 8 + 4 + 2 + 1 = 15 selects: about 4 ALU + 4 compare + 15 select = 23 simple instructions per
@@ -89,8 +96,16 @@ DQ_BLOCK = 256  # blocks per double-quantization scale (bitsandbytes)
 #: in-register table, inline PTX from :mod:`pallas_kernels._ptx`) x activation access (strided
 #: loads; ``-split``: one contiguous tile split in registers; ``-interleave``: weights rebuilt in K order) x kernel
 #: (``-gemv``: no dot, ``block_m <= 8``)
-VARIANTS = tuple(
-    f"{lk}{acc}" for lk in ("lut", "select", "prmt") for acc in ("", "-split", "-interleave", "-gemv", "-split-gemv")
+#: ``prmt16``: the table rounded to the activation dtype, looked up by byte permutes, the absmax applied to each
+#: block's ``(BM, BN)`` partial product instead of to every weight (dot kernel only)
+VARIANTS = (
+    *(
+        f"{lk}{acc}"
+        for lk in ("lut", "select", "prmt")
+        for acc in ("", "-split", "-interleave", "-gemv", "-split-gemv")
+    ),
+    "prmt16",
+    "prmt16-split",
 )
 
 
@@ -154,6 +169,8 @@ def supported(layout: NF4Layout, cfg: BlockConfig, x_dtype) -> str | None:
         return f"K={layout.k} not a multiple of the block size {layout.block} (blocks would span two columns)"
     if (cfg.variant or "lut") not in VARIANTS:
         return f"variant {cfg.variant!r} (NF4 kernels: {', '.join(VARIANTS)})"
+    if cfg.variant.startswith("prmt16") and jnp.dtype(x_dtype) == jnp.dtype(jnp.float32):
+        return "variant 'prmt16*' looks the table up in the activation dtype: bfloat16 or float16 only"
     if cfg.variant.endswith("gemv"):
         if cfg.block_m > 8 or cfg.block_n < 16:
             return "gemv needs block_m <= 8 and block_n >= 16"
@@ -176,11 +193,14 @@ def _select_lut(c, code_vals: tuple[float, ...], shift: int = 0):
     return jnp.where(b3, lvl[1], lvl[0])
 
 
-def _lookup(p8, high: bool, kind: str, code_vals, code_ref, interpret: bool):
-    """Float32 ``T[code]`` of the high or low nibble of each byte of the uint8 tile ``p8``, by ``kind``: ``"lut"``
-    (gather from ``code_ref``), ``"select"`` (:func:`_select_lut`) or ``"prmt"`` (byte permutes, inline PTX)."""
+def _lookup(p8, high: bool, kind: str, code_vals, code_ref, interpret: bool, dtype=jnp.float32):
+    """``T[code]`` of the high or low nibble of each byte of the uint8 tile ``p8``, by ``kind``: ``"lut"`` (gather
+    from ``code_ref``), ``"select"`` (:func:`_select_lut`) or ``"prmt"`` (byte permutes, inline PTX): float32;
+    ``"prmt16"``: the table rounded to ``dtype`` (bfloat16 / float16), looked up by byte permutes."""
     if kind == "prmt":  # four codes per instruction from a table held in immediates (exact float32 values)
         return nf4_lookup(p8, code_vals, high, interpret=interpret)
+    if kind == "prmt16":
+        return nf4_lookup(p8, code_vals, high, interpret=interpret, dtype=dtype)
     p = p8.astype(jnp.int32)
     if kind == "select":
         return _select_lut(p, code_vals, 4 if high else 0)
@@ -217,6 +237,7 @@ def _kernel(
     interleave = variant.endswith("interleave")
     gemv = variant.endswith("gemv")
     split = "-split" in variant
+    postscale = variant.startswith("prmt16")  # absmax applied to each block's partial sums (not per weight)
     cdtype = x_ref.dtype
 
     lookup_kind = variant.split("-")[0]
@@ -226,17 +247,37 @@ def _kernel(
 
     def body(t, acc):
         kb = sk * steps + t
+        a_step = None
+        if postscale and not layout.double_quant and bk // blk > 1:  # one (BN, blocks) load per step
+            nb = bk // blk
+            a_step = split_cols(load(s_ref.at[pl.ds(n0, bn), pl.ds(kb * nb, nb)], nmask), nb)
         for sb in range(bk // blk):
             blk_idx = kb * (bk // blk) + sb  # block column
             k0 = blk_idx * blk
             p = load(w_ref.at[pl.ds(n0, bn), pl.ds(blk_idx * half, half)], nmask)  # uint8
-            a = _block_absmax(s_ref, dq_refs, layout, n0, bn, blk_idx, nmask)
+            dims = (((1,), (1,)), ((), ()))
+            if postscale and a_step is not None:  # this block's column of the step's (BN, blocks) absmax tile
+                a_row = a_step[sb].reshape(1, bn)
+            else:
+                a = _block_absmax(s_ref, dq_refs, layout, n0, bn, blk_idx, nmask)
+                a_row = a.reshape(1, bn)
+            if postscale:  # table values in the activation dtype; the block's absmax scales the (BM, BN) partial
+                hi16 = _lookup(p, True, "prmt16", code_vals, code_ref, interpret, cdtype)
+                lo16 = _lookup(p, False, "prmt16", code_vals, code_ref, interpret, cdtype)
+                if split:
+                    xe, xo = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask), 2)
+                else:
+                    xe = x_ref[pl.ds(m0, bm), row_slice(k0, half, 2)]
+                    xo = x_ref[pl.ds(m0, bm), row_slice(k0 + 1, half, 2)]
+                part = jax.lax.dot_general(xe, hi16, dims, preferred_element_type=jnp.float32)
+                part = part + jax.lax.dot_general(xo, lo16, dims, preferred_element_type=jnp.float32)
+                acc = acc + part * a_row
+                continue
             hi = lookup(p, True) * a  # rows k0 + 2j
             lo = lookup(p, False) * a  # rows k0 + 2j + 1
             if w_round is not None:
                 hi, lo = hi.astype(w_round), lo.astype(w_round)
             hi, lo = hi.astype(cdtype), lo.astype(cdtype)
-            dims = (((1,), (1,)), ((), ()))
             if gemv:  # acc: one (BN, B/2) float32 accumulator per activation row
                 hf, lf = hi.astype(jnp.float32), lo.astype(jnp.float32)
                 accs = []
@@ -319,7 +360,7 @@ def nf4_matmul(
     if data.size != n * k // 2:
         raise ValueError(f"nf4_matmul: data must hold {n * k // 2} bytes, got {data.size}")
     variant = config.variant or "lut"
-    if variant.startswith(("select", "prmt")) and code_vals is None:
+    if variant.startswith(("select", "prmt")) and code_vals is None:  # prmt16 too
         raise ValueError(f"nf4_matmul: variant {variant!r} needs code_vals")
     if variant.startswith("prmt") and jnp.dtype(data.dtype).itemsize != 1:
         raise ValueError(f"nf4_matmul: variant {variant!r} needs byte codes (uint8), got {data.dtype}")

@@ -164,6 +164,53 @@ def test_prmt_k_loop_needs_fewer_instructions_sm90():
         assert b.instructions <= 0.75 * a.instructions, (sel, a.instructions, b.instructions)
 
 
+@pytest.mark.parametrize(
+    "m,k,n,dq,variant,split,bk,dt",
+    [
+        (1, 256, 96, False, "prmt16-split", 2, 128, jnp.bfloat16),  # one (BN, 2) absmax load per K step
+        (5, 192, 80, True, "prmt16-split", 1, 64, jnp.float16),  # double quant, ragged M and N
+        (17, 512, 64, False, "prmt16", 1, 256, jnp.bfloat16),  # strided activation loads
+    ],
+)
+def test_prmt16_postscale_matches_its_float64_model(m, k, n, dq, variant, split, bk, dt):
+    """``prmt16*``: table values rounded to the activation dtype, the block absmax applied to each block's partial
+    product. Within an output rounding of the float64 value of exactly that product, and within the weight
+    rounding (which it moves, like int4 ``+postscale``) of the XLA path."""
+    rng = np.random.default_rng(m + k + dq)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.NF4Scheme(64, double_quant=dq))
+    extra = (q.aux["absmax_scale"], q.aux["absmax_offset"], DYNAMIC_CODE) if dq else ()
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    layout = NF4Layout(k=k, n=n, block=64, double_quant=dq)
+    cfg = BlockConfig(16, 32, bk, split, variant=variant)
+    y = nf4_matmul(x, q.data, q.scale, NF4_CODE, *extra, layout=layout, config=cfg, code_vals=CODE_VALS, interpret=True)
+    d = np.asarray(q.data).astype(np.int64)
+    codes = np.empty(d.size * 2, np.int64)
+    codes[0::2], codes[1::2] = d >> 4, d & 15
+    table = np.asarray(NF4_CODE, np.float32).astype(jnp.dtype(dt)).astype(np.float64)
+    absmax = np.asarray(q.scheme.absmax(q), np.float64)
+    w_model = (table[codes].reshape(-1, 64) * absmax[:, None]).reshape(n, k).T
+    bound = {jnp.bfloat16: 4e-3, jnp.float16: 5e-4}[dt]
+    assert rel_err(y, np.asarray(x, np.float64) @ w_model) <= bound
+    assert rel_err(y, nf4_matmul_reference(x, q.data, q.scale, layout, NF4_CODE, *extra)) <= 2.5 * bound
+    assert "float16 only" in supported(layout, cfg, jnp.float32)
+
+
+@requires_triton
+def test_prmt16_k_loop_sm90():
+    """sm_90 K loop of the 16x64x128 tile: 16-bit table lookups and no per-weight scale or rounding: well under
+    the float32 ``prmt-split`` loop, with the absmax row as one load per step."""
+    from pallas_kernels import _triton_tools as tt
+
+    def loop(variant):
+        call = _lower(False, variant, 16, k=8192, n=1024)[0]
+        return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+    f32, b16 = loop("prmt-split"), loop("prmt16-split")
+    assert b16.instructions <= 0.6 * f32.instructions, (f32.instructions, b16.instructions)
+    assert b16.count("FMUL") < f32.count("FMUL") and b16.count("F2FP") == 0 and b16.exposed_loads <= 1
+    assert_compiles(_lower(True, "prmt16-split", 16), archs=(90, 80))
+
+
 def test_prmt_needs_byte_codes():
     layout = NF4Layout(k=128, n=64)
     with pytest.raises(ValueError, match="byte codes"):

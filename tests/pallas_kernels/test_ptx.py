@@ -129,3 +129,24 @@ def test_div_rn_and_rint_interpret_paths_and_programs():
     np.testing.assert_array_equal(np.asarray(rint(ties, interpret=True)), [0, 2, 2, -0, -2, 126, 3, -4])
     with pytest.raises(ValueError, match="one shape"):
         div_rn(jnp.ones((2, 3)), jnp.ones((2, 1)), interpret=True)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("high", [True, False])
+def test_nf4_lookup_16bit_program_is_the_rounded_table(dtype, high):
+    """The two-plane program returns, for every byte value, the NF4 value of its high or low nibble rounded to
+    ``dtype`` (results 0-1 in the first register, 2-3 in the second, as Triton unpacks ``<2 x bfloat>`` pairs)."""
+    from jaxquant.core.formats import NF4_CODE
+    from pallas_kernels._ptx import nf4_lookup, nf4_lookup_asm
+
+    cv = tuple(float(v) for v in NF4_CODE)
+    body = [ln for ln in nf4_lookup_asm(cv, high, dtype).splitlines() if ln.strip() not in ("{", "}")]
+    assert len(body) - 1 == 14  # instructions per four weights (one line declares registers)
+    p = jnp.asarray(np.arange(256).reshape(4, 64), jnp.uint8)
+    got = np.asarray(nf4_lookup(p, cv, high, interpret=True, dtype=jnp.dtype(dtype)))
+    codes = (np.arange(256) >> 4) if high else (np.arange(256) & 15)
+    want = np.asarray(NF4_CODE, np.float32).astype(jnp.dtype(dtype))[codes].reshape(4, 64)
+    assert got.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    with pytest.raises(ValueError, match="dtype"):
+        nf4_lookup_asm(cv, high, "float64")
