@@ -152,7 +152,8 @@ def prepass(
     and to :func:`outlier_indices` on ``idx[:count]`` (entries from ``count`` on are unspecified; the matmul kernel
     reads only the first ``count``). One program: a first pass over K finds the outlier dims of each chunk (column
     maxima over the ``M`` rows), compacts them by a running prefix sum and takes the row maxima of ``x_r``; a second
-    pass quantizes. Raises ``ValueError`` for ``M > PREPASS_MAX_M`` or a non-2-D ``x``.
+    pass quantizes. Raises ``ValueError`` for ``M > PREPASS_MAX_M``, a non-2-D ``x`` or a threshold that is not
+    positive.
     """
     if x.ndim != 2:
         raise ValueError(f"prepass: x must be (M, K), got {x.shape}")
@@ -161,6 +162,8 @@ def prepass(
         raise ValueError(f"prepass: M={m} outside 1..{PREPASS_MAX_M} (one program reads every row)")
     if block_k < 16 or block_k & (block_k - 1):
         raise ValueError(f"prepass: block_k must be a power of two >= 16, got {block_k}")
+    if threshold is not None and not threshold > 0:  # padding (zeros) must never count as an outlier
+        raise ValueError(f"prepass: threshold must be positive or None, got {threshold!r}")
     mp = 1 << (m - 1).bit_length()
     kernel = functools.partial(
         _prepass_kernel, m=m, k=k, mp=mp, bk=block_k, threshold=threshold, per_row=per_row, interpret=interpret

@@ -215,6 +215,8 @@ def test_prepass_rejects_large_m_and_bad_blocks():
         prepass(jnp.ones((2, 64)), 6.0, block_k=48)
     with pytest.raises(ValueError, match="M, K"):
         prepass(jnp.ones((64,)), 6.0)
+    with pytest.raises(ValueError, match="threshold"):
+        prepass(jnp.ones((2, 64)), 0.0)
 
 
 @requires_triton
