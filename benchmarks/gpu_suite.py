@@ -350,13 +350,13 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     # wgmma; LLM.int8 at M=4096 (goal >= 1.0x bf16 at M >= 1024), the int8 dot from a K-major weight copy
     ("fp8_w8a8", (128, 256, 64, 1, 8, 3, "prequant", (8192,))),
     ("fp8_w8a8", (128, 128, 64, 1, 8, 4, "prequant", (8192,))),
-    ("int8_outlier", (128, 256, 64, 1, 8, 3, "kmajor", (4096,))),
-    ("int8_outlier", (128, 128, 64, 1, 8, 4, "kmajor", (4096,))),
+    ("int8_outlier", (128, 128, 64, 1, 8, 4, "kmajor", (4096,))),  # 128x256 spills (two accumulators)
+    ("int8_outlier", (128, 128, 128, 1, 8, 3, "kmajor", (4096,))),
     # int4 at M=4096 (goal >= 0.9x bf16): 256-row tiles dequantize each weight tile for twice the rows (sm_90 K
     # loop: 260 instructions per trip for 8 HGMMA vs 251 for 4 with the table's 128x128x64)
     ("int4_g128", (256, 128, 64, 1, 8, 3, "interleave", (4096,))),
     ("int4_g128", (256, 64, 64, 1, 8, 3, "interleave", (4096,))),
-    ("fp8_w8a8", (128, 256, 64, 1, 8, 3, "prequant+promote", (8192,))),
+    ("fp8_w8a8", (128, 128, 64, 1, 8, 4, "prequant+promote", (8192,))),  # 128x256 spills (two accumulators)
     # the rest of the small-M variants
     ("ternary_w158a8", (16, 32, 128, 1, 4, 3, "split+ptx")),
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "")),

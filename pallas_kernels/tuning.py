@@ -159,9 +159,10 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         else:
             variant = "select-split" if m <= 256 else "select-interleave"  # interleave: 128x128 tiles, 8 warps
     elif kernel == "int8_outlier" and m > 256:
-        # the int8 dot from a K-major (N, K) weight copy: sm_90 K loop of 76 instructions per trip with 4 IGMMA, no
-        # byte transposes through shared memory (187 with 64 STS from the (K, N) weight; compiled on the CPU)
-        bn, stages, variant = 256, 3, "kmajor"
+        # the int8 dot from a K-major (N, K) weight copy: sm_90 K loop of 61 instructions per trip with 2 IGMMA, no
+        # byte transposes through shared memory (116 with 32 STS from the (K, N) weight; compiled on the CPU). Not
+        # 128x256: with the outlier loop's float32 accumulator beside the int32 one it spills (255 registers)
+        stages, variant = 4, "kmajor"
     elif kernel == "fp8_w8a8" and m > 256:
         # compute bound: fp8 activations from the XLA pre-pass, K-major weight, fp8 wgmma on sm_90 (K loop of 64
         # instructions per trip, no exposed load, 64 KiB shared memory: compiled on the CPU); not yet timed

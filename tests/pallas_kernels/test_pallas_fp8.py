@@ -42,7 +42,7 @@ def test_w8a8_interpret_matches_float64(m, k, n, fmt, variant):
     rng = np.random.default_rng(n + m)
     q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.FP8Scheme(fmt, "channel"))
     xn = rng.standard_normal((m, k)).astype(np.float32)
-    cfg = BlockConfig(16, 32, 64, variant=variant)
+    cfg = BlockConfig(16, 32, 64, 2 if variant.startswith("prequant") else 1, variant=variant)  # prequant: split-K
     y = fp8_matmul(jnp.asarray(xn), q.data, q.scale, mode="w8a8", config=cfg, interpret=True)
     # float64 model: per-row scale, saturating round-to-nearest fp8 of x / s_x, exact products
     sx = np.abs(xn).max(axis=1, keepdims=True).astype(np.float32) / np.float32(fmax(q.data.dtype))
