@@ -357,6 +357,9 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("int4_g128", (256, 128, 64, 1, 8, 3, "interleave", (4096,))),
     ("int4_g128", (256, 64, 64, 1, 8, 3, "interleave", (4096,))),
     ("fp8_w8a8", (128, 128, 64, 1, 8, 4, "prequant+promote", (8192,))),  # 128x256 spills (two accumulators)
+    # W1.58A8 at M=4096 (routed to XLA on Hopper, 0.65x bf16 there): no exposed loads with split, fewer with +ptx
+    ("ternary_w158a8", (128, 128, 128, 1, 8, 3, "split+ptx", (4096,))),
+    ("ternary_w158a8", (128, 128, 128, 1, 8, 3, "split", (4096,))),
     # the rest of the small-M variants
     ("ternary_w158a8", (16, 32, 128, 1, 4, 3, "split+ptx")),
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "")),

@@ -169,10 +169,11 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         bk, stages, variant = 64, 4, "prequant"
     elif kernel in ("ternary", "ternary_a8", "fp8_w8a8", "fp8_w8a16"):
         bk = 128
-        if kernel in ("ternary", "ternary_a8") and m <= 16:
+        if kernel == "ternary_a8" or (kernel == "ternary" and m <= 16):
             # one contiguous activation tile through the software pipeline; the default's four strided activation
             # loads per step are waited for in every trip behind 8 barriers (sm_90 K loop: 0 vs 16 exposed global
-            # loads per trip; W1.58A16 324 vs 396 instructions; benchmarks/kernel_sass.py); not yet timed
+            # loads per trip; W1.58A16 324 vs 396 instructions; benchmarks/kernel_sass.py); W1.58A8 at M=4096 with
+            # 128x128x128 tiles: 381 vs 478 instructions, 0 vs 64 exposed loads, 64 vs 128 STS per trip; not yet timed
             variant = "split"
     tiles = cdiv(m, bm) * cdiv(n, bn)
     split = 1

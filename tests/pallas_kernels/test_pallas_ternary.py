@@ -250,14 +250,18 @@ def test_ptx_k_loop_halves_the_instructions_sm90():
 
 
 def test_heuristic_takes_split_at_small_m():
-    """Unmeasured devices: ``split`` (no exposed activation loads) for both modes up to M=16, valid configs."""
+    """Unmeasured devices: ``split`` (no exposed activation loads) for both modes up to M=16, and for W1.58A8 at
+    every M (at M=4096 too its K loop has no exposed load and half the byte stores); valid configs."""
     from pallas_kernels import tuning
 
     for name, mode in (("ternary", "w16"), ("ternary_a8", "a8")):
         for m in (1, 5, 16):
             cfg = tuning.heuristic(name, m, 8192, 8192, sms=132)
             assert cfg.variant == "split" and supported(8192, 8192, "k", cfg, jnp.bfloat16, mode) is None
-        assert tuning.heuristic(name, 64, 8192, 8192, sms=132).variant == ""
+    assert tuning.heuristic("ternary", 64, 8192, 8192, sms=132).variant == ""
+    for m in (64, 4096):
+        cfg = tuning.heuristic("ternary_a8", m, 8192, 8192, sms=132)
+        assert cfg.variant == "split" and supported(8192, 8192, "k", cfg, jnp.bfloat16, "a8") is None
 
 
 def test_unknown_variant_is_rejected():
