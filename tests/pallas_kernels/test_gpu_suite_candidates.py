@@ -1,0 +1,41 @@
+"""The prepared GPU sweep only holds calls the kernels accept (checked by tracing, no GPU and no compilation)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxquant as jq
+from jaxquant.ops import kernel_mode
+from pallas_kernels import tuning
+
+
+def test_every_sweep_case_traces_as_its_kernel(monkeypatch):
+    """Each ``TUNE_KERNEL_CONFIGS`` case, at the sweep's shapes (K = N = 8192), with the device table replaced by
+    that one config as the suite does, traces in kernel mode "on" (which raises instead of falling back to XLA)
+    and contains a Pallas call: a variant name the kernel does not know, or a tile it rejects, fails here rather
+    than on the lent GPU."""
+    gpu_suite = pytest.importorskip("benchmarks.gpu_suite")
+    from benchmarks.kernel_sass import TUNING_NAME
+    from benchmarks.kernels import SPECS, _direct_fn
+
+    monkeypatch.setattr(tuning, "device_key", lambda kind=None: "sweep-probe")
+    k = n = 8192
+    cases = 0
+    for name, cfg, ms in gpu_suite.tune_kernel_candidates():
+        spec, tname = SPECS[name], TUNING_NAME[name]
+        q = jax.eval_shape(
+            lambda w, spec=spec: jq.quantize(w, spec.scheme()), jax.ShapeDtypeStruct((k, n), jnp.float32)
+        )
+        op = jq.qdot if spec.direct is None else _direct_fn(spec, False)
+        for m in ms or (1, 16):
+            if cfg.variant.endswith("gemv") and m > cfg.block_m:
+                continue  # the suite skips these too
+            monkeypatch.setitem(tuning.TABLE, "sweep-probe", {tname: [(1 << 62, cfg)]})
+            x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+            with kernel_mode("on"):
+                jaxpr = str(jax.make_jaxpr(op)(x, q))
+            assert "pallas_call" in jaxpr, (name, m, cfg)
+            cases += 1
+    assert cases >= 60
