@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 import jaxquant as jq
 from jaxquant.ops import kernel_mode
@@ -16,7 +15,7 @@ def test_every_sweep_case_traces_as_its_kernel(monkeypatch):
     that one config as the suite does, traces in kernel mode "on" (which raises instead of falling back to XLA)
     and contains a Pallas call: a variant name the kernel does not know, or a tile it rejects, fails here rather
     than on the lent GPU."""
-    gpu_suite = pytest.importorskip("benchmarks.gpu_suite")
+    from benchmarks import gpu_suite
     from benchmarks.kernel_sass import TUNING_NAME
     from benchmarks.kernels import SPECS, _direct_fn
 
