@@ -194,12 +194,10 @@ def _int_adapter(x, w: QArray, m: int, interpret: bool):
 
     s = w.scheme
     k, n = w.shape
-    if s.bits not in (2, 4, 8):
+    if s.bits not in _INT_KERNEL:
         return None, f"no {s.bits}-bit integer kernel"
-    mode = "sym" if s.symmetric else s.range
-    gs = s.group_size if s.granularity == "group" else None
-    layout = km.IntLayout(bits=s.bits, mode=mode, k=k, n=n, group_size=gs)
-    name = {4: "int4", 8: "int8w", 2: "int2w"}[s.bits]
+    layout = _int_layout(w)
+    name = _INT_KERNEL[s.bits]
     why = _check_limit(name, m, interpret)
     if why:
         return None, why
@@ -207,9 +205,8 @@ def _int_adapter(x, w: QArray, m: int, interpret: bool):
     why = km.supported(layout, cfg, x.dtype)
     if why:
         return None, why
-    zero = w.zero if mode != "sym" else None
-
-    w_dtype = _w_round(w, x)
+    zero = w.zero if layout.mode != "sym" else None
+    w_dtype = _w_round(w, x.dtype)
 
     def run(x2):
         return km.int_matmul(x2, w.data, w.scale, zero, layout=layout, config=cfg, w_dtype=w_dtype, interpret=interpret)
@@ -217,10 +214,34 @@ def _int_adapter(x, w: QArray, m: int, interpret: bool):
     return run, f"{name} {cfg}"
 
 
-def _w_round(w: QArray, x) -> str | None:
-    """The intermediate dtype the XLA path rounds a dequantized weight to (``None`` when it is a no-op)."""
+def _w_round(w: QArray, dtype) -> str | None:
+    """The intermediate dtype the XLA path rounds a dequantized weight to before ``dtype`` (``None``: a no-op)."""
     d = jnp.dtype(w.dtype)
-    return None if d in (jnp.dtype(jnp.float32), jnp.dtype(x.dtype)) else d.name
+    return None if d in (jnp.dtype(jnp.float32), jnp.dtype(dtype)) else d.name
+
+
+def _int_layout(w: QArray):
+    """The integer kernels' static description of ``w``'s storage."""
+    from pallas_kernels import int4_matmul as km
+
+    s = w.scheme
+    k, n = w.shape
+    mode = "sym" if s.symmetric else s.range
+    return km.IntLayout(bits=s.bits, mode=mode, k=k, n=n, group_size=s.group_size if s.granularity == "group" else None)
+
+
+def _nf4_operands(w: QArray):
+    """``(layout, table operands, code values)`` of an NF4 QArray for the NF4 kernels: the operands after data and
+    scale (the NF4 table, then with double quantization the absmax scales, offset and dynamic table)."""
+    from jaxquant.core.formats import NF4_CODE
+    from jaxquant.schemes.nf4 import DYNAMIC_CODE
+    from pallas_kernels import nf4_matmul as km
+
+    s = w.scheme
+    k, n = w.shape
+    layout = km.NF4Layout(k=k, n=n, block=s.block_size, double_quant=s.double_quant)
+    dq = (w.aux["absmax_scale"], w.aux["absmax_offset"], DYNAMIC_CODE) if s.double_quant else ()
+    return layout, (NF4_CODE, *dq), tuple(float(v) for v in NF4_CODE)
 
 
 def _check_limit(name: str, m: int, interpret: bool, device: str | None = None) -> str | None:
@@ -237,14 +258,11 @@ def _check_limit(name: str, m: int, interpret: bool, device: str | None = None) 
 
 
 def _nf4_adapter(x, w: QArray, m: int, interpret: bool):
-    from jaxquant.core.formats import NF4_CODE
-    from jaxquant.schemes.nf4 import DYNAMIC_CODE
     from pallas_kernels import nf4_matmul as km
     from pallas_kernels import tuning
 
-    s = w.scheme
     k, n = w.shape
-    layout = km.NF4Layout(k=k, n=n, block=s.block_size, double_quant=s.double_quant)
+    layout, tables, code_vals = _nf4_operands(w)
     why = _check_limit("nf4", m, interpret)
     if why:
         return None, why
@@ -252,17 +270,14 @@ def _nf4_adapter(x, w: QArray, m: int, interpret: bool):
     why = km.supported(layout, cfg, x.dtype)
     if why:
         return None, why
-    extra = (w.aux["absmax_scale"], w.aux["absmax_offset"], DYNAMIC_CODE) if s.double_quant else ()
-    code_vals = tuple(float(v) for v in NF4_CODE)
-    w_dtype = _w_round(w, x)
+    w_dtype = _w_round(w, x.dtype)
 
     def run(x2):
         return km.nf4_matmul(
             x2,
             w.data,
             w.scale,
-            NF4_CODE,
-            *extra,
+            *tables,
             layout=layout,
             config=cfg,
             code_vals=code_vals,
@@ -330,7 +345,7 @@ def _fp8_adapter(x, w: QArray, m: int, interpret: bool):
     why = km.supported(w.data.dtype, cfg, x.dtype)
     if why:
         return None, why
-    w_dtype = _w_round(w, x)
+    w_dtype = _w_round(w, x.dtype)
 
     def run(x2):
         return km.fp8_matmul(x2, w.data, w.scale, mode="w8a16", config=cfg, w_dtype=w_dtype, interpret=interpret)
@@ -355,7 +370,7 @@ def _ternary_adapter(x, w: QArray, m: int, interpret: bool, mode: str = "w16"):
     why = km.supported(k, n, packing, cfg, x.dtype, mode)
     if why:
         return None, why
-    w_dtype = _w_round(w, x) if mode == "w16" else None
+    w_dtype = _w_round(w, x.dtype) if mode == "w16" else None
 
     def run(x2):
         return km.ternary_matmul(
@@ -426,42 +441,33 @@ def _dequant_kernel_weight(w: QArray, dtype, interpret: bool) -> tuple[jax.Array
     """``dequantize(w).astype(dtype)`` by a Pallas dequantization kernel (bit-identical), or ``None`` and why not."""
     s = w.scheme
     kind = getattr(s, "kind", None)
-    d = jnp.dtype(w.dtype)
-    w_dtype = None if d in (jnp.dtype(jnp.float32), jnp.dtype(dtype)) else d.name
-    k, n = w.shape
+    w_dtype = _w_round(w, dtype)
     if kind == "nf4":
-        from jaxquant.core.formats import NF4_CODE
-        from jaxquant.schemes.nf4 import DYNAMIC_CODE
         from pallas_kernels import nf4_matmul as nk
 
-        layout = nk.NF4Layout(k=k, n=n, block=s.block_size, double_quant=s.double_quant)
+        layout, tables, code_vals = _nf4_operands(w)
         why = nk.dequantize_supported(layout)
         if why:
             return None, why
-        extra = (w.aux["absmax_scale"], w.aux["absmax_offset"], DYNAMIC_CODE) if s.double_quant else ()
         return nk.nf4_dequantize(
             w.data,
             w.scale,
-            NF4_CODE,
-            *extra,
+            *tables,
             layout=layout,
             out_dtype=dtype,
-            code_vals=tuple(float(v) for v in NF4_CODE),
+            code_vals=code_vals,
             w_dtype=w_dtype,
             interpret=interpret,
         ), ""
-    if kind != "int" or s.bits not in (2, 4, 8):
+    if kind != "int" or s.bits not in _INT_KERNEL:
         return None, f"no dequantization kernel for {type(s).__name__}"
     from pallas_kernels import int4_matmul as km
 
-    mode = "sym" if s.symmetric else s.range
-    layout = km.IntLayout(
-        bits=s.bits, mode=mode, k=k, n=n, group_size=s.group_size if s.granularity == "group" else None
-    )
+    layout = _int_layout(w)
     why = km.dequantize_supported(layout)
     if why:
         return None, why
-    zero = w.zero if mode != "sym" else None
+    zero = w.zero if layout.mode != "sym" else None
     return km.int_dequantize(
         w.data, w.scale, zero, layout=layout, out_dtype=dtype, w_dtype=w_dtype, interpret=interpret
     ), ""

@@ -38,6 +38,7 @@ __all__ = [
     "inline_asm",
     "nf4_lookup",
     "nf4_lookup_asm",
+    "quantize_int8",
     "rint",
     "ternary_field",
     "ternary_field_asm",
@@ -283,6 +284,16 @@ def rint(a: Any, *, interpret: bool) -> Any:
 
     a = jnp.asarray(a, jnp.float32)
     return jnp.round(a) if interpret else _f32_asm(RINT_ASM, a)
+
+
+def quantize_int8(x: Any, scale: Any, *, interpret: bool) -> Any:
+    """``clip(round(x / scale), -127, 127)`` as int8 for a float32 tile and a broadcastable scale (``(BM, 1)`` row
+    scales), bit-identical to XLA's correctly rounded division and ties-to-even ``jnp.round`` (:func:`div_rn`,
+    :func:`rint`): the absmax int8 quantization of LLM.int8 and W1.58A8 inside a kernel."""
+    import jax.numpy as jnp
+
+    v = div_rn(x, jnp.broadcast_to(scale, x.shape), interpret=interpret)
+    return jnp.clip(rint(v, interpret=interpret), -127.0, 127.0).astype(jnp.int8)
 
 
 def _f32_asm(asm: str, *args: Any) -> Any:

@@ -285,13 +285,14 @@ def fp8_matmul(
     sw2 = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,)).reshape(1, n)
     operands = [x, w, sw2]
     if mode == "w8a8":
-        operands.append(row_scales(x, w.dtype).reshape(m, 1))
+        sx = row_scales(x, w.dtype)
+        operands.append(sx.reshape(m, 1))
     w_round = weight_rounding(w_dtype)
     if config.variant == "gemv":
         return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, interpret=interpret)
     prequant = config.variant.startswith("prequant")
     if prequant:  # XLA pre-pass: the fp8 activations once (the reference's values), the weight K-major
-        operands[0] = quantize_rows(x, operands[3].reshape(m), w.dtype)
+        operands[0] = quantize_rows(x, sx, w.dtype)
         operands[1] = w.T
     bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
     nsteps = cdiv(k, bk)

@@ -45,7 +45,7 @@ from pallas_kernels._common import (
     split_k_call,
     store,
 )
-from pallas_kernels._ptx import div_rn, rint
+from pallas_kernels._ptx import div_rn, quantize_int8
 
 __all__ = [
     "PREPASS_MAX_M",
@@ -96,11 +96,14 @@ def _prepass_kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, *, m, k, mp, bk, th
     nk = cdiv(k, bk)
     rmask = (jnp.arange(mp) < m)[:, None] if m != mp else None
 
+    def chunk(c):  # chunk c's (MP, BK) view and the mask of its real rows and columns
+        kmask = (c * bk + jnp.arange(bk) < k)[None, :] if k % bk else None
+        return (pl.ds(0, mp), pl.ds(c * bk, bk)), and_masks(rmask, kmask)
+
     def regular(c):
         """The chunk's regular part ``x_r`` (float32, outlier columns zeroed as the XLA path does) and mask."""
-        k0 = c * bk
-        kmask = (k0 + jnp.arange(bk) < k)[None, :] if k % bk else None
-        xt = load(x_ref.at[pl.ds(0, mp), pl.ds(k0, bk)], and_masks(rmask, kmask)).astype(jnp.float32)
+        idx, mask = chunk(c)
+        xt = load(x_ref.at[idx], mask).astype(jnp.float32)
         if threshold is None:
             return xt, None
         is_out = jnp.max(jnp.abs(xt), axis=0, keepdims=True) > threshold  # (1, BK); padding (0) never is
@@ -128,12 +131,8 @@ def _prepass_kernel(x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, *, m, k, mp, bk, th
 
     def quantize(c, carry):
         x_r, _ = regular(c)
-        q = jnp.clip(
-            rint(div_rn(x_r, jnp.broadcast_to(sx, x_r.shape), interpret=interpret), interpret=interpret), -127.0, 127.0
-        )
-        k0 = c * bk
-        kmask = (k0 + jnp.arange(bk) < k)[None, :] if k % bk else None
-        store(xq_ref.at[pl.ds(0, mp), pl.ds(k0, bk)], q.astype(jnp.int8), and_masks(rmask, kmask))
+        idx, mask = chunk(c)
+        store(xq_ref.at[idx], quantize_int8(x_r, sx, interpret=interpret), mask)
         return carry
 
     jax.lax.fori_loop(0, nk, quantize, 0)

@@ -224,6 +224,19 @@ def _block_absmax(s_ref, dq_refs, layout: NF4Layout, n0, bn: int, blk_idx, nmask
     return prod + off_ref[0]
 
 
+def _double_quant_operands(layout: NF4Layout, dq_scale, dq_offset, dyn_code, fn: str) -> list:
+    """The kernels' extra operands for double quantization (the table ``D``, ``a2``, ``offset``; none without)."""
+    if not layout.double_quant:
+        return []
+    if dq_scale is None or dq_offset is None or dyn_code is None:
+        raise ValueError(f"{fn}: double_quant needs dq_scale, dq_offset and dyn_code")
+    return [
+        jnp.asarray(dyn_code, jnp.float32),
+        dq_scale.astype(jnp.float32),
+        jnp.asarray(dq_offset, jnp.float32).reshape(1),
+    ]
+
+
 def _kernel(
     *refs, layout: NF4Layout, m: int, bm: int, bn: int, bk: int, steps: int, variant: str, code_vals, w_round, interpret
 ):
@@ -242,8 +255,13 @@ def _kernel(
 
     lookup_kind = variant.split("-")[0]
 
-    def lookup(p8, high: bool):
-        return _lookup(p8, high, lookup_kind, code_vals, code_ref, interpret)
+    def lookup(p8, high: bool):  # float32, or (prmt16) the activation dtype
+        return _lookup(p8, high, lookup_kind, code_vals, code_ref, interpret, cdtype)
+
+    def x_halves(k0):  # the block's even / odd activation columns, (BM, B/2) each
+        if split:  # one contiguous (BM, B) tile, split into even / odd columns in registers
+            return split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask), 2)
+        return x_ref[pl.ds(m0, bm), row_slice(k0, half, 2)], x_ref[pl.ds(m0, bm), row_slice(k0 + 1, half, 2)]
 
     def body(t, acc):
         kb = sk * steps + t
@@ -256,23 +274,17 @@ def _kernel(
             k0 = blk_idx * blk
             p = load(w_ref.at[pl.ds(n0, bn), pl.ds(blk_idx * half, half)], nmask)  # uint8
             dims = (((1,), (1,)), ((), ()))
-            if postscale and a_step is not None:  # this block's column of the step's (BN, blocks) absmax tile
-                a_row = a_step[sb].reshape(1, bn)
-            else:
-                a = _block_absmax(s_ref, dq_refs, layout, n0, bn, blk_idx, nmask)
-                a_row = a.reshape(1, bn)
             if postscale:  # table values in the activation dtype; the block's absmax scales the (BM, BN) partial
-                hi16 = _lookup(p, True, "prmt16", code_vals, code_ref, interpret, cdtype)
-                lo16 = _lookup(p, False, "prmt16", code_vals, code_ref, interpret, cdtype)
-                if split:
-                    xe, xo = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask), 2)
+                if a_step is not None:  # this block's column of the step's (BN, blocks) absmax tile
+                    a_row = a_step[sb].reshape(1, bn)
                 else:
-                    xe = x_ref[pl.ds(m0, bm), row_slice(k0, half, 2)]
-                    xo = x_ref[pl.ds(m0, bm), row_slice(k0 + 1, half, 2)]
-                part = jax.lax.dot_general(xe, hi16, dims, preferred_element_type=jnp.float32)
-                part = part + jax.lax.dot_general(xo, lo16, dims, preferred_element_type=jnp.float32)
+                    a_row = _block_absmax(s_ref, dq_refs, layout, n0, bn, blk_idx, nmask).reshape(1, bn)
+                xe, xo = x_halves(k0)
+                part = jax.lax.dot_general(xe, lookup(p, True), dims, preferred_element_type=jnp.float32)
+                part = part + jax.lax.dot_general(xo, lookup(p, False), dims, preferred_element_type=jnp.float32)
                 acc = acc + part * a_row
                 continue
+            a = _block_absmax(s_ref, dq_refs, layout, n0, bn, blk_idx, nmask)
             hi = lookup(p, True) * a  # rows k0 + 2j
             lo = lookup(p, False) * a  # rows k0 + 2j + 1
             if w_round is not None:
@@ -294,11 +306,7 @@ def _kernel(
                 xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask)
                 acc = acc + jax.lax.dot_general(xt, w_t, dims, preferred_element_type=jnp.float32)
             else:
-                if split:  # one contiguous (BM, B) tile, split into even / odd columns in registers
-                    xe, xo = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, blk)], mmask), 2)
-                else:
-                    xe = x_ref[pl.ds(m0, bm), row_slice(k0, half, 2)]
-                    xo = x_ref[pl.ds(m0, bm), row_slice(k0 + 1, half, 2)]
+                xe, xo = x_halves(k0)
                 acc = acc + jax.lax.dot_general(xe, hi, dims, preferred_element_type=jnp.float32)
                 acc = acc + jax.lax.dot_general(xo, lo, dims, preferred_element_type=jnp.float32)
         return acc
@@ -377,14 +385,7 @@ def nf4_matmul(
     if m % bm and ("-gemv" in variant or not ("-interleave" in variant or "-split" in variant)):  # unmasked rows
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, 0)))
     operands = [x, data, scale, jnp.asarray(code, jnp.float32)]
-    if layout.double_quant:
-        if dq_scale is None or dq_offset is None or dyn_code is None:
-            raise ValueError("nf4_matmul: double_quant needs dq_scale, dq_offset and dyn_code")
-        operands += [
-            jnp.asarray(dyn_code, jnp.float32),
-            dq_scale.astype(jnp.float32),
-            jnp.asarray(dq_offset, jnp.float32).reshape(1),
-        ]
+    operands += _double_quant_operands(layout, dq_scale, dq_offset, dyn_code, "nf4_matmul")
     kernel = functools.partial(
         _kernel,
         layout=layout,
@@ -491,14 +492,7 @@ def nf4_dequantize(
         raise ValueError(f"nf4_dequantize: code_vals must hold the 16 table values, got {len(code_vals)}")
     operands = [data.reshape(layout.n, layout.k // 2), scale.reshape(layout.n, layout.blocks_per_col)]
     operands.append(jnp.asarray(code, jnp.float32))
-    if layout.double_quant:
-        if dq_scale is None or dq_offset is None or dyn_code is None:
-            raise ValueError("nf4_dequantize: double_quant needs dq_scale, dq_offset and dyn_code")
-        operands += [
-            jnp.asarray(dyn_code, jnp.float32),
-            dq_scale.astype(jnp.float32),
-            jnp.asarray(dq_offset, jnp.float32).reshape(1),
-        ]
+    operands += _double_quant_operands(layout, dq_scale, dq_offset, dyn_code, "nf4_dequantize")
     bk = max(block_k, layout.block)
     kernel = functools.partial(
         _dequant_kernel,

@@ -68,7 +68,7 @@ from pallas_kernels._common import (
     store,
     weight_rounding,
 )
-from pallas_kernels._ptx import div_rn, rint, ternary_field
+from pallas_kernels._ptx import div_rn, quantize_int8, ternary_field
 
 __all__ = [
     "VARIANTS",
@@ -175,9 +175,7 @@ def _quantize_rows_in_kernel(x_ref, m0, bm: int, k: int, bk: int, mmask, interpr
     sx = jnp.where(amax > 0, div_rn(amax, jnp.full((bm, 1), 127.0, jnp.float32), interpret=interpret), 1.0)
 
     def quantize(xt):
-        xf = xt.astype(jnp.float32)
-        v = div_rn(xf, jnp.broadcast_to(sx, xf.shape), interpret=interpret)
-        return jnp.clip(rint(v, interpret=interpret), -127.0, 127.0).astype(jnp.int8)
+        return quantize_int8(xt.astype(jnp.float32), sx, interpret=interpret)
 
     return sx, quantize
 
