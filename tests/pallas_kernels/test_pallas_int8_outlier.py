@@ -80,8 +80,9 @@ def test_dispatch_equals_scheme_xla_path():
         assert jq.ops.explain_qdot(x, q2).startswith("xla:")
 
 
-def _lower(outliers, m, k=512, n=256, split=1):
-    args = [
+def _kernel_args(m, k, n):
+    """Shapes of ``int8_outlier_matmul``'s operands: x, x_q, s_x, idx, count, W_q, s_w."""
+    return [
         shape_struct((m, k), jnp.bfloat16),
         shape_struct((m, k), jnp.int8),
         shape_struct((m,), jnp.float32),
@@ -90,8 +91,11 @@ def _lower(outliers, m, k=512, n=256, split=1):
         shape_struct((k, n), jnp.int8),
         shape_struct((n,), jnp.float32),
     ]
+
+
+def _lower(outliers, m, k=512, n=256, split=1):
     cfg = BlockConfig(min(m, 128), 64, 128, split_k=split)
-    return cuda_lowering(functools.partial(int8_outlier_matmul, config=cfg, outliers=outliers), *args)
+    return cuda_lowering(functools.partial(int8_outlier_matmul, config=cfg, outliers=outliers), *_kernel_args(m, k, n))
 
 
 @pytest.mark.parametrize("outliers,m", [(True, 16), (False, 128)])
@@ -113,16 +117,7 @@ def test_kmajor_int8_loop_has_no_byte_transposes_sm90():
     from pallas_kernels import _triton_tools as tt
     from pallas_kernels.tuning import heuristic
 
-    m, k, n = 512, 8192, 1024  # a long K loop (short constant loops are unrolled)
-    args = [
-        shape_struct((m, k), jnp.bfloat16),
-        shape_struct((m, k), jnp.int8),
-        shape_struct((m,), jnp.float32),
-        shape_struct((k,), jnp.int32),
-        shape_struct((1,), jnp.int32),
-        shape_struct((k, n), jnp.int8),
-        shape_struct((n,), jnp.float32),
-    ]
+    args = _kernel_args(512, 8192, 1024)  # a long K loop (short constant loops are unrolled)
 
     def profile(variant):
         cfg = BlockConfig(128, 256, 64, num_warps=8, num_stages=3, variant=variant)

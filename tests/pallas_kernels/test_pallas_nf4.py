@@ -246,11 +246,10 @@ def test_unsupported_falls_back():
         assert jq.ops.explain_qdot(jnp.ones((1, 100), jnp.bfloat16), q).startswith("xla: K=100")
 
 
-def _lower(dq, variant, m, k=512, n=256):
-    layout = NF4Layout(k=k, n=n, double_quant=dq)
+def _weight_args(k, n, dq):
+    """Shapes of the NF4 kernels' weight operands: codes, absmax, the table (and the double-quant ones)."""
     nb = k * n // 64
     args = [
-        shape_struct((m, k), jnp.bfloat16),
         shape_struct((k * n // 2,), jnp.uint8),
         shape_struct((nb,), jnp.uint8 if dq else jnp.float32),
         shape_struct((16,), jnp.float32),
@@ -261,6 +260,12 @@ def _lower(dq, variant, m, k=512, n=256):
             shape_struct((), jnp.float32),
             shape_struct((256,), jnp.float32),
         ]
+    return args
+
+
+def _lower(dq, variant, m, k=512, n=256):
+    layout = NF4Layout(k=k, n=n, double_quant=dq)
+    args = [shape_struct((m, k), jnp.bfloat16), *_weight_args(k, n, dq)]
     cfg = BlockConfig(min(m, 8 if variant.endswith("gemv") else 64), 64, 128, 2, variant=variant)
     return cuda_lowering(functools.partial(nf4_matmul, layout=layout, config=cfg, code_vals=CODE_VALS), *args)
 
@@ -365,18 +370,7 @@ def test_dequantize_kernel_rejects_partial_tiles_and_falls_back():
 def _lower_dequant(dq: bool, lookup: str, k=512, n=256):
     from pallas_kernels.nf4_matmul import nf4_dequantize
 
-    nb = k * n // 64
-    args = [
-        shape_struct((k * n // 2,), jnp.uint8),
-        shape_struct((nb,), jnp.uint8 if dq else jnp.float32),
-        shape_struct((16,), jnp.float32),
-    ]
-    if dq:
-        args += [
-            shape_struct((nb // 256,), jnp.float32),
-            shape_struct((), jnp.float32),
-            shape_struct((256,), jnp.float32),
-        ]
+    args = _weight_args(k, n, dq)
     fn = functools.partial(
         nf4_dequantize, layout=NF4Layout(k=k, n=n, double_quant=dq), out_dtype=jnp.bfloat16, code_vals=CODE_VALS,
         lookup=lookup,
