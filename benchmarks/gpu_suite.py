@@ -339,7 +339,7 @@ def section_tune(args) -> dict[str, Any]:
 TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     # first on-device checks of the inline-PTX variants (M <= 16)
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split+ptx")),
-    # 128-byte weight rows per load: sm_90 issue floor 5.3 us at 8192^2 vs 6.7 for 16x64 (memory floor 5.7)
+    # 128-byte weight rows per load: static sm_90 issue floor (CPU-compiled) 5.3 us at 8192^2 vs 6.7 for 16x64
     ("ternary_w158a8", (16, 128, 128, 4, 4, 4, "split+ptx")),
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split")),
     ("nf4", (16, 64, 128, 4, 4, 4, "prmt16-split")),

@@ -46,7 +46,7 @@ and looked up two bytes per value (14 instructions per four weights), the dot ru
 block's absmax applied once to its ``(BM, BN)`` partial product (one ``(BN, blocks)`` absmax load per K step):
 ``W = round(T[code]) * absmax`` instead of the XLA path's ``round(T[code] * absmax)``, a rounding moved like
 int4's ``+postscale`` (within a weight rounding of the XLA path, and of float64). sm_90 K loop of the 16x64x128
-tile: 404 instructions per trip vs 745 for ``prmt-split``. Not yet run on a GPU: in the sweep only.
+tile: 397 instructions per trip vs 745 for ``prmt-split``. Not yet run on a GPU: in the sweep only.
 
 The ``select`` tree tests the four code bits directly in the loaded byte (``p & (1 << (4 + i))`` for the high
 nibble, ``p & (1 << i)`` for the low one: no shift or mask to extract the nibble first) and picks among the 16
