@@ -47,8 +47,7 @@ def _check(a, b, acc, transpose_b: bool) -> None:
 
 
 def _abstract_eval(a, b, acc, *, max_num_imprecise_acc, transpose_b):
-    del max_num_imprecise_acc
-    _check(a, b, acc, transpose_b)
+    del a, b, max_num_imprecise_acc, transpose_b  # checked by fp8_dot, the only place that binds it
     return jax.core.ShapedArray(acc.shape, jnp.float32)
 
 
