@@ -43,9 +43,12 @@ from benchmarks.provenance import git_commit  # noqa: E402
 PLAN = [
     ("int4_g128", "1,16,256,4096", "4096x4096,8192x8192", 65),  # M >= 256 also times qdot_dequant_dot
     ("nf4", "1,16,4096", "8192x8192", 30),  # M=4096 also times qdot_dequant_dot
-    ("int8_outlier", "1,16,4096", "8192x8192", 25),
-    ("fp8_w8a8", "1,16,8192", "8192x8192", 25),
+    # the 8-bit schemes in the layout their tensor-core dots read (K-major, converted once at quantization time)
+    ("int8_outlier_nk", "1,16,4096", "8192x8192", 25),
+    ("fp8_w8a8_nk", "1,16,8192", "8192x8192", 25),
     ("ternary_w158a8", "1,16,4096", "8192x8192", 25),
+    ("int8_outlier", "1,16", "8192x8192", 15),  # (K, N) storage, as measured in session 2
+    ("fp8_w8a8", "1,16", "8192x8192", 15),
     ("int4_g128_asym", "1,16", "8192x8192", 15),
     ("int8_w8a16", "1,16", "8192x8192", 15),
     ("fp8_w8a16", "1,16", "8192x8192", 15),
@@ -337,6 +340,16 @@ def section_tune(args) -> dict[str, Any]:
 #: ``(benchmark kernel, BlockConfig fields[, M values])`` in run order, most useful first, until the section's budget
 #: ends; without M values: the ``--m`` values <= 16
 TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # K-major 8-bit weights (layout="nk"): at M <= 16 the int8 / fp8 mma.sync reads the weight by ldmatrix instead of
+    # byte by byte (sm_90 K loop of LLM.int8's 16x64x128 tile: 67 instructions per trip vs 198); at large M no
+    # per-call transposed copy
+    ("int8_outlier_nk", (16, 64, 128, 4, 4, 4, "")),
+    ("int8_outlier_nk", (16, 64, 128, 8, 4, 4, "")),
+    ("int8_outlier_nk", (16, 64, 128, 4, 4, 4, "prepass")),
+    ("fp8_w8a8_nk", (16, 64, 128, 4, 4, 4, "prequant")),  # 140 instructions per trip vs 611 (in-kernel act quant)
+    ("fp8_w8a8_nk", (128, 128, 64, 1, 8, 4, "prequant", (8192,))),
+    ("int8_outlier_nk", (128, 128, 64, 1, 8, 4, "kmajor", (4096,))),
+    ("fp8_w8a16_nk", (16, 64, 128, 4, 4, 4, "")),
     # first on-device checks of the inline-PTX variants (M <= 16)
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split+ptx")),
     # 128-byte weight rows per load: static sm_90 issue floor (CPU-compiled) 5.3 us at 8192^2 vs 6.7 for 16x64

@@ -3,7 +3,8 @@
 For each kernel of ``benchmarks/kernels.py`` and each ``M``, the call ``jq.qdot`` makes on a GPU (kernels forced
 on, the block config the tuning table gives the chosen device) is lowered for CUDA, its Triton IR compiled for
 ``sm_<arch>`` with PyPI Triton and disassembled with the bundled ``nvdisasm``; the kernel's main loop (its
-longest backward branch) is counted by opcode (``pallas_kernels._triton_tools.loop_profile``). It prints, per
+longest backward branch; where Triton unrolled the K loop completely, the whole kernel divided by its trips, marked
+"unrolled": ``pallas_kernels._triton_tools.k_loop_profile``) is counted by opcode. It prints, per
 case: instructions per loop trip (per warp), *thread instructions per weight* (trip instructions x 32 lanes x
 warps / weights per trip), int/float conversions per weight, shared-memory loads/stores per weight, and three
 floors for the whole matmul on an H100 SXM (132 SMs at the 1.98 GHz boost clock):
@@ -46,6 +47,9 @@ from benchmarks.provenance import git_commit  # noqa: E402
 
 SMS, CLOCK_HZ, ISSUE_PER_CLK, CONV_PER_CLK, COPY_BPS = 132, 1.98e9, 4, 16, 2.93e12
 
+#: tensor-core opcodes of the K loop's dot where a kernel has other dots (LLM.int8's float32 outlier loop)
+DOT_MMA = {"int8_outlier": ("IMMA", "IGMMA")}
+
 #: benchmark kernel name -> tuning table kernel name
 TUNING_NAME = {
     "int4_g128": "int4",
@@ -53,8 +57,11 @@ TUNING_NAME = {
     "int8_w8a16": "int8w",
     "nf4": "nf4",
     "int8_outlier": "int8_outlier",
+    "int8_outlier_nk": "int8_outlier",
     "fp8_w8a16": "fp8_w8a16",
+    "fp8_w8a16_nk": "fp8_w8a16",
     "fp8_w8a8": "fp8_w8a8",
+    "fp8_w8a8_nk": "fp8_w8a8",
     "ternary": "ternary",
     "ternary_w158a8": "ternary_a8",
 }
@@ -98,12 +105,17 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         q = jax.eval_shape(lambda w: jq.quantize(w, spec.scheme()), jax.ShapeDtypeStruct((k, n), jnp.float32))
         x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
         op = jq.qdot if spec.direct is None else _direct_fn(spec, False)
+        jax.clear_caches()  # qdot reads the block config when traced: no trace of an earlier config
         with kernel_mode("on"):
             calls = tt.triton_calls(tt.export_cuda(op, x, q))
         if not calls:
             raise RuntimeError("no Triton kernel in the lowering")
         call = max(calls, key=lambda c: c.grid[0] * c.grid[1] * c.grid[2])
-        prof = tt.loop_profile(tt.sass(tt.ir_text(call.ir), arch, call.num_warps, call.num_stages))
+        # trips of one program's K loop: K / BK steps over the split-K programs (the fp8 step may be smaller)
+        split = call.grid[2] if len(call.grid) > 2 else 1
+        trips = max(1, k // (cfg.block_k * split))
+        sass = tt.sass(tt.ir_text(call.ir), arch, call.num_warps, call.num_stages)
+        prof = tt.k_loop_profile(sass, trips, DOT_MMA.get(tname, tt.MMA_OPCODES))
     except Exception as e:  # reported in the table
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
         return row
@@ -128,7 +140,8 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         smem_per_weight=(prof.count("LDS") + prof.count("STS")) * lanes / per_trip,
         exposed=prof.exposed_loads,
         barriers=prof.barriers,
-        mma=prof.count("HMMA") + prof.count("IMMA") + prof.count("HGMMA") + prof.count("QGMMA") + prof.count("IGMMA"),
+        mma=sum(prof.count(op) for op in tt.MMA_OPCODES),
+        unrolled=prof.unrolled,
         issue_us=prof.instructions * call.num_warps * trips / (SMS * ISSUE_PER_CLK * CLOCK_HZ) * 1e6,
         conv_us=conv * lanes * trips / (SMS * CONV_PER_CLK * CLOCK_HZ) * 1e6,
         mem_us=wbytes / COPY_BPS * 1e6,
@@ -152,8 +165,9 @@ def format_table(rows: list[dict]) -> str:
             out.append(f"| {r['kernel']} | {r['m']} | {cfg} |" + " – |" * 10 + f" {r['error']} |")
             continue
         floors = {"issue": r["issue_us"], "conversion": r["conv_us"], "memory": r["mem_us"]}
+        trip = f"{r['trip_instr']}{' (unrolled)' if r.get('unrolled') else ''}"
         out.append(
-            f"| {r['kernel']} | {r['m']} | {cfg} | {r['trip_instr']} | {r['instr_per_weight']:.2f} "
+            f"| {r['kernel']} | {r['m']} | {cfg} | {trip} | {r['instr_per_weight']:.2f} "
             f"| {r['conv_per_weight']:.2f} | {r['smem_per_weight']:.2f} | {r['exposed']} | {r['barriers']} "
             f"| {r['issue_us']:.1f} | {r['conv_us']:.1f} "
             f"| {r['mem_us']:.1f} | {max(floors, key=floors.get)} | {r['top']} |"

@@ -72,11 +72,28 @@ def _specs() -> dict[str, KernelSpec]:
             "LLM.int8 (int8 x int8 + bf16 outlier dims)",
             activations="outliers",
         ),
+        KernelSpec(
+            "int8_outlier_nk",
+            lambda: jq.LLMInt8Scheme(threshold=6.0, layout="nk"),
+            "LLM.int8, weight stored K-major (N, K)",
+            activations="outliers",
+        ),
         KernelSpec("fp8_w8a16", lambda: jq.FP8Scheme(fmt="e4m3", granularity="channel"), "fp8 e4m3 weight-only"),
+        KernelSpec(
+            "fp8_w8a16_nk",
+            lambda: jq.FP8Scheme(fmt="e4m3", granularity="channel", layout="nk"),
+            "fp8 e4m3 weight-only, weight stored K-major (N, K)",
+        ),
         KernelSpec(
             "fp8_w8a8",
             lambda: jq.FP8Scheme(fmt="e4m3", granularity="channel"),
             "fp8 e4m3 W8A8, dynamic per-row act quant fused",
+            direct="fp8_w8a8",
+        ),
+        KernelSpec(
+            "fp8_w8a8_nk",
+            lambda: jq.FP8Scheme(fmt="e4m3", granularity="channel", layout="nk"),
+            "fp8 e4m3 W8A8, weight stored K-major (N, K)",
             direct="fp8_w8a8",
         ),
         KernelSpec("ternary", lambda: jq.TernaryScheme(granularity="channel"), "ternary (W1.58) weight-only"),

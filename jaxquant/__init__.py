@@ -11,6 +11,7 @@ Public API (see README)::
 """
 
 from jaxquant.core.api import dequantize, quantize
+from jaxquant.core.layout import relayout
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.ops import qdot
 from jaxquant.schemes import CastScheme, FP8Scheme, IntScheme, LLMInt8Scheme, NF4Scheme, TernaryScheme
@@ -32,5 +33,6 @@ __all__ = [
     "qdot",
     "quantize",
     "quantize_params",
+    "relayout",
     "report",
 ]

@@ -312,7 +312,7 @@ def _llm_int8_adapter(x, w: QArray, m: int, interpret: bool):
             xq, sx, idx, count = km.prepass(x2, s.threshold, per_row, interpret=interpret)
             return km.int8_outlier_matmul(
                 x2, xq, sx, idx, count, w.data, jnp.broadcast_to(w.scale, (n,)), config=cfg,
-                outliers=s.threshold is not None, interpret=interpret,
+                outliers=s.threshold is not None, w_layout=s.layout, interpret=interpret,
             )  # fmt: skip
         # the activation split exactly as LLMInt8Scheme._qdot computes it
         xf = x2.astype(jnp.float32)
@@ -327,8 +327,9 @@ def _llm_int8_adapter(x, w: QArray, m: int, interpret: bool):
         sw = jnp.broadcast_to(w.scale, (n,))
         idx, count = km.outlier_indices(is_out)
         return km.int8_outlier_matmul(
-            x2, xq, sx, idx, count, w.data, sw, config=cfg, outliers=s.threshold is not None, interpret=interpret
-        )
+            x2, xq, sx, idx, count, w.data, sw, config=cfg, outliers=s.threshold is not None, w_layout=s.layout,
+            interpret=interpret,
+        )  # fmt: skip
 
     return run, f"int8_outlier {cfg}"
 
@@ -348,7 +349,10 @@ def _fp8_adapter(x, w: QArray, m: int, interpret: bool):
     w_dtype = _w_round(w, x.dtype)
 
     def run(x2):
-        return km.fp8_matmul(x2, w.data, w.scale, mode="w8a16", config=cfg, w_dtype=w_dtype, interpret=interpret)
+        return km.fp8_matmul(
+            x2, w.data, w.scale, mode="w8a16", config=cfg, w_dtype=w_dtype, w_layout=w.scheme.layout,
+            interpret=interpret,
+        )  # fmt: skip
 
     return run, f"fp8_w8a16 {cfg}"
 
@@ -429,11 +433,13 @@ def qdot_fp8_w8a8(x: jax.Array, w: QArray) -> jax.Array:
 
         cfg = tuning.get_config("fp8_w8a8", x2.shape[0], k, n)
         if km.supported(w.data.dtype, cfg, x.dtype) is None and not _check_limit("fp8_w8a8", x2.shape[0], interpret):
-            y = km.fp8_matmul(x2, w.data, w.scale, mode="w8a8", config=cfg, interpret=interpret)
+            y = km.fp8_matmul(
+                x2, w.data, w.scale, mode="w8a8", config=cfg, w_layout=w.scheme.layout, interpret=interpret
+            )
     if y is None:
         if _mode == "on":
             raise ValueError("qdot_fp8_w8a8: kernel mode 'on' but the kernel cannot run this call")
-        y = km.fp8_matmul_reference(x2, w.data, w.scale, mode="w8a8")
+        y = km.fp8_matmul_reference(x2, w.data, w.scale, mode="w8a8", w_layout=w.scheme.layout)
     return y.reshape(*lead, n)
 
 

@@ -14,10 +14,12 @@ axis of the weight, so each device holds whole groups and the scales/zeros of ex
 * Column-parallel (``dim="out"``): grouped/channel int, fp8, cast, LLM.int8 and ternary layouts keep the output
   axis last in ``data``, ``scale`` and ``zero`` (``(K_packed, N)``, ``(G, N)``, ``(N,)``): that axis is split.
   NF4 stores the weight output-channel-major as one flat array (bitsandbytes layout), so the flat ``data`` and
-  ``absmax`` arrays are split along their only axis, which is again a split by output channels.
+  ``absmax`` arrays are split along their only axis, which is again a split by output channels. K-major
+  LLM.int8 / fp8 codes (``layout="nk"``, ``data`` ``(N, K)``) are split along axis 0.
 * Row-parallel (``dim="in"``): the packed rows of ``data`` and the group rows of ``scale``/``zero`` (``(G, N)``)
   are split along axis 0 when the input features per device are a whole number of groups
-  (``K / devices % group_size == 0``); per-channel scales (``(N,)``) are replicated.
+  (``K / devices % group_size == 0``); per-channel scales (``(N,)``) are replicated. K-major codes are split
+  along axis 1.
 
 A field that cannot be split evenly is replicated (always correct, just less memory-efficient). Under ``jax.jit``
 the XLA SPMD partitioner then runs ``quantize``/``qdot``/the model on these shardings: column-parallel products
@@ -170,10 +172,15 @@ def qarray_specs(q: QArray, mesh: Mesh, axis: str | None = "model", dim: str | N
 
     group = getattr(q.scheme, "group_size", None) if getattr(q.scheme, "granularity", None) == "group" else None
 
+    kmajor = getattr(q.scheme, "layout", "kn") == "nk"  # data (N, K): the output axis first
+
     def spec(path, leaf):
         top = path[0].name if hasattr(path[0], "name") else None
         if top == "aux" or leaf.ndim == 0:
             return P()
+        if kmajor and top == "data":
+            ax = 0 if dim == "out" else 1
+            return P(*[axis if i == ax else None for i in range(2)]) if leaf.shape[ax] % n == 0 else P()
         if dim == "out":
             if leaf.shape[-1] == nout and nout % n == 0 and top in ("data", "scale", "zero"):
                 return P(*([None] * (leaf.ndim - 1)), axis)

@@ -304,6 +304,9 @@ class LoopProfile:
     instructions: int
     counts: dict[str, int]
     exposed_loads: int = 0
+    #: the K loop was fully unrolled: the numbers are the whole kernel's divided by the trip count
+    #: (:func:`k_loop_profile`), prologue and epilogue included
+    unrolled: bool = False
 
     def count(self, prefix: str) -> int:
         """Instructions whose opcode starts with ``prefix`` (``"I2F"`` counts every int-to-float conversion)."""
@@ -323,8 +326,21 @@ def loop_profile(sass_text: str) -> LoopProfile:
     Raises ``ValueError`` when the code has no backward branch.
     """
     lines = sass_text.splitlines()
+    loops = _loops(lines)
+    if not loops:
+        raise ValueError("loop_profile: no backward branch (loop) in this code")
+    first, last = max(loops, key=lambda ab: ab[1] - ab[0])  # the first of equally long ones
+    return _profile(lines[first : last + 1])
+
+
+#: tensor-core instructions (a dot's K loop holds nearly all of a matmul kernel's)
+MMA_OPCODES = ("HMMA", "IMMA", "HGMMA", "QGMMA", "IGMMA")
+
+
+def _loops(lines: list[str]) -> list[tuple[int, int]]:
+    """``(first, last)`` line of every loop: a label and a later branch back to it."""
     labels: dict[str, int] = {}
-    best: tuple[int, int] | None = None
+    out = []
     for i, ln in enumerate(lines):
         m = _SASS_LABEL.match(ln.strip())
         if m:
@@ -332,14 +348,47 @@ def loop_profile(sass_text: str) -> LoopProfile:
             continue
         b = _SASS_BRANCH.search(ln)
         if b and b.group(1) in labels:
-            start = labels[b.group(1)]
-            if best is None or i - start > best[1] - best[0]:
-                best = (start, i)
-    if best is None:
-        raise ValueError("loop_profile: no backward branch (loop) in this code")
+            out.append((labels[b.group(1)], i))
+    return out
+
+
+def k_loop_profile(sass_text: str, trips: int, mma: tuple[str, ...] = MMA_OPCODES) -> LoopProfile:
+    """The per-trip profile of a matmul kernel's K loop (``trips`` trips per program), whose dot issues the
+    tensor-core opcodes ``mma`` (e.g. ``("IMMA", "IGMMA")`` for an int8 dot).
+
+    The longest loop holding one of those opcodes (other loops, e.g. LLM.int8's outlier loop with its float32
+    dot, are passed over); the longest loop of all when the kernel has none (a GEMV). When Triton unrolled the K
+    loop completely (a short K loop of a split-K program can be), no loop holds them: then the whole kernel's
+    counts divided by ``trips`` (rounded half up; prologue, epilogue and one body of any other loop included, so
+    an upper bound), with ``unrolled=True``. Raises ``ValueError`` for ``trips < 1`` or code without loop or tensor-core
+    instruction.
+    """
+    if trips < 1:
+        raise ValueError(f"k_loop_profile: trips must be >= 1, got {trips}")
+    lines = sass_text.splitlines()
+    whole = _profile(lines)
+    if not any(whole.count(op) for op in mma):
+        return loop_profile(sass_text)
+    loops = [_profile(lines[a : b + 1]) for a, b in _loops(lines)]
+    dots = [p for p in loops if any(p.count(op) for op in mma)]
+    if dots:
+        return max(dots, key=lambda p: p.instructions)
+
+    def per_trip(c: int) -> int:  # rounded half up
+        return (c + trips // 2) // trips
+
+    return LoopProfile(
+        instructions=per_trip(whole.instructions),
+        counts={op: per_trip(c) for op, c in whole.counts.items() if per_trip(c)},
+        exposed_loads=per_trip(whole.exposed_loads),
+        unrolled=True,
+    )
+
+
+def _profile(lines: list[str]) -> LoopProfile:
     counts: dict[str, int] = {}
     body: list[tuple[str, list[str], bool]] = []  # (opcode with modifiers, operands, predicated) per instruction
-    for ln in lines[best[0] : best[1] + 1]:
+    for ln in lines:
         m = _SASS_LINE.search(ln)
         if m:
             op = m.group(1) + m.group(2)

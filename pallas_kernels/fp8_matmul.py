@@ -1,7 +1,8 @@
 """fp8 matmuls: weight-only (W8A16) and W8A8 with the dynamic activation quantization fused.
 
 Weights (jaxquant ``FP8Scheme``): ``w`` ``(K, N)`` in ``float8_e4m3fn`` or ``float8_e5m2`` with a float32 scale
-``s_w``, per tensor ``()`` or per output column ``(N,)``.
+``s_w``, per tensor ``()`` or per output column ``(N,)``; stored as ``(K, N)`` or K-major ``(N, K)``
+(``w_layout="nk"``, ``FP8Scheme(layout="nk")``: the layout fp8 ``wgmma`` reads, no transpose per tile or call).
 
 ``mode="w8a16"`` computes ``x @ dequant(W)`` exactly as the XLA path rounds it::
 
@@ -78,9 +79,12 @@ def quantize_rows(x: jax.Array, sx: jax.Array, w_dtype) -> jax.Array:
     return jnp.clip(x.astype(jnp.float32) / sx[:, None], -f, f).astype(w_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "w_dtype"))
-def fp8_matmul_reference(x, w, sw, *, mode: str = "w8a16", w_dtype: str | None = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("mode", "w_dtype", "w_layout"))
+def fp8_matmul_reference(
+    x, w, sw, *, mode: str = "w8a16", w_dtype: str | None = None, w_layout: str = "kn"
+) -> jax.Array:
     """XLA reference of :func:`fp8_matmul`."""
+    w = w.T if w_layout == "nk" else w
     sw = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (w.shape[1],))
     if mode == "w8a16":
         wd = w.astype(jnp.float32) * sw
@@ -122,7 +126,7 @@ def supported(w_dtype, cfg: BlockConfig, x_dtype) -> str | None:
     return None
 
 
-def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round, prequant, imprecise_acc, interpret):
+def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round, prequant, w_nk, imprecise_acc, interpret):
     if mode == "w8a8":
         x_ref, w_ref, sw_ref, sx_ref, o_ref = refs
     else:
@@ -138,25 +142,29 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round, prequant, i
         sx = load(sx_ref.at[pl.ds(m0, bm), pl.ds(0, 1)], mmask)  # (BM, 1)
         inv_guard = jnp.where(sx > 0, sx, 1.0)
 
+    nk_dims = (((1,), (1,)), ((), ()))  # contract the K axes of an (BM, BK) and a (BN, BK) tile
+
     def body(t, acc):
         k0 = (sk * steps + t) * bk
         # fp8 tiles: masked without a fill value (an fp8 fill does not lower); unfilled rows / columns only reach
-        # output entries that are never stored
+        # output entries that are never stored. K divides into bk: no K mask.
         xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mmask, other=None if prequant else 0)
-        if prequant:  # x already fp8 (the XLA pre-pass), w as (N, K): both tiles go to the tensor cores as loaded
+        if w_nk:  # (BN, BK) tile of the (N, K) weight (K-major: the layout fp8 wgmma reads)
             wt = load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], nmask.T if nmask is not None else None, other=None)
-            if interpret:
-                return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            return fp8_dot(xt, wt, acc, max_num_imprecise_acc=imprecise_acc, transpose_b=True)
-        wt = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], nmask, other=None)  # K divides into bk: no K mask
+        else:
+            wt = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], nmask, other=None)
         if mode == "w8a8":
-            q = jnp.clip(xt.astype(jnp.float32) / inv_guard, -f8max, f8max).astype(wt.dtype)
+            # x already fp8 (the XLA pre-pass: both tiles go to the tensor cores as loaded), or quantized here
+            q = xt if prequant else jnp.clip(xt.astype(jnp.float32) / inv_guard, -f8max, f8max).astype(wt.dtype)
             if interpret:
-                return acc + jnp.dot(q, wt, preferred_element_type=jnp.float32)
-            return fp8_dot(q, wt, acc, max_num_imprecise_acc=imprecise_acc)
-        wd = wt.astype(jnp.float32) * sw
+                dims = nk_dims if w_nk else (((1,), (0,)), ((), ()))
+                return acc + jax.lax.dot_general(q, wt, dims, preferred_element_type=jnp.float32)
+            return fp8_dot(q, wt, acc, max_num_imprecise_acc=imprecise_acc, transpose_b=w_nk)
+        wd = wt.astype(jnp.float32) * (sw.T if w_nk else sw)
         if w_round is not None:
             wd = wd.astype(w_round)
+        if w_nk:
+            return acc + jax.lax.dot_general(xt, wd.astype(cdtype), nk_dims, preferred_element_type=jnp.float32)
         return acc + jnp.dot(xt, wd.astype(cdtype), preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
@@ -169,17 +177,25 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, mode, f8max, w_round, prequant, i
         store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
 
 
-def _gemv_kernel(xt_ref, w_ref, sw_ref, o_ref, *, k, n, bm, bn, bk, steps, cdtype, dequant, w_round):
-    """``variant="gemv"``: per-row float32 register accumulators, elementwise multiply-add, no dot."""
+def _gemv_kernel(xt_ref, w_ref, sw_ref, o_ref, *, k, n, bm, bn, bk, steps, cdtype, dequant, w_round, w_nk):
+    """``variant="gemv"``: per-row float32 register accumulators, elementwise multiply-add, no dot. ``w_nk``: the
+    weight is ``(N, K)``, the accumulators ``(BN, BK)`` and the activations ``(Mp, Kp)``; else ``(BK, BN)`` tiles
+    and ``(Kp, Mp)`` activations (so that a row's chunk broadcasts along the tile's N axis either way)."""
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
     nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
     assert k % bk == 0, "fp8 tiles are never masked along K (k_step)"
     sw = load(sw_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask)
+    if w_nk:
+        sw = sw.T
 
     def body(t, accs):
         k0 = (sk * steps + t) * bk
-        wd = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], nmask, other=None).astype(jnp.float32)
+        if w_nk:
+            wt = load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], None if nmask is None else nmask.T, other=None)
+        else:
+            wt = load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], nmask, other=None)
+        wd = wt.astype(jnp.float32)
         if dequant:  # W8A16: the XLA path's rounding chain
             wd = wd * sw
             if w_round is not None:
@@ -188,22 +204,26 @@ def _gemv_kernel(xt_ref, w_ref, sw_ref, o_ref, *, k, n, bm, bn, bk, steps, cdtyp
                 wd = wd.astype(cdtype).astype(jnp.float32)
         out = []
         for mi in range(bm):
-            xc = xt_ref[pl.ds(k0, bk), pl.ds(m0 + mi, 1)].astype(jnp.float32)  # (BK, 1), zero-padded
+            if w_nk:
+                xc = xt_ref[pl.ds(m0 + mi, 1), pl.ds(k0, bk)].astype(jnp.float32)  # (1, BK), zero-padded
+            else:
+                xc = xt_ref[pl.ds(k0, bk), pl.ds(m0 + mi, 1)].astype(jnp.float32)  # (BK, 1), zero-padded
             out.append(accs[mi] + xc * wd)
         return tuple(out)
 
-    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(bm)))
+    shape = (bn, bk) if w_nk else (bk, bn)
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros(shape, jnp.float32) for _ in range(bm)))
     for mi in range(bm):
-        row = jnp.sum(accs[mi], axis=0).reshape(1, bn)
+        row = jnp.sum(accs[mi], axis=1 if w_nk else 0).reshape(1, bn)
         if len(o_ref.shape) == 3:
             store(o_ref.at[sk, pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row, nmask)
         else:
             store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), nmask)
 
 
-def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
+def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, w_nk, interpret):
     m, k = x.shape
-    n = w.shape[1]
+    n = w.shape[0] if w_nk else w.shape[1]
     bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
     nsteps = cdiv(k, bk)
     split = largest_divisor_at_most(nsteps, config.split_k)
@@ -214,7 +234,8 @@ def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
         xin = quantize_rows(x, sx, w.dtype).astype(jnp.float32)  # exact in float32
     else:
         xin = x
-    xt = jnp.pad(xin, ((0, mp - m), (0, nsteps * bk - k))).T  # (Kp, Mp)
+    xt = jnp.pad(xin, ((0, mp - m), (0, nsteps * bk - k)))  # (Mp, Kp); (Kp, Mp) for (K, N) weights
+    xt = xt if w_nk else xt.T
     kernel = functools.partial(
         _gemv_kernel,
         k=k,
@@ -226,6 +247,7 @@ def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
         cdtype=jnp.dtype(x.dtype),
         dequant=mode == "w8a16",
         w_round=w_round,
+        w_nk=w_nk,
     )
     out = split_k_call(
         kernel,
@@ -244,7 +266,7 @@ def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, interpret):
     return out.astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "config", "w_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("mode", "config", "w_dtype", "w_layout", "interpret"))
 def fp8_matmul(
     x: jax.Array,
     w: jax.Array,
@@ -253,21 +275,27 @@ def fp8_matmul(
     mode: str = "w8a16",
     config: BlockConfig,
     w_dtype: str | None = None,
+    w_layout: str = "kn",
     interpret: bool = False,
 ) -> jax.Array:
     """fp8 matmul (see module docstring); returns ``(M, N)`` in ``x.dtype``.
 
     Args:
       x: activations ``(M, K)``.
-      w: fp8 weight ``(K, N)``; sw: float32 scale ``()`` or ``(N,)``.
+      w: fp8 weight ``(K, N)``, or ``(N, K)`` with ``w_layout="nk"``; sw: float32 scale ``()`` or ``(N,)``.
       mode: ``"w8a16"`` (weight-only, exact dequantization) or ``"w8a8"`` (dynamic per-row fp8 activations).
       w_dtype: ``"w8a16"`` only: the dtype the XLA path rounds the dequantized weight to before casting it to
         ``x.dtype`` (the QArray's original dtype); ``None`` or float32 skips that rounding.
+      w_layout: ``"kn"`` or ``"nk"`` (K-major, ``FP8Scheme(layout="nk")``: every variant reads the weight tiles as
+        stored, the layout fp8 ``wgmma`` reads; ``"prequant"`` then needs no transposed copy per call).
     """
+    if w_layout not in ("kn", "nk"):
+        raise ValueError(f"fp8_matmul: w_layout must be 'kn' or 'nk', got {w_layout!r}")
+    w_nk = w_layout == "nk"
     m, k = x.shape
-    n = w.shape[1]
-    if w.shape[0] != k:
-        raise ValueError(f"fp8_matmul: x {x.shape} and w {w.shape} do not contract")
+    n = w.shape[0] if w_nk else w.shape[1]
+    if w.ndim != 2 or w.shape[1 if w_nk else 0] != k:
+        raise ValueError(f"fp8_matmul: x {x.shape} and w {w.shape} ({w_layout}) do not contract")
     if mode not in ("w8a16", "w8a8"):
         raise ValueError(f"fp8_matmul: mode must be 'w8a16' or 'w8a8', got {mode!r}")
     why = supported(w.dtype, config, x.dtype)
@@ -280,7 +308,7 @@ def fp8_matmul(
         # blocks, a copy of the weight per call; zeros add nothing to the dot and do not change row absmax
         kp = cdiv(k, config.block_k) * config.block_k
         x = jnp.pad(x, ((0, 0), (0, kp - k)))
-        w = jnp.pad(w, ((0, kp - k), (0, 0)))
+        w = jnp.pad(w, ((0, 0), (0, kp - k)) if w_nk else ((0, kp - k), (0, 0)))
         k = kp
     sw2 = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,)).reshape(1, n)
     operands = [x, w, sw2]
@@ -289,11 +317,12 @@ def fp8_matmul(
         operands.append(sx.reshape(m, 1))
     w_round = weight_rounding(w_dtype)
     if config.variant == "gemv":
-        return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, interpret=interpret)
+        return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, w_nk=w_nk, interpret=interpret)
     prequant = config.variant.startswith("prequant")
     if prequant:  # XLA pre-pass: the fp8 activations once (the reference's values), the weight K-major
         operands[0] = quantize_rows(x, sx, w.dtype)
-        operands[1] = w.T
+        if not w_nk:  # a transposed copy per call: store the weight K-major (FP8Scheme(layout="nk")) to avoid it
+            operands[1] = w.T
     bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
     nsteps = cdiv(k, bk)
     split = largest_divisor_at_most(nsteps, config.split_k)
@@ -311,6 +340,7 @@ def fp8_matmul(
         f8max=fmax(w.dtype),
         w_round=w_round,
         prequant=prequant,
+        w_nk=w_nk or prequant,
         imprecise_acc=bk if config.variant.endswith("+promote") else DEFAULT_IMPRECISE_ACC,
         interpret=interpret,
     )

@@ -2,7 +2,8 @@
 product over the outlier dims, fused into one output with the scale epilogue.
 
 Inputs (jaxquant ``LLMInt8Scheme`` without stored float outlier rows), for activations ``x (M, K)`` and a
-``(K, N)`` weight ``W_q`` (int8) with per-column scales ``s_w (N,)``:
+``(K, N)`` weight ``W_q`` (int8, stored ``(K, N)`` or K-major ``(N, K)``: ``w_layout``) with per-column scales
+``s_w (N,)``:
 
 * the outlier dims ``O = {k : max_m |x[m, k]| > threshold}``, compacted: ``idx`` (int32, the first ``count``
   entries are the members of ``O`` in increasing order) and ``count`` (int32, shape ``(1,)``);
@@ -183,9 +184,11 @@ def prepass(
     return xq, sx.reshape(m), idx, count
 
 
-@jax.jit
-def int8_outlier_matmul_reference(x, xq, sx, is_out, wq, sw) -> jax.Array:
-    """XLA reference: the int8 product plus a dense masked float product over the outlier dims."""
+@functools.partial(jax.jit, static_argnames=("w_layout",))
+def int8_outlier_matmul_reference(x, xq, sx, is_out, wq, sw, w_layout: str = "kn") -> jax.Array:
+    """XLA reference: the int8 product plus a dense masked float product over the outlier dims (``wq`` ``(K, N)``, or
+    ``(N, K)`` with ``w_layout="nk"``)."""
+    wq = wq.T if w_layout == "nk" else wq
     acc = jnp.dot(xq, wq, preferred_element_type=jnp.int32)
     x_o = jnp.where(is_out[None, :], x.astype(jnp.float32), 0.0)
     y_o = jnp.dot(x_o, wq.astype(jnp.float32) * sw, preferred_element_type=jnp.float32)
@@ -196,7 +199,8 @@ def int8_outlier_matmul_reference(x, xq, sx, is_out, wq, sw) -> jax.Array:
 # Pallas kernel
 # -------------------------------------------------------------------------------------------------
 #: ``""``: the int8 dot reads ``(BK, BN)`` tiles of the ``(K, N)`` weight; ``"kmajor"`` (large ``M``): of a ``(N, K)``
-#: copy made by XLA per call, the K-major layout Hopper's 8-bit ``wgmma`` reads from shared memory (the ``(K, N)``
+#: copy made by XLA per call (none when the weight is stored ``(N, K)``: ``w_layout="nk"`` makes every variant read
+#: K-major tiles), the K-major layout Hopper's 8-bit ``wgmma`` reads from shared memory (the ``(K, N)``
 #: tile is otherwise transposed byte by byte through shared memory in every K step: 64 ``STS`` per trip of the
 #: 128x256x64 tile on sm_90, compiled on the CPU); ``"prepass"`` (``M <= PREPASS_MAX_M``): the kernel of ``""``, fed by
 #: :func:`prepass` (one Pallas launch for the activation split) instead of the XLA pre-pass (``jaxquant.ops``)
@@ -213,9 +217,11 @@ def supported(k: int, n: int, cfg: BlockConfig) -> str | None:
 
 
 def _kernel(
-    x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, *refs, m, k, n, bm, bn, bk, steps, outliers, kmajor
+    x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, *refs, m, k, n, bm, bn, bk, steps, outliers, kmajor, w_nk
 ):
-    wt_ref, o_ref = refs if kmajor else (None, refs[0])
+    # kmajor: the int8 dot reads (BN, BK) tiles of an (N, K) array: wq itself when it is stored (N, K) (w_nk), else a
+    # copy passed after sw (variant "kmajor" over (K, N) storage)
+    wt_ref, o_ref = (refs if len(refs) == 2 else (wq_ref, refs[0])) if kmajor else (None, refs[0])
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
     mvec = m0 + jnp.arange(bm)
@@ -250,6 +256,12 @@ def _kernel(
             kidx = jnp.where(valid, kidx, 0)
             xo = x_ref[rows_safe[:, None], kidx[None, :]].astype(jnp.float32)  # (BM, 16) gathered columns
             xo = jnp.where(valid[None, :], xo, 0.0)
+            if w_nk:  # the (BN, 16) columns of the (N, K) weight at the outlier dims (a gather along K)
+                cols = n0 + jnp.arange(bn)
+                cols = jnp.where(cols < n, cols, 0) if nmask is not None else cols
+                wo = wq_ref[cols[:, None], kidx[None, :]].astype(jnp.float32) * sw[:, None]
+                dims = (((1,), (1,)), ((), ()))
+                return acc + jax.lax.dot_general(xo, wo, dims, preferred_element_type=jnp.float32)
             if nmask is not None:
                 cols = jnp.where(n0 + jnp.arange(bn) < n, n0 + jnp.arange(bn), 0)
                 wo = wq_ref[kidx[:, None], cols[None, :]]
@@ -267,7 +279,7 @@ def _kernel(
         store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), omask)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "outliers"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "outliers", "w_layout"))
 def int8_outlier_matmul(
     x: jax.Array,
     xq: jax.Array,
@@ -279,6 +291,7 @@ def int8_outlier_matmul(
     *,
     config: BlockConfig,
     outliers: bool = True,
+    w_layout: str = "kn",
     interpret: bool = False,
 ) -> jax.Array:
     """The fused LLM.int8 matmul (see module docstring); returns ``(M, N)`` in ``x.dtype``.
@@ -287,15 +300,21 @@ def int8_outlier_matmul(
       x: original activations ``(M, K)`` (outlier columns are read from here).
       xq, sx: int8 regular part ``(M, K)`` and its per-row float32 scales ``(M,)``.
       idx, count: compacted outlier dims (:func:`outlier_indices`).
-      wq, sw: int8 weight ``(K, N)`` and float32 per-column scales ``(N,)``.
+      wq, sw: int8 weight and float32 per-column scales ``(N,)``.
       outliers: ``False`` skips the float part (``threshold=None``).
+      w_layout: ``"kn"``: ``wq`` is ``(K, N)``; ``"nk"``: ``(N, K)`` (K-major, ``LLMInt8Scheme(layout="nk")``): every
+        variant's int8 dot reads its tiles as stored (``"kmajor"`` then needs no copy) and the outlier loop gathers
+        the weight's columns at the outlier dims.
     """
+    if w_layout not in ("kn", "nk"):
+        raise ValueError(f"int8_outlier_matmul: w_layout must be 'kn' or 'nk', got {w_layout!r}")
     m, k = x.shape
-    n = wq.shape[1]
-    if xq.shape != (m, k) or wq.shape[0] != k or sw.shape != (n,) or sx.shape != (m,):
+    w_nk = w_layout == "nk"
+    n = wq.shape[0] if w_nk else wq.shape[1]
+    if xq.shape != (m, k) or wq.shape[1 if w_nk else 0] != k or sw.shape != (n,) or sx.shape != (m,):
         raise ValueError(
-            f"int8_outlier_matmul: shapes disagree: x {x.shape}, xq {xq.shape}, sx {sx.shape}, wq {wq.shape}, "
-            f"sw {sw.shape}"
+            f"int8_outlier_matmul: shapes disagree: x {x.shape}, xq {xq.shape}, sx {sx.shape}, wq {wq.shape} "
+            f"({w_layout}), sw {sw.shape}"
         )
     why = supported(k, n, config)
     if why:
@@ -308,12 +327,12 @@ def int8_outlier_matmul(
     nsteps = cdiv(k, bk)
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
-    kmajor = config.variant == "kmajor"
+    kmajor = w_nk or config.variant == "kmajor"
     kernel = functools.partial(
-        _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, outliers=outliers, kmajor=kmajor
+        _kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, outliers=outliers, kmajor=kmajor, w_nk=w_nk
     )
     operands = [x, xq, sx.astype(jnp.float32), idx, count.astype(jnp.int32).reshape(1), wq, sw.astype(jnp.float32)]
-    if kmajor:  # the int8 dot's K-major copy (the outlier rows are still gathered from wq)
+    if kmajor and not w_nk:  # the int8 dot's K-major copy, per call (the outlier rows are still gathered from wq)
         operands.append(wq.T)
     return split_k_call(
         kernel,

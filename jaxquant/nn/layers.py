@@ -33,6 +33,7 @@ from flax import nnx
 from jaxquant.core import packing
 from jaxquant.core.api import quantize
 from jaxquant.core.formats import fp8_dtype, fp8_max
+from jaxquant.core.layout import dot_codes
 from jaxquant.core.numerics import true_divide
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.ops import qdot
@@ -239,6 +240,9 @@ class Int8OutlierLinear(QLinear):
       ``|y - X W| <= 2^-11 sum_k |X_mk W_kn|`` (plus float32 accumulation, about ``K 2^-24 sum |X W|``).
       As in bitsandbytes, rows that are not stored use the dequantized int8 weights.
 
+    ``layout="nk"`` stores the int8 codes K-major (``(N, K)``), the layout the GPU kernels read without a
+    transpose (:mod:`jaxquant.core.layout`); by default a float kernel is stored ``(K, N)`` and a QArray as given.
+
     ``track_outliers=True`` records, per call, the fraction of the K input dims flagged
     (``outlier_fraction``: the last call; ``outlier_fraction_sum`` / ``outlier_calls``: the mean;
     ``outlier_fraction_max``), carried as :class:`Stat` state (eager calls or ``nnx.jit``).
@@ -253,9 +257,15 @@ class Int8OutlierLinear(QLinear):
         granularity: str = "channel",
         outlier_rows: tuple[int, ...] = (),
         track_outliers: bool = False,
+        layout: str | None = None,
     ):
-        scheme = LLMInt8Scheme(threshold=threshold, granularity=granularity, outlier_rows=tuple(outlier_rows))
-        if isinstance(kernel, QArray) and isinstance(kernel.scheme, LLMInt8Scheme) and kernel.scheme != scheme:
+        given = kernel.scheme if isinstance(kernel, QArray) and isinstance(kernel.scheme, LLMInt8Scheme) else None
+        if layout is None:  # a given QArray keeps its storage; a float kernel is stored (K, N)
+            layout = given.layout if given is not None else "kn"
+        scheme = LLMInt8Scheme(
+            threshold=threshold, granularity=granularity, outlier_rows=tuple(outlier_rows), layout=layout
+        )
+        if given is not None and given != scheme:
             raise ValueError(f"Int8OutlierLinear: the QArray kernel was quantized with {kernel.scheme}, not {scheme}")
         super().__init__(_kernel(kernel, scheme, LLMInt8Scheme, "Int8OutlierLinear"), None, bias)
         self.threshold = threshold
@@ -285,6 +295,7 @@ class Int8OutlierLinear(QLinear):
             granularity=s.granularity,
             outlier_rows=s.outlier_rows,
             track_outliers=bool(config.get("track_outliers", False)),
+            layout=s.layout,
         )
 
     @property
@@ -419,9 +430,9 @@ class Fp8Linear(nnx.Module):
         xq = jnp.clip(true_divide(x2, sx), -fmax, fmax).astype(fp8_dtype(self.fmt))
         w = variable_value(self.kernel)
         if jax.default_backend() == "gpu":
-            acc = jnp.dot(xq, w.data, preferred_element_type=jnp.float32)
+            acc = dot_codes(xq, w.data, w.scheme.layout, jnp.float32)
         else:
-            acc = jnp.dot(xq.astype(jnp.float32), w.data.astype(jnp.float32), preferred_element_type=jnp.float32)
+            acc = dot_codes(xq.astype(jnp.float32), w.data.astype(jnp.float32), w.scheme.layout, jnp.float32)
         y = acc * sx * w.scale
         return _add_bias(y.reshape(*lead, -1).astype(x.dtype), self.bias)
 

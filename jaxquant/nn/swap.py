@@ -110,7 +110,12 @@ def _build(target: Scheme | LayerFactory, module: Any, path: str) -> nnx.Module:
     if isinstance(target, LLMInt8Scheme):
         kernel, bias = linear_parts(module)
         return Int8OutlierLinear(
-            kernel, bias, threshold=target.threshold, granularity=target.granularity, outlier_rows=target.outlier_rows
+            kernel,
+            bias,
+            threshold=target.threshold,
+            granularity=target.granularity,
+            outlier_rows=target.outlier_rows,
+            layout=target.layout,
         )
     if isinstance(target, Scheme):
         return QLinear.from_linear(module, target)

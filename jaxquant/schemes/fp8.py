@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.core.formats import fp8_dtype, fp8_max
+from jaxquant.core.layout import check_layout, codes_kn
 from jaxquant.core.numerics import true_divide
 from jaxquant.core.qarray import QArray, Scheme
 
@@ -37,10 +38,15 @@ class FP8Scheme(Scheme):
     Args:
       fmt: ``"e4m3"`` (float8_e4m3fn, max 448) or ``"e5m2"`` (max 57344).
       granularity: ``"tensor"`` (one scale) or ``"channel"`` (one scale per output column).
+      layout: how ``data`` stores a 2-D kernel's codes: ``"kn"`` (``(K, N)``, default; any shape with
+        ``"tensor"``) or ``"nk"`` (``(N, K)``, K-major, 2-D kernels only: the layout fp8 ``wgmma`` reads without a
+        transpose; see :mod:`jaxquant.core.layout`). Both dequantize bit for bit alike; float32 dots over the codes
+        agree to float32 rounding (XLA may order the sums differently).
     """
 
     fmt: str = "e4m3"
     granularity: str = "tensor"
+    layout: str = "kn"
 
     kind = "fp8"
 
@@ -48,12 +54,14 @@ class FP8Scheme(Scheme):
         fp8_dtype(self.fmt)  # validates fmt
         if self.granularity not in ("tensor", "channel"):
             raise ValueError(f"FP8Scheme: granularity must be 'tensor' or 'channel', got {self.granularity!r}")
+        check_layout("FP8Scheme", self.layout)
 
     def describe(self) -> str:
-        return f"fp8 {self.fmt} per-{self.granularity}"
+        kmajor = " K-major" if self.layout == "nk" else ""
+        return f"fp8 {self.fmt} per-{self.granularity}{kmajor}"
 
     def _check_shape(self, shape):
-        if self.granularity == "channel":
+        if self.granularity == "channel" or self.layout == "nk":
             super()._check_shape(shape)
 
     def _quantize(self, w: jax.Array) -> QArray:
@@ -61,8 +69,8 @@ class FP8Scheme(Scheme):
         wf = w.astype(jnp.float32)
         amax = jnp.max(jnp.abs(wf)) if self.granularity == "tensor" else jnp.max(jnp.abs(wf), axis=0)
         s = jnp.where(amax != 0, true_divide(amax, jnp.float32(fp8_max(self.fmt))), 1.0).astype(jnp.float32)
-        data = fp8_quantize_values(wf, self.fmt, s)
+        data = codes_kn(fp8_quantize_values(wf, self.fmt, s), self.layout)  # (N, K) for "nk"
         return QArray(data=data, scale=s, scheme=self, shape=shape, dtype=dtype)
 
     def _dequantize(self, q: QArray) -> jax.Array:
-        return (q.data.astype(jnp.float32) * q.scale).astype(q.dtype)
+        return (codes_kn(q.data, self.layout).astype(jnp.float32) * q.scale).astype(q.dtype)

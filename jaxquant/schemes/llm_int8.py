@@ -29,6 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxquant.core.layout import check_layout, codes_kn, dot_codes
 from jaxquant.core.numerics import true_divide
 from jaxquant.core.qarray import QArray, Scheme
 
@@ -50,11 +51,16 @@ class LLMInt8Scheme(Scheme):
         the split (plain int8 x int8).
       outlier_rows: input rows whose float16 weights are stored beside the int8 weights.
       granularity: ``"channel"`` (vector-wise: per output column of W, per row of x) or ``"tensor"``.
+      layout: how ``data`` stores the int8 codes: ``"kn"`` (``(K, N)``, default) or ``"nk"`` (``(N, K)``, K-major:
+        the layout the GPU kernels' 8-bit tensor-core dots read without a transpose; see
+        :mod:`jaxquant.core.layout`). Both dequantize bit for bit alike and give the same int8 products; the float
+        outlier product agrees to float32 rounding (XLA may order its sums differently).
     """
 
     threshold: float | None = 6.0
     outlier_rows: tuple[int, ...] = ()
     granularity: str = "channel"
+    layout: str = "kn"
 
     kind = "llm_int8"
 
@@ -69,10 +75,12 @@ class LLMInt8Scheme(Scheme):
         object.__setattr__(self, "outlier_rows", tuple(sorted(rows)))
         if self.granularity not in ("channel", "tensor"):
             raise ValueError(f"LLMInt8Scheme: granularity must be 'channel' or 'tensor', got {self.granularity!r}")
+        check_layout("LLMInt8Scheme", self.layout)
 
     def describe(self) -> str:
         split = "no split" if self.threshold is None else f"outliers>{self.threshold:g}"
-        return f"llm.int8 per-{self.granularity} {split}"
+        kmajor = " K-major" if self.layout == "nk" else ""
+        return f"llm.int8 per-{self.granularity} {split}{kmajor}"
 
     def _check_shape(self, shape):
         super()._check_shape(shape)
@@ -87,17 +95,19 @@ class LLMInt8Scheme(Scheme):
         aux = {}
         if self.outlier_rows:
             aux["outlier_weight"] = wf[jnp.asarray(self.outlier_rows)].astype(jnp.float16)
+        data = codes_kn(data, self.layout)  # (N, K) for "nk": the transpose of (K, N) is its own inverse
         return QArray(data=data, scale=scale.astype(jnp.float32), aux=aux, scheme=self, shape=shape, dtype=dtype)
 
     def _dequantize(self, q: QArray) -> jax.Array:
-        w = q.data.astype(jnp.float32) * q.scale
+        w = codes_kn(q.data, self.layout).astype(jnp.float32) * q.scale
         if self.outlier_rows:
             w = w.at[jnp.asarray(self.outlier_rows)].set(q.aux["outlier_weight"].astype(jnp.float32))
         return w.astype(q.dtype)
 
     def _dequantize_rows(self, q: QArray, idx: jax.Array) -> jax.Array:
         """Rows ``idx`` of :meth:`_dequantize` (float16 outlier rows where stored), without the full weight."""
-        w = q.data[idx].astype(jnp.float32) * q.scale
+        rows = q.data[:, idx].T if self.layout == "nk" else q.data[idx]
+        w = rows.astype(jnp.float32) * q.scale
         if self.outlier_rows:
             pos = [-1] * q.shape[0]
             for i, r in enumerate(self.outlier_rows):
@@ -140,6 +150,6 @@ class LLMInt8Scheme(Scheme):
             x_r = x2 - jnp.where(is_out[None, :], x2, 0.0)
             y_o = self._outlier_product(x2, is_out, q)
         xq, sx = _absmax_int8(x_r, axis=1 if self.granularity == "channel" else None)
-        acc = jnp.dot(xq, q.data, preferred_element_type=jnp.int32)
+        acc = dot_codes(xq, q.data, self.layout, jnp.int32)
         y = acc.astype(jnp.float32) * sx * q.scale + y_o
         return y.reshape(*lead, -1).astype(x.dtype)

@@ -40,6 +40,8 @@ SCHEMES = [
     jq.TernaryScheme(packing="base3"),
     jq.LLMInt8Scheme(threshold=5.0, outlier_rows=(2, 9)),
     jq.CastScheme("bfloat16"),
+    jq.LLMInt8Scheme(layout="nk"),  # K-major codes: the scheme's layout travels with the manifest
+    jq.FP8Scheme("e4m3", "channel", layout="nk"),
 ]
 
 

@@ -228,3 +228,69 @@ def test_heuristic_large_m_w8a8_is_prequant_and_dispatch_matches_the_reference()
     with jq.ops.kernel_mode("off"):
         y0 = jax.jit(jq.ops.qdot_fp8_w8a8)(x, q)
     assert rel_err(y, y0) <= 4e-3  # the same fp8 activations and products; bf16 output rounding
+
+
+@pytest.mark.parametrize(
+    "mode,variant,m,k",
+    [
+        ("w8a16", "", 5, 256),
+        ("w8a16", "gemv", 1, 256),
+        ("w8a16", "", 3, 200),  # K without a power-of-two step: zero-padded along the stored K axis
+        ("w8a8", "", 20, 256),
+        ("w8a8", "gemv", 2, 256),
+        ("w8a8", "prequant", 20, 300),
+        ("w8a8", "prequant+promote", 3, 256),
+    ],
+)
+def test_kmajor_storage_gives_the_same_result_bit_for_bit(mode, variant, m, k):
+    """``FP8Scheme(layout="nk")`` (codes stored ``(N, K)``, the layout fp8 ``wgmma`` reads): every variant gives
+    the ``(K, N)`` storage's output bit for bit (the same products and float32 sums), ragged M and N included."""
+    rng = np.random.default_rng(m * k)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, 80)), jnp.float32), jq.FP8Scheme("e4m3", "channel"))
+    q_nk = jq.relayout(q, "nk")
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    bm = 8 if variant == "gemv" else 16
+    cfg = BlockConfig(bm, 32, 64, 2, variant=variant)
+    y = fp8_matmul(x, q.data, q.scale, mode=mode, config=cfg, interpret=True)
+    y_nk = fp8_matmul(x, q_nk.data, q_nk.scale, mode=mode, config=cfg, w_layout="nk", interpret=True)
+    np.testing.assert_array_equal(np.asarray(y_nk), np.asarray(y))
+    ref = fp8_matmul_reference(x, q_nk.data, q_nk.scale, mode=mode, w_layout="nk")
+    assert rel_err(y_nk, ref) <= 4e-3
+
+
+def test_kmajor_storage_prequant_copies_nothing_per_call():
+    """``prequant`` reads a K-major weight: from ``(K, N)`` storage XLA transposes the whole weight in every call,
+    from ``(N, K)`` storage (``FP8Scheme(layout="nk")``) nothing is transposed (the CUDA lowering's StableHLO)."""
+    from pallas_kernels import _triton_tools as tt
+
+    cfg = BlockConfig(128, 128, 64, 1, num_warps=8, num_stages=4, variant="prequant")
+    x = shape_struct((512, 1024), jnp.bfloat16)
+    sw = shape_struct((256,), jnp.float32)
+
+    def hlo(layout, shape):
+        fn = functools.partial(fp8_matmul, mode="w8a8", config=cfg, w_layout=layout)
+        return tt.export_cuda(fn, x, shape_struct(shape, jnp.float8_e4m3fn), sw)
+
+    assert "stablehlo.transpose" in hlo("kn", (1024, 256))
+    assert "stablehlo.transpose" not in hlo("nk", (256, 1024))
+
+
+@requires_triton
+def test_kmajor_storage_small_m_has_no_byte_loads_sm90():
+    """At M = 16 (``mma.sync``) a ``(K, N)`` fp8 tile is read from shared memory byte by byte (``LDS.U8``); stored
+    ``(N, K)`` it is read by ``ldmatrix`` (sm_90 machine code of the 16x64x128 W8A16 and W8A8 tiles)."""
+    from pallas_kernels import _triton_tools as tt
+
+    cfg = BlockConfig(16, 64, 128, 4, num_warps=4, num_stages=4)
+    k = n = 8192
+
+    def profile(mode, layout):
+        w = shape_struct((n, k) if layout == "nk" else (k, n), jnp.float8_e4m3fn)
+        fn = functools.partial(fp8_matmul, mode=mode, config=cfg, w_layout=layout)
+        call = cuda_lowering(fn, shape_struct((16, k), jnp.bfloat16), w, shape_struct((n,), jnp.float32))[-1]
+        return tt.k_loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages), k // (128 * 4))
+
+    for mode in ("w8a16", "w8a8"):
+        kn, nk = profile(mode, "kn"), profile(mode, "nk")
+        assert kn.count("LDS.U8") >= 32 and nk.count("LDS.U8") == 0, mode
+        assert nk.instructions < kn.instructions, (mode, nk.instructions, kn.instructions)

@@ -29,20 +29,24 @@ def np_llm_int8(x, wq, sw, threshold):
 
 
 @pytest.mark.parametrize(
-    "m,k,n,threshold,bk,split,variant",
+    "m,k,n,threshold,bk,split,variant,layout",
     [
-        (1, 256, 96, 6.0, 64, 1, ""),
-        (19, 200, 80, 6.0, 128, 1, ""),
-        (4, 128, 64, None, 64, 1, ""),
-        (1, 512, 96, 6.0, 64, 4, ""),  # split-K: outliers added once (split 0), partial sums added by XLA
-        (19, 300, 80, 6.0, 64, 3, ""),  # ragged K with split-K
-        (19, 300, 80, 6.0, 64, 1, "kmajor"),  # (N, K) weight copy: ragged M, N and K
-        (33, 256, 96, None, 64, 2, "kmajor"),
+        (1, 256, 96, 6.0, 64, 1, "", "kn"),
+        (19, 200, 80, 6.0, 128, 1, "", "kn"),
+        (4, 128, 64, None, 64, 1, "", "kn"),
+        (1, 512, 96, 6.0, 64, 4, "", "kn"),  # split-K: outliers added once (split 0), partial sums added by XLA
+        (19, 300, 80, 6.0, 64, 3, "", "kn"),  # ragged K with split-K
+        (19, 300, 80, 6.0, 64, 1, "kmajor", "kn"),  # (N, K) weight copy: ragged M, N and K
+        (33, 256, 96, None, 64, 2, "kmajor", "kn"),
+        (19, 300, 80, 6.0, 64, 3, "", "nk"),  # weight stored (N, K): ragged M, N, K, split-K, outliers gathered along K
+        (1, 256, 96, 6.0, 64, 1, "", "nk"),
+        (33, 256, 96, None, 64, 2, "kmajor", "nk"),
     ],
 )
-def test_interpret_matches_float64(m, k, n, threshold, bk, split, variant):
+def test_interpret_matches_float64(m, k, n, threshold, bk, split, variant, layout):
     rng = np.random.default_rng(m + k)
-    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.LLMInt8Scheme(threshold=threshold))
+    scheme = jq.LLMInt8Scheme(threshold=threshold, layout=layout)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), scheme)
     xn = rng.standard_normal((m, k)).astype(np.float32)
     xn[:, rng.choice(k, 21, replace=False)] *= 25.0  # more outlier dims than one 16-wide chunk
     x = jnp.asarray(xn)
@@ -58,9 +62,47 @@ def test_interpret_matches_float64(m, k, n, threshold, bk, split, variant):
         q.scale,
         config=BlockConfig(16, 32, bk, split_k=split, variant=variant),
         outliers=threshold is not None,
+        w_layout=layout,
         interpret=True,
     )
-    assert rel_err(y, np_llm_int8(xn, q.data, q.scale, threshold)) < 2e-3  # rare 1-code differences in x_q
+    wq = q.data.T if layout == "nk" else q.data
+    assert rel_err(y, np_llm_int8(xn, wq, q.scale, threshold)) < 2e-3  # rare 1-code differences in x_q
+
+
+@pytest.mark.parametrize("variant,m", [("", 7), ("kmajor", 40), ("prepass", 3)])
+def test_kmajor_storage_gives_the_same_result_bit_for_bit(variant, m):
+    """``LLMInt8Scheme(layout="nk")`` (codes stored ``(N, K)``) through ``qdot``'s kernel: the same output as the
+    ``(K, N)`` storage, bit for bit (the int8 sums are exact; the outlier terms are the same products in the same
+    order), and as the XLA path of either layout."""
+    from pallas_kernels import tuning
+
+    rng = np.random.default_rng(m)
+    w = jnp.asarray(rng.standard_normal((320, 72)), jnp.float32)
+    xn = rng.standard_normal((m, 320)).astype(np.float32)
+    xn[:, [5, 77, 200]] *= 30.0
+    x = jnp.asarray(xn, jnp.bfloat16)
+    q_kn = jq.quantize(w, jq.LLMInt8Scheme())
+    q_nk = jq.relayout(q_kn, "nk")
+    assert q_nk.data.shape == (72, 320) and q_nk.scheme == jq.LLMInt8Scheme(layout="nk")
+    table = tuning.TABLE.setdefault(tuning.device_key(), {})
+    saved = table.get("int8_outlier")
+    table["int8_outlier"] = [(1 << 62, BlockConfig(16, 32, 64, split_k=2, variant=variant))]
+    try:
+        jax.clear_caches()
+        with jq.ops.kernel_mode("interpret"):
+            assert jq.ops.explain_qdot(x, q_nk).startswith("kernel: int8_outlier")
+            y_nk, y_kn = jq.qdot(x, q_nk), jq.qdot(x, q_kn)
+    finally:
+        if saved is None:
+            del table["int8_outlier"]
+        else:
+            table["int8_outlier"] = saved
+        jax.clear_caches()
+    with jq.ops.kernel_mode("off"):
+        y0_nk, y0_kn = jq.qdot(x, q_nk), jq.qdot(x, q_kn)
+    np.testing.assert_array_equal(np.asarray(y_nk), np.asarray(y_kn))
+    np.testing.assert_array_equal(np.asarray(y0_nk), np.asarray(y0_kn))
+    assert rel_err(y_nk, y0_kn) <= 4e-3
 
 
 def test_dispatch_equals_scheme_xla_path():
@@ -130,6 +172,31 @@ def test_kmajor_int8_loop_has_no_byte_transposes_sm90():
     assert nk.instructions <= 0.6 * kn.instructions, (nk.instructions, kn.instructions)
     assert heuristic("int8_outlier", 4096, 8192, 8192, sms=132).variant == "kmajor"
     assert heuristic("int8_outlier", 16, 8192, 8192, sms=132).variant == ""
+
+
+@requires_triton
+def test_kmajor_storage_small_m_reads_whole_tiles_sm90():
+    """At M <= 16 (``mma.sync``, int8 ``IMMA``) a ``(K, N)`` weight tile is read from shared memory byte by byte
+    (``LDS.U8``, then ``PRMT`` to assemble the K-major fragments); stored ``(N, K)`` it is read by ``ldmatrix``
+    (``LDSM``) without any byte load: measured on the sm_90 machine code of the table's 16x64x128 split-4 tile at
+    K = N = 8192 (one trip of the K loop or, where Triton unrolled it, the kernel per trip)."""
+    from pallas_kernels import _triton_tools as tt
+
+    cfg = BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4)
+
+    def profile(layout):
+        args = _kernel_args(16, 8192, 8192)
+        if layout == "nk":
+            args[5] = shape_struct((8192, 8192), jnp.int8)
+        fn = functools.partial(int8_outlier_matmul, config=cfg, outliers=False, w_layout=layout)
+        call = cuda_lowering(fn, *args)[0]
+        sass = tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages)
+        return tt.k_loop_profile(sass, trips=8192 // (128 * 4), mma=("IMMA", "IGMMA"))
+
+    kn, nk = profile("kn"), profile("nk")
+    assert kn.count("IMMA") == nk.count("IMMA") > 0
+    assert kn.count("LDS.U8") >= 32 and nk.count("LDS.U8") == 0 and nk.count("LDSM") > 0
+    assert nk.instructions <= 0.5 * kn.instructions, (nk.instructions, kn.instructions)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -66,3 +66,33 @@ def test_loop_profile_finds_loads_used_in_the_same_trip():
 def test_loop_profile_without_loop_is_an_error():
     with pytest.raises(ValueError, match="no backward branch"):
         tt.loop_profile("        /*0000*/                   EXIT ;\n")
+
+
+UNROLLED = """
+        /*0000*/                   LDSM.16.M88.4 R4, [R3] ;
+        /*0010*/                   IMMA.16832.S8.S8.SAT R8, R4.ROW, R6.COL, R8 ;
+        /*0020*/                   LDSM.16.M88.4 R4, [R3+0x100] ;
+        /*0030*/                   IMMA.16832.S8.S8.SAT R8, R4.ROW, R6.COL, R8 ;
+.L_x_5:
+        /*0040*/                   LDG.E.U8 R5, desc[UR4][R6.64] ;
+        /*0050*/                   I2F.S8 R5, R5 ;
+        /*0060*/                   HMMA.1684.F32.TF32 R12, R4, R5, R12 ;
+        /*0070*/               @P0 BRA `(.L_x_5) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_k_loop_profile_picks_the_dot_loop_or_divides_an_unrolled_kernel():
+    """The K loop is the loop holding the dot's tensor-core opcode, not the longest loop (here a float32 outlier
+    loop); a fully unrolled K loop is the whole kernel over its trips; a kernel without tensor cores (a GEMV) is
+    profiled by its longest loop."""
+    p = tt.k_loop_profile(UNROLLED, trips=2, mma=("IMMA", "IGMMA"))
+    assert p.unrolled and p.count("IMMA") == 1 and p.count("LDSM") == 1
+    assert p.instructions == 5  # the kernel's 9 instructions (EXIT and the other loop too) over 2 trips, half up
+    looped = UNROLLED.replace("HMMA.1684.F32.TF32", "IMMA.16832.S8.S8.SAT")
+    q = tt.k_loop_profile(looped, trips=2, mma=("IMMA",))
+    assert not q.unrolled and q.instructions == 4 and q.exposed_loads == 1
+    assert tt.k_loop_profile(SASS, trips=4, mma=("QGMMA",)).instructions == 6  # no such opcode: the longest loop
+    assert tt.k_loop_profile(SASS, trips=4).count("HMMA") == 1  # any tensor-core opcode by default
+    with pytest.raises(ValueError, match="trips"):
+        tt.k_loop_profile(SASS, trips=0)
