@@ -55,6 +55,7 @@ def _child() -> dict:
         "int8": IntScheme(bits=8),
         "nf4": NF4Scheme(),
         "fp8": FP8Scheme("e4m3", "channel"),
+        "fp8-nk": FP8Scheme("e4m3", "channel", layout="nk"),  # codes (N, K): the output axis first
     }
     out["quantize"] = {}
     for name, sch in schemes.items():
@@ -220,6 +221,9 @@ def test_quantize_sharded_bit_exact_and_consistent(results):
     # NF4's flat output-major layout is split by output channels
     assert q["nf4/out"]["data_spec"] == ["model"]
     assert q["fp8/out"]["scale_spec"] == ["model"]
+    # K-major codes (256, 512): column-parallel splits their first axis, row-parallel their second
+    assert q["fp8-nk/out"]["data_spec"] == ["model", None] and q["fp8-nk/out"]["data_shard_shape"] == [64, 512]
+    assert q["fp8-nk/in"]["data_spec"] == [None, "model"] and q["fp8-nk/out"]["scale_spec"] == ["model"]
 
 
 def test_model_forward_sharded_equals_unsharded(results):
