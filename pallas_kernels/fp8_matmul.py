@@ -83,7 +83,9 @@ def quantize_rows(x: jax.Array, sx: jax.Array, w_dtype) -> jax.Array:
 def fp8_matmul_reference(
     x, w, sw, *, mode: str = "w8a16", w_dtype: str | None = None, w_layout: str = "kn"
 ) -> jax.Array:
-    """XLA reference of :func:`fp8_matmul`."""
+    """XLA reference of :func:`fp8_matmul` (``w`` ``(K, N)``, or ``(N, K)`` with ``w_layout="nk"``)."""
+    if w_layout not in ("kn", "nk"):
+        raise ValueError(f"fp8_matmul_reference: w_layout must be 'kn' or 'nk', got {w_layout!r}")
     w = w.T if w_layout == "nk" else w
     sw = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (w.shape[1],))
     if mode == "w8a16":

@@ -188,6 +188,8 @@ def prepass(
 def int8_outlier_matmul_reference(x, xq, sx, is_out, wq, sw, w_layout: str = "kn") -> jax.Array:
     """XLA reference: the int8 product plus a dense masked float product over the outlier dims (``wq`` ``(K, N)``, or
     ``(N, K)`` with ``w_layout="nk"``)."""
+    if w_layout not in ("kn", "nk"):
+        raise ValueError(f"int8_outlier_matmul_reference: w_layout must be 'kn' or 'nk', got {w_layout!r}")
     wq = wq.T if w_layout == "nk" else wq
     acc = jnp.dot(xq, wq, preferred_element_type=jnp.int32)
     x_o = jnp.where(is_out[None, :], x.astype(jnp.float32), 0.0)

@@ -155,6 +155,12 @@ def test_prequant_equals_the_reference_and_rejects_w8a16():
         fp8_matmul(x, q.data, q.scale, mode="w8a16", config=cfg, interpret=True)
     with pytest.raises(ValueError, match="variant"):
         fp8_matmul(x, q.data, q.scale, mode="w8a8", config=BlockConfig(16, 32, 32, variant="tma"), interpret=True)
+    with pytest.raises(ValueError, match="w_layout"):
+        fp8_matmul(x, q.data, q.scale, mode="w8a8", config=cfg, w_layout="t", interpret=True)
+    with pytest.raises(ValueError, match="w_layout"):
+        fp8_matmul_reference(x, q.data, q.scale, mode="w8a8", w_layout="NK")
+    with pytest.raises(ValueError, match="do not contract"):  # a (K, N) weight passed as (N, K)
+        fp8_matmul(x, q.data, q.scale, mode="w8a8", config=cfg, w_layout="nk", interpret=True)
 
 
 def test_fp8_dot_primitive_outside_kernels():

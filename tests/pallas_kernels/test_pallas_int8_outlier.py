@@ -103,6 +103,13 @@ def test_kmajor_storage_gives_the_same_result_bit_for_bit(variant, m):
     np.testing.assert_array_equal(np.asarray(y_nk), np.asarray(y_kn))
     np.testing.assert_array_equal(np.asarray(y0_nk), np.asarray(y0_kn))
     assert rel_err(y_nk, y0_kn) <= 4e-3
+    xq, sx, is_out = quantize_activations(x, 6.0)
+    idx, count = outlier_indices(is_out)
+    args = (x, xq, sx, idx, count, q_kn.data, q_kn.scale)
+    with pytest.raises(ValueError, match="w_layout"):
+        int8_outlier_matmul(*args, config=BlockConfig(16, 32, 64), w_layout="km", interpret=True)
+    with pytest.raises(ValueError, match="shapes disagree"):  # a (K, N) weight passed as (N, K)
+        int8_outlier_matmul(*args, config=BlockConfig(16, 32, 64), w_layout="nk", interpret=True)
 
 
 def test_dispatch_equals_scheme_xla_path():
