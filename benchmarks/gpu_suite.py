@@ -17,7 +17,9 @@ Sections: ``env`` (devices, versions), ``ceilings`` (copy bandwidth, bf16 matmul
 vs the XLA path and float64 NumPy on ragged shapes, M=1, both activation dtypes, run twice to expose races),
 ``bench:<kernel>`` (benchmarks/kernels.py), optionally ``tune`` (a few block configs of the int4 kernel) and,
 with ``--tune-variants``, ``tune_kernels`` (fp8 W8A8 at M=K=N=8192, LLM.int8 at M=4096, ternary, W1.58A8, NF4 and
-int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``).
+int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``), and ``trace`` after the benchmark (``--trace-budget-s``, default 40;
+0 skips it): one call of each main kernel at ``--trace-m`` under the profiler, the device kernels it launches and
+their times (``benchmarks/device_trace.py``).
 """
 
 from __future__ import annotations
@@ -470,12 +472,88 @@ def section_tune_kernels(args) -> dict[str, Any]:
     return {"rows": rows}
 
 
+#: kernels traced by ``section_trace`` (with a bf16 ``jnp.dot`` of the same shape first)
+TRACE_KERNELS = ("int4_g128", "nf4", "int8_outlier_nk", "fp8_w8a8_nk", "ternary_w158a8")
+
+
+def section_trace(args) -> dict[str, Any]:
+    """Per main kernel and M, the device kernels one ``qdot`` call launches (profiler trace, kernel mode "on",
+    the device's current configs): the Pallas kernel's own time against the launches around it and the gaps."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxquant as jq
+    from benchmarks import kernels as kb
+    from benchmarks.device_trace import trace_calls
+    from jaxquant.ops import kernel_mode
+
+    t_start = time.time()
+    rows = []
+    ms = [1, 16] if args.dry_run else [int(v) for v in args.trace_m.split(",")]
+    k, n = (256, 256) if args.dry_run else (int(v) for v in args.tune_kn.split("x"))
+    mode = "interpret" if args.dry_run else "on"
+    calls = 3 if args.dry_run else 20
+    for m in ms:
+        for name in ("bf16", *TRACE_KERNELS):
+            if time.time() - t_start > args.budget_s:
+                break
+            row: dict[str, Any] = {"kernel": name, "m": m, "k": k, "n": n, "calls": calls, "key": f"{name}|{m}"}
+            if row["key"] in _skips(args):
+                continue
+            _mark(args, row)
+            try:
+                key = jax.random.PRNGKey(m)
+                w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
+                if name == "bf16":
+                    x = jax.random.normal(jax.random.fold_in(key, 1), (m, k), jnp.bfloat16)
+                    res = trace_calls(jax.jit(jnp.dot), (x, w.astype(jnp.bfloat16)), calls)
+                else:
+                    spec = kb.SPECS[name]
+                    q = jq.quantize(w, spec.scheme())
+                    x = kb._activations(spec.activations, jax.random.fold_in(key, 1), m, k)
+                    op = jq.qdot if spec.direct is None else kb._direct_fn(spec, args.dry_run)
+                    jax.clear_caches()  # traced under this mode with the device's configs
+                    with kernel_mode(mode):
+                        res = trace_calls(jax.jit(op), (x, q), calls)
+                row.update(res)
+                row["kernels"] = res["kernels"][:8]
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            _write_partial(args.result, {"rows": rows})
+    return {"rows": rows}
+
+
+def _trace_summary(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| kernel | M | wall µs / call | device busy µs | first-to-last µs | launches "
+        "| kernels (µs per call; ×count) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['kernel']} | {r['m']} | – | – | – | – | {r['error'][:150]} |")
+            continue
+        ks = "; ".join(
+            f"`{k['name'][:48]}` {k['us_per_call']:.1f}" + (f" ×{k['per_call']:g}" if k["per_call"] != 1 else "")
+            for k in r.get("kernels", [])
+        )
+        launches = sum(k["per_call"] for k in r.get("kernels", []))
+        out.append(
+            f"| {r['kernel']} | {r['m']} | {r['wall_us']:.1f} | {r['busy_us']:.1f} | {r['span_us']:.1f} "
+            f"| {launches:g} | {ks} |"
+        )
+    return "\n".join(out)
+
+
 SECTIONS = {
     "env": section_env,
     "ceilings": section_ceilings,
     "check": section_check,
     "tune": section_tune,
     "tune_kernels": section_tune_kernels,
+    "trace": section_trace,
 }
 
 
@@ -705,6 +783,10 @@ def orchestrate(a) -> int:
             rows = [{"kernel": name, "error": res["error"]}]
         bench_rows += rows
     report["bench"] = bench_rows
+    if a.trace_budget_s > 5:  # its own budget: where each main kernel's time goes
+        tr_args = ["--budget-s", str(a.trace_budget_s), "--trace-m", a.trace_m, "--tune-kn", a.tune_kn]
+        report["trace"] = _run_resilient("trace", tr_args, a.trace_budget_s + 60, tmp, a.dry_run)
+        report["tune_kn"] = a.tune_kn
     tune_s = a.tune_budget_s if a.tune_budget_s is not None else left() - 20
     if a.tune and tune_s > 5:  # by default only with the time left over
         tune_args = ["--budget-s", str(tune_s), "--m", a.tune_m, "--tune-kn", a.tune_kn]
@@ -773,6 +855,21 @@ def _write_report(a, report: dict[str, Any]) -> None:
         if "error" in chk:
             lines += [f"check section: {chk['error']}", ""]
         lines += [_check_table(chk.get("rows", [])), ""]
+    tr = report.get("trace")
+    if tr:
+        tr_rows = tr.get("rows", [])
+        kn = (tr_rows[0]["k"], tr_rows[0]["n"]) if tr_rows and "k" in tr_rows[0] else ("?", "?")
+        calls = tr_rows[0].get("calls", "?") if tr_rows else "?"
+        lines += [
+            f"## Device trace (K={kn[0]}, N={kn[1]}; one call's kernels, `benchmarks/device_trace.py`)",
+            "",
+            f"Kernel mode 'on' with this device's current configs; {calls} traced calls after warm-up; busy = sum "
+            "of the kernels' device times per call, first-to-last = first kernel start to last kernel end of the "
+            "calls / their number.",
+            "",
+            _trace_summary(tr_rows),
+            "",
+        ]
     tune = report.get("tune")
     if tune:
         kn = report.get("tune_kn", "4096x4096").split("x")
@@ -845,6 +942,10 @@ def main(argv: list[str] | None = None) -> int:
         default=120.0,
         help="with --tune-variants: budget of the other kernels' variant sweep (TUNE_KERNEL_CONFIGS), after int4's",
     )
+    p.add_argument(
+        "--trace-budget-s", type=float, default=40.0, help="device-trace section budget (0: skip; after the benchmark)"
+    )
+    p.add_argument("--trace-m", default="1,16", help="M values of the device trace")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results; dry run: a temp folder)")
     # internal: run one section in this process
