@@ -134,3 +134,16 @@ def test_model_swap_keeps_the_scheme_layout():
     q = jq.quantize(_w(32, 16), jq.LLMInt8Scheme())
     with pytest.raises(ValueError, match="quantized with"):
         Int8OutlierLinear(q, layout="nk")
+
+
+def test_checkpoints_written_before_layouts_load_as_kn():
+    """A manifest from before the ``layout`` field (no such key) must read as ``(K, N)`` storage: that is how its
+    codes were written. Guards against a future change of the default."""
+    from jaxquant.io.checkpoint import _scheme_from_json
+
+    for cls, fields in (
+        ("LLMInt8Scheme", {"threshold": 6.0, "outlier_rows": [], "granularity": "channel"}),
+        ("FP8Scheme", {"fmt": "e4m3", "granularity": "channel"}),
+    ):
+        s = _scheme_from_json({"class": cls, "module": "jaxquant.schemes", "fields": fields})
+        assert s.layout == "kn", cls
