@@ -348,6 +348,9 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("int8_outlier_nk", (16, 64, 128, 4, 4, 4, "")),
     ("int8_outlier_nk", (16, 64, 128, 8, 4, 4, "")),
     ("int8_outlier_nk", (16, 64, 128, 4, 4, 4, "prepass")),
+    # no split-K (256 programs of 32 columns fill 132 SMs): no XLA sum after the kernel; with prepass two launches
+    ("int8_outlier_nk", (16, 32, 128, 1, 4, 4, "prepass")),
+    ("int8_outlier_nk", (16, 32, 128, 1, 4, 4, "")),
     ("fp8_w8a8_nk", (16, 64, 128, 4, 4, 4, "prequant")),  # 140 instructions per trip vs 611 (in-kernel act quant)
     ("fp8_w8a8_nk", (128, 128, 64, 1, 8, 4, "prequant", (8192,))),
     ("int8_outlier_nk", (128, 128, 64, 1, 8, 4, "kmajor", (4096,))),
