@@ -331,7 +331,9 @@ def _llm_int8_adapter(x, w: QArray, m: int, interpret: bool):
             interpret=interpret,
         )  # fmt: skip
 
-    return run, f"int8_outlier {cfg}"
+    copy = cfg.variant == "kmajor" and s.layout == "kn"
+    note = " (a K-major copy of the (K, N) weight per call: store it (N, K), jq.relayout(q, 'nk'))" if copy else ""
+    return run, f"int8_outlier {cfg}{note}"
 
 
 def _fp8_adapter(x, w: QArray, m: int, interpret: bool):

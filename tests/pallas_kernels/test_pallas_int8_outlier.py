@@ -91,6 +91,8 @@ def test_kmajor_storage_gives_the_same_result_bit_for_bit(variant, m):
         jax.clear_caches()
         with jq.ops.kernel_mode("interpret"):
             assert jq.ops.explain_qdot(x, q_nk).startswith("kernel: int8_outlier")
+            assert ("relayout" in jq.ops.explain_qdot(x, q_kn)) == (variant == "kmajor")  # the per-call copy is named
+            assert "relayout" not in jq.ops.explain_qdot(x, q_nk)
             y_nk, y_kn = jq.qdot(x, q_nk), jq.qdot(x, q_kn)
     finally:
         if saved is None:
