@@ -19,7 +19,8 @@ vs the XLA path and float64 NumPy on ragged shapes, M=1, both activation dtypes,
 with ``--tune-variants``, ``tune_kernels`` (fp8 W8A8 at M=K=N=8192, LLM.int8 at M=4096, ternary, W1.58A8, NF4 and
 int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``), and ``trace`` after the benchmark (``--trace-budget-s``, default 40;
 0 skips it): one call of each main kernel at ``--trace-m`` under the profiler, the device kernels it launches and
-their times (``benchmarks/device_trace.py``).
+their times (``benchmarks/device_trace.py``). ``--wall-s`` bounds the whole run (a device's per-call limit): section
+timeouts are clipped so that the report is written in time, and it is rewritten after every section.
 """
 
 from __future__ import annotations
@@ -736,20 +737,42 @@ def _against_current(rows: list[dict[str, Any]], device: str) -> str:
     return "\n".join(lines)
 
 
+#: seconds kept free at the end of ``--wall-s`` for writing the report
+WALL_RESERVE_S = 20.0
+
+
 def orchestrate(a) -> int:
     t_start = time.time()
     tmp = tempfile.mkdtemp(prefix="gpu_suite_")
     report: dict[str, Any] = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     report["commit"] = git_commit(12)
+    skipped: list[str] = []
+    report["skipped"] = skipped
 
     def left() -> float:
         return a.budget_s - (time.time() - t_start)
 
-    env = _run_section("env", [], 120, tmp, a.dry_run)
+    def wall(timeout: float) -> float:
+        """``timeout`` clipped to what ``--wall-s`` leaves (minus the report's reserve)."""
+        if a.wall_s is None:
+            return timeout
+        return min(timeout, a.wall_s - (time.time() - t_start) - WALL_RESERVE_S)
+
+    def run(name: str, extra: list[str], timeout: float, resilient: bool = True) -> dict[str, Any] | None:
+        t = wall(timeout) if name != "env" else min(timeout, max(30.0, wall(timeout)))  # env: always (the device)
+        if t < 15:
+            skipped.append(f"{name}: --wall-s {a.wall_s:g} reached")
+            return None
+        res = (_run_resilient if resilient else _run_section)(name, extra, t, tmp, a.dry_run)
+        report["total_seconds"] = round(time.time() - t_start, 1)
+        _write_report(a, report, final=False)  # a run cut off later still leaves this much
+        return res
+
+    env = run("env", [], 120, resilient=False) or {"error": "skipped"}
     report["env"] = env
     if "error" in env:
         print("environment check failed; stopping", flush=True)
-    ceil = _run_section("ceilings", [], min(90, max(30, left())), tmp, a.dry_run)
+    ceil = run("ceilings", [], min(90, max(30, left())), resilient=False) or {"error": "skipped"}
     report["ceilings"] = {k: v for k, v in ceil.items() if k not in ("seconds",)}
     ceil_file = os.path.join(tmp, "ceilings.json")
     if "copy_bytes_per_s" in ceil:
@@ -760,60 +783,65 @@ def orchestrate(a) -> int:
     else:
         plan = PLAN
     if not a.skip_check:
-        chk = _run_resilient(
-            "check",
-            ["--kernels", ",".join(p[0] for p in plan)],
-            min(a.check_timeout_s, max(30, left())),
-            tmp,
-            a.dry_run,
-        )
-        report["check"] = chk
+        chk = run("check", ["--kernels", ",".join(p[0] for p in plan)], min(a.check_timeout_s, max(30, left())))
+        if chk is not None:
+            report["check"] = chk
     bench_rows: list[dict[str, Any]] = []
     report["sections"] = {}
+    report["bench"] = bench_rows
     for name, ms, kns, budget in plan:
-        remaining = left()
+        remaining = wall(left())
         if remaining < 20:
-            bench_rows.append({"kernel": name, "error": "skipped: suite time budget"})
+            why = "suite time budget" if remaining == left() else f"--wall-s {a.wall_s:g}"
+            bench_rows.append({"kernel": name, "error": f"skipped: {why}"})
             continue
         per = min(budget, remaining - 8)
         extra_args = ["--kernels", name, "--budget-s", str(per), "--m", ms, "--kn", kns]
         if os.path.exists(ceil_file):
             extra_args += ["--ceilings", ceil_file]
-        res = _run_resilient(f"bench:{name}", extra_args, per + 40, tmp, a.dry_run)
+        res = run(f"bench:{name}", extra_args, per + 40)
+        if res is None:
+            bench_rows.append({"kernel": name, "error": "skipped: --wall-s"})
+            continue
         report["sections"][name] = {k: v for k, v in res.items() if k != "rows"}
         rows = res.get("rows", [])
         if not rows and "error" in res:
             rows = [{"kernel": name, "error": res["error"]}]
         bench_rows += rows
-    report["bench"] = bench_rows
     if a.trace_budget_s > 5:  # its own budget: where each main kernel's time goes
         tr_args = ["--budget-s", str(a.trace_budget_s), "--trace-m", a.trace_m, "--tune-kn", a.tune_kn]
-        report["trace"] = _run_resilient("trace", tr_args, a.trace_budget_s + 60, tmp, a.dry_run)
-        report["tune_kn"] = a.tune_kn
+        tr = run("trace", tr_args, a.trace_budget_s + 30)
+        if tr is not None:
+            report["trace"] = tr
     tune_s = a.tune_budget_s if a.tune_budget_s is not None else left() - 20
     if a.tune and tune_s > 5:  # by default only with the time left over
         tune_args = ["--budget-s", str(tune_s), "--m", a.tune_m, "--tune-kn", a.tune_kn]
-        report["tune"] = _run_resilient(
-            "tune",
-            tune_args + (["--tune-wide"] if a.tune_wide else []) + (["--tune-variants"] if a.tune_postscale else []),
-            tune_s + 30,
-            tmp,
-            a.dry_run,
-        )
-        report["tune_kn"] = a.tune_kn
-    # its own budget, like an explicit --tune-budget-s (left() is the benchmark's budget, spent by now)
-    kernels_s = a.tune_kernels_budget_s
+        tune_args += (["--tune-wide"] if a.tune_wide else []) + (["--tune-variants"] if a.tune_postscale else [])
+        tune = run("tune", tune_args, tune_s + 30)
+        if tune is not None:
+            report["tune"] = tune
+            report["tune_kn"] = a.tune_kn
+    # its own budget, like an explicit --tune-budget-s (left() is the benchmark's budget, spent by now); with
+    # --wall-s the sweep gets what is left (its cases run most promising first)
+    kernels_s = min(a.tune_kernels_budget_s, wall(a.tune_kernels_budget_s + 30) - 30)
+    if a.tune and a.tune_postscale and kernels_s <= 5 and a.tune_kernels_budget_s > 5:
+        skipped.append(f"tune_kernels: --wall-s {a.wall_s:g} reached")
     if a.tune and a.tune_postscale and kernels_s > 5:
         tk_args = ["--budget-s", str(kernels_s), "--m", a.tune_m, "--tune-kn", a.tune_kn]
-        report["tune_kernels"] = _run_resilient("tune_kernels", tk_args, kernels_s + 30, tmp, a.dry_run)
-        report["tune_kn"] = a.tune_kn
+        tk = run("tune_kernels", tk_args, kernels_s + 30)
+        if tk is not None:
+            report["tune_kernels"] = tk
+            report["tune_kn"] = a.tune_kn
     report["total_seconds"] = round(time.time() - t_start, 1)
     _write_report(a, report)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
-def _write_report(a, report: dict[str, Any]) -> None:
+def _write_report(a, report: dict[str, Any], final: bool = True) -> None:
+    """Write ``<device>.md`` / ``.json`` (and copy them to ``$OUT``); ``final=False``: an interim version written
+    after each section (marked as such, not printed) so that a run cut off by the device's time limit still
+    leaves its results."""
     from benchmarks.kernels import format_table
 
     env = report.get("env", {})
@@ -832,9 +860,12 @@ def _write_report(a, report: dict[str, Any]) -> None:
         f"- date (UTC): {report['started']}",
         f"- commit: {report['commit']}",
         f"- JAX {env.get('jax', '?')}, Python {env.get('python', '?')}, backend {env.get('backend', '?')}",
-        f"- written by `benchmarks/gpu_suite.py` in {report['total_seconds']} s"
-        + (" (**dry run: Pallas interpreter on CPU, timings meaningless**)" if a.dry_run else ""),
+        f"- written by `benchmarks/gpu_suite.py` in {report.get('total_seconds', '?')} s"
+        + (" (**dry run: Pallas interpreter on CPU, timings meaningless**)" if a.dry_run else "")
+        + ("" if final else " (**interim: the suite was still running**)"),
     ]
+    if report.get("skipped"):
+        lines.append(f"- skipped at the wall-clock limit: {'; '.join(report['skipped'])}")
     if "copy_bytes_per_s" in ceil:
         lines.append(
             f"- measured ceilings: device-to-device copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
@@ -900,15 +931,17 @@ def _write_report(a, report: dict[str, Any]) -> None:
     atomic_write(md_path, text, mode=0o644)
     jsonl = os.path.join(out_dir, f"{dev}.json")
     atomic_write(jsonl, json.dumps(report, indent=1, default=str), mode=0o644)
-    print("\n" + text, flush=True)
-    print(f"wrote {md_path} and {jsonl}", flush=True)
+    if final:
+        print("\n" + text, flush=True)
+        print(f"wrote {md_path} and {jsonl}", flush=True)
     out_env = os.environ.get("OUT")
     if out_env and os.path.isdir(out_env):
         for p in (md_path, jsonl):
             dst = os.path.join(out_env, os.path.basename(p))
             if os.path.abspath(dst) != os.path.abspath(p):  # --out $OUT already wrote them there
                 shutil.copy(p, dst)
-        print(f"copied to {out_env}", flush=True)
+        if final:
+            print(f"copied to {out_env}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -921,6 +954,13 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU dry run: tiny shapes through the Pallas interpreter, report to a temp folder",
     )
     p.add_argument("--budget-s", type=float, default=300.0, help="total time budget of the suite (seconds)")
+    p.add_argument(
+        "--wall-s",
+        type=float,
+        default=None,
+        help="hard wall-clock limit of the whole run: section timeouts are clipped so that the report is written "
+        f"{WALL_RESERVE_S:g} s before it (a device's per-call limit); the report is also rewritten after each section",
+    )
     p.add_argument("--per-kernel-s", type=float, default=40.0, help="benchmark budget per kernel with --kernels")
     p.add_argument("--check-timeout-s", type=float, default=75.0)
     p.add_argument("--kernels", default="", help="comma list (default: the built-in plan: five main kernels, extras)")

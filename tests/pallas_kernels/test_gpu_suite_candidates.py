@@ -38,3 +38,24 @@ def test_every_sweep_case_traces_as_its_kernel(monkeypatch):
             assert "pallas_call" in jaxpr, (name, m, cfg)
             cases += 1
     assert cases >= 60
+
+
+def test_wall_clock_limit_still_writes_the_report(tmp_path):
+    """``--wall-s``: sections that no longer fit before the limit (minus the report's reserve) are skipped and
+    named, and the report is written in time (a CPU dry run: the environment section always runs, the rest is
+    skipped)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_suite.py"), "--dry-run", "--wall-s", "32"]
+    cmd += ["--kernels", "int4_g128", "--m", "1", "--kn", "256x256", "--no-tune", "--skip-check"]
+    cmd += ["--trace-budget-s", "0", "--out", str(tmp_path)]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=120)
+    assert time.time() - t0 < 32
+    text = (tmp_path / "cpu-dry-run.md").read_text()
+    assert "skipped: --wall-s 32" in text and "interim" not in text and "ceilings: --wall-s 32 reached" in text
+    assert (tmp_path / "cpu-dry-run.json").exists()
