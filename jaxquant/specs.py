@@ -64,9 +64,17 @@ _FIXED: dict[str, tuple[str, Scheme | None]] = {
     "fp8-e4m3": ("fp8 e4m3 weights, one fp32 scale per output channel", FP8Scheme("e4m3", "channel")),
     "fp8-e5m2": ("fp8 e5m2 weights, one fp32 scale per output channel", FP8Scheme("e5m2", "channel")),
     "fp8-e4m3-tensor": ("fp8 e4m3 weights, one fp32 scale per tensor", FP8Scheme("e4m3", "tensor")),
+    "fp8-e4m3-nk": (
+        "fp8 e4m3 weights, per-channel scales, codes stored K-major (N, K) for the GPU kernels (same results)",
+        FP8Scheme("e4m3", "channel", layout="nk"),
+    ),
     "llm-int8": (
         "LLM.int8(): int8 vector-wise weights and activations, |x|>6 feature dims in float",
         LLMInt8Scheme(threshold=6.0),
+    ),
+    "llm-int8-nk": (
+        "LLM.int8() with the int8 codes stored K-major (N, K), the layout the GPU kernels read (same results)",
+        LLMInt8Scheme(threshold=6.0, layout="nk"),
     ),
     "w8a8": ("int8 vector-wise weights and activations, no outlier split", LLMInt8Scheme(threshold=None)),
     "w8a8-tensor": (

@@ -147,3 +147,13 @@ def test_checkpoints_written_before_layouts_load_as_kn():
     ):
         s = _scheme_from_json({"class": cls, "module": "jaxquant.schemes", "fields": fields})
         assert s.layout == "kn", cls
+
+
+def test_k_major_specs():
+    """SPECs for the CLI and the decode benchmark: the same schemes stored K-major."""
+    from jaxquant.specs import list_specs, parse_spec
+
+    for name, base in (("llm-int8-nk", "llm-int8"), ("fp8-e4m3-nk", "fp8-e4m3")):
+        assert name in list_specs()
+        (_, s), (_, b) = parse_spec(name).rules[0], parse_spec(base).rules[0]
+        assert s.layout == "nk" and s == jq.relayout(jq.quantize(_w(), b), "nk").scheme
