@@ -758,8 +758,11 @@ def orchestrate(a) -> int:
             return timeout
         return min(timeout, a.wall_s - (time.time() - t_start) - WALL_RESERVE_S)
 
-    def run(name: str, extra: list[str], timeout: float, resilient: bool = True) -> dict[str, Any] | None:
-        t = wall(timeout) if name != "env" else min(timeout, max(30.0, wall(timeout)))  # env: always (the device)
+    def run(
+        name: str, extra: list[str], timeout: float, resilient: bool = True, always: bool = False
+    ) -> dict[str, Any] | None:
+        """Run a section within ``--wall-s`` (``always``: at least 30 s, even past it); ``None`` if skipped."""
+        t = min(timeout, max(30.0, wall(timeout))) if always else wall(timeout)
         if t < 15:
             skipped.append(f"{name}: --wall-s {a.wall_s:g} reached")
             return None
@@ -768,7 +771,7 @@ def orchestrate(a) -> int:
         _write_report(a, report, final=False)  # a run cut off later still leaves this much
         return res
 
-    env = run("env", [], 120, resilient=False) or {"error": "skipped"}
+    env = run("env", [], 120, resilient=False, always=True)  # the device: every report needs it
     report["env"] = env
     if "error" in env:
         print("environment check failed; stopping", flush=True)

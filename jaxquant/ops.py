@@ -307,13 +307,10 @@ def _llm_int8_adapter(x, w: QArray, m: int, interpret: bool):
     per_row = s.granularity == "channel"
     use_prepass = cfg.variant == "prepass" and m <= km.PREPASS_MAX_M
 
-    def run(x2):
+    def split(x2):
+        """The activation split: ``(x_q, s_x, idx, count)``."""
         if use_prepass:  # the same split in one Pallas launch (bit-identical)
-            xq, sx, idx, count = km.prepass(x2, s.threshold, per_row, interpret=interpret)
-            return km.int8_outlier_matmul(
-                x2, xq, sx, idx, count, w.data, jnp.broadcast_to(w.scale, (n,)), config=cfg,
-                outliers=s.threshold is not None, w_layout=s.layout, interpret=interpret,
-            )  # fmt: skip
+            return km.prepass(x2, s.threshold, per_row, interpret=interpret)
         # the activation split exactly as LLMInt8Scheme._qdot computes it
         xf = x2.astype(jnp.float32)
         if s.threshold is None:
@@ -324,11 +321,12 @@ def _llm_int8_adapter(x, w: QArray, m: int, interpret: bool):
             x_r = xf - jnp.where(is_out[None, :], xf, 0.0)
         xq, sx = _absmax_int8(x_r, axis=1 if per_row else None)
         sx = jnp.broadcast_to(sx.reshape(-1), (x2.shape[0],))
-        sw = jnp.broadcast_to(w.scale, (n,))
-        idx, count = km.outlier_indices(is_out)
+        return (xq, sx, *km.outlier_indices(is_out))
+
+    def run(x2):
         return km.int8_outlier_matmul(
-            x2, xq, sx, idx, count, w.data, sw, config=cfg, outliers=s.threshold is not None, w_layout=s.layout,
-            interpret=interpret,
+            x2, *split(x2), w.data, jnp.broadcast_to(w.scale, (n,)), config=cfg, outliers=s.threshold is not None,
+            w_layout=s.layout, interpret=interpret,
         )  # fmt: skip
 
     copy = cfg.variant == "kmajor" and s.layout == "kn"

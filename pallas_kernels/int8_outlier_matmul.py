@@ -221,9 +221,10 @@ def supported(k: int, n: int, cfg: BlockConfig) -> str | None:
 def _kernel(
     x_ref, xq_ref, sx_ref, idx_ref, cnt_ref, wq_ref, sw_ref, *refs, m, k, n, bm, bn, bk, steps, outliers, kmajor, w_nk
 ):
-    # kmajor: the int8 dot reads (BN, BK) tiles of an (N, K) array: wq itself when it is stored (N, K) (w_nk), else a
-    # copy passed after sw (variant "kmajor" over (K, N) storage)
-    wt_ref, o_ref = (refs if len(refs) == 2 else (wq_ref, refs[0])) if kmajor else (None, refs[0])
+    # kmajor: the int8 dot reads (BN, BK) tiles of an (N, K) array: a copy passed after sw (variant "kmajor" over
+    # (K, N) storage), else wq itself when it is stored (N, K) (w_nk)
+    o_ref = refs[-1]
+    wt_ref = refs[0] if len(refs) == 2 else (wq_ref if kmajor else None)
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
     mvec = m0 + jnp.arange(bm)

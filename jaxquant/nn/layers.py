@@ -22,6 +22,7 @@ variables' values with :func:`layer_from_saved` (used by :mod:`jaxquant.io.check
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -281,22 +282,20 @@ class Int8OutlierLinear(QLinear):
         kernel, bias = linear_parts(module)
         return cls(kernel, bias, **kw)
 
+    @staticmethod
+    def scheme_options(scheme: LLMInt8Scheme) -> dict[str, Any]:
+        """The constructor options that reproduce ``scheme``: every field of it (``threshold``, ``outlier_rows``,
+        ``granularity``, ``layout``), so that none is dropped on the way."""
+        return {f.name: getattr(scheme, f.name) for f in dataclasses.fields(scheme)}
+
     def layer_config(self) -> dict[str, Any]:
         return {"track_outliers": self.track_outliers}
 
     @classmethod
     def from_saved(cls, config: dict[str, Any], values: dict[str, Any]) -> Int8OutlierLinear:
         q = values["kernel"]
-        s = q.scheme
-        return cls(
-            q,
-            values.get("bias"),
-            threshold=s.threshold,
-            granularity=s.granularity,
-            outlier_rows=s.outlier_rows,
-            track_outliers=bool(config.get("track_outliers", False)),
-            layout=s.layout,
-        )
+        track = bool(config.get("track_outliers", False))
+        return cls(q, values.get("bias"), track_outliers=track, **cls.scheme_options(q.scheme))
 
     @property
     def outlier_fraction_mean(self) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 from flax import nnx
 
 from jaxquant.core.qarray import QArray, Scheme
-from jaxquant.nn.layers import LAYER_CLASSES, Int8OutlierLinear, QLinear, linear_parts, variable_value
+from jaxquant.nn.layers import LAYER_CLASSES, Int8OutlierLinear, QLinear, variable_value
 from jaxquant.schemes import LLMInt8Scheme
 
 __all__ = [
@@ -108,15 +108,7 @@ def _check_target(i: int, target: Any) -> None:
 
 def _build(target: Scheme | LayerFactory, module: Any, path: str) -> nnx.Module:
     if isinstance(target, LLMInt8Scheme):
-        kernel, bias = linear_parts(module)
-        return Int8OutlierLinear(
-            kernel,
-            bias,
-            threshold=target.threshold,
-            granularity=target.granularity,
-            outlier_rows=target.outlier_rows,
-            layout=target.layout,
-        )
+        return Int8OutlierLinear.from_linear(module, **Int8OutlierLinear.scheme_options(target))
     if isinstance(target, Scheme):
         return QLinear.from_linear(module, target)
     new = target(module, path) if getattr(target, "_jaxquant_path_aware", False) else target(module)
