@@ -55,6 +55,7 @@ TUNING_NAME = {
     "int4_g128": "int4",
     "int4_g128_asym": "int4",
     "int8_w8a16": "int8w",
+    "int3_g128": "int3w",
     "nf4": "nf4",
     "int8_outlier": "int8_outlier",
     "int8_outlier_nk": "int8_outlier",
@@ -89,7 +90,7 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
     spec = SPECS[name]
     tname = TUNING_NAME[name]
     cfg = tuning.get_config(tname, m, k, n, device)
-    if variants.get(tname) == "gemv" and tname in tuning._GEMV_PER_BYTE:
+    if variants.get(tname) == "gemv" and tname in tuning._GEMV_K_PER_UNIT:
         cfg = tuning.gemv_config(tname, m, k, n)
     elif tname in variants:
         cfg = dataclasses.replace(cfg, variant=variants[tname])

@@ -54,6 +54,8 @@ class KernelSpec:
     activations: str = "normal"  # "normal" or "outliers" (a few large feature dims, for LLM.int8)
     # an explicit kernel call replacing qdot (for kernels with their own activation quantization), or None
     direct: str | None = None
+    # the largest M the kernel itself takes (GEMV-only kernels); above it qdot takes the XLA path by design
+    max_m: int | None = None
 
 
 def _specs() -> dict[str, KernelSpec]:
@@ -65,6 +67,7 @@ def _specs() -> dict[str, KernelSpec]:
             "W4A16 int4 asym (zero points) g128",
         ),
         KernelSpec("int8_w8a16", lambda: jq.IntScheme(bits=8), "W8A16 int8 per-channel"),
+        KernelSpec("int3_g128", lambda: jq.IntScheme(bits=3, group_size=128), "W3A16 int3 sym g128 (GEMV)", max_m=8),
         KernelSpec("nf4", lambda: jq.NF4Scheme(block_size=64), "NF4 b64 (bitsandbytes layout)"),
         KernelSpec(
             "int8_outlier",

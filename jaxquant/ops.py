@@ -126,7 +126,7 @@ def explain_qdot(x: jax.Array, w: QArray) -> str:
     return f"xla: {why}"
 
 
-_INT_KERNEL = {4: "int4", 8: "int8w", 2: "int2w"}
+_INT_KERNEL = {4: "int4", 8: "int8w", 3: "int3w", 2: "int2w"}
 
 
 def _routed_dequant_applies(x, w: QArray) -> bool:
@@ -484,7 +484,7 @@ def qdot_dequant_dot(x: jax.Array, w: QArray) -> jax.Array:
     the same result bit for bit (for large ``M``, where the dense GEMM beats a fused kernel and the XLA
     dequantization is the slow part).
 
-    Integer schemes (2/4/8-bit, sym / zero point / min-max, any group size with whole tiles) and NF4 (with or
+    Integer schemes (2/3/4/8-bit, sym / zero point / min-max, any group size with whole tiles) and NF4 (with or
     without double quantization, whole ``128 x 128`` tiles); elsewhere, on CPU
     or in kernel mode ``"off"`` the XLA dequantization (in mode ``"on"``: an error instead).
     """

@@ -1,9 +1,12 @@
-"""Weight-only integer matmul (W4A16, W8A16, W2A16): ``y = x @ dequant(W)`` with the dequantization fused.
+"""Weight-only integer matmul (W4A16, W8A16, W3A16, W2A16): ``y = x @ dequant(W)`` with the dequantization fused.
 
 Weights come in jaxquant's ``IntScheme`` storage, read as is (no conversion): for a ``(K, N)`` kernel,
 
 * ``bits=4``: ``uint8 (ceil(K/2), N)``, row ``2r`` in the low nibble of packed row ``r``, row ``2r+1`` high;
 * ``bits=2``: ``uint8 (ceil(K/4), N)``, row ``4r+j`` in bits ``2j..2j+1`` of packed row ``r``;
+* ``bits=3``: ``uint32 (3*ceil(K/32), N)``, a dense bit stream: the 32 rows ``32u + j`` of chunk ``u`` occupy
+  stream bits ``[3j, 3j+3)`` of the three little-endian words in packed rows ``3u, 3u+1, 3u+2`` (codes 10 and
+  21 straddle two words); GEMV and dequantization kernels only (see ``variant="gemv"``);
 * ``bits=8``: ``int8 (K, N)`` (symmetric, signed codes) or ``uint8 (K, N)``;
 * ``scale`` ``(G, N)`` (float16/bfloat16/float32), one row per group of ``group_size`` consecutive K rows (the
   last group may be shorter); per-channel ``(1, N)`` with ``group_size >= K``;
@@ -39,11 +42,16 @@ rate conversion on sm_90): 363 instead of 642 instructions per K-loop trip for t
 benchmarks (``python benchmarks/kernel_sass.py``).
 
 * ``variant="gemv"`` (small ``M``, memory bound): no tensor-core dot. Each program owns ``BM`` (1..8) rows and a
-  wide ``BN`` column tile and keeps one float32 ``(BK/(8/bits), BN)`` accumulator per row in registers: every
-  K step unpacks the packed tile with shifts/masks, dequantizes it (one scale row per step), multiplies it
-  elementwise by the matching activations broadcast along N, and adds; the accumulator is reduced over K once,
-  at the end. The activations are reordered once by XLA (a ``(K, M)`` copy, tiny at small ``M``) so that each
-  nibble position's activations are a contiguous column.
+  wide ``BN`` column tile and keeps one float32 ``(BK/chunk, BN)`` accumulator per row in registers (``chunk``:
+  K rows per packed unit, 8/bits bytes or 32 for 3 bits): every K step unpacks the packed tile with shifts/masks
+  into ``chunk`` code tiles, dequantizes them (one scale row per step), multiplies each elementwise by the
+  matching activations broadcast along N, and adds; the accumulator is reduced over K once, at the end. The
+  activations are reordered once by XLA (a ``(K, M)`` copy, tiny at small ``M``) so that each code position's
+  activations are a contiguous column. 3-bit weights are read through a free row-major reshape of the storage
+  to ``(ceil(K/32), 3N)``: the three words of a chunk are three contiguous column tiles of one row (masked
+  loads; no strided or out-of-bounds reads), and the two straddling codes take one extra shift and OR. Only
+  the GEMV reads 3-bit weights: a tensor-core dot per code position would contract ``BK/32`` rows, and mma needs
+  16, i.e. K steps of 512 rows, longer than a 128-row group.
 
 ``split_k > 1`` writes float32 partial sums that XLA adds (deterministic, a second small pass; fills the GPU
 when ``M`` is small).
@@ -92,7 +100,7 @@ class IntLayout:
     """Static description of the packed weight (hashable: a static jit argument).
 
     Attributes:
-      bits: 2, 4 or 8.
+      bits: 2, 3, 4 or 8.
       mode: ``"sym"``, ``"zeropoint"`` or ``"minmax"`` (see module docstring).
       k, n: logical weight shape ``(K, N)``.
       group_size: K rows per scale row; ``None`` for one scale row (per channel / per tensor).
@@ -105,8 +113,8 @@ class IntLayout:
     group_size: int | None = None
 
     def __post_init__(self):
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"IntLayout.bits must be 2, 4 or 8, got {self.bits!r}")
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"IntLayout.bits must be 2, 3, 4 or 8, got {self.bits!r}")
         if self.mode not in _MODES:
             raise ValueError(f"IntLayout.mode must be one of {_MODES}, got {self.mode!r}")
         if self.k <= 0 or self.n <= 0:
@@ -115,12 +123,33 @@ class IntLayout:
             raise ValueError(f"IntLayout.group_size must be positive or None, got {self.group_size!r}")
 
     @property
-    def per_byte(self) -> int:
-        return 8 // self.bits
+    def dense(self) -> bool:
+        """3-bit codes: a dense bit stream of 32 codes in 3 ``uint32`` words (not whole codes per byte)."""
+        return self.bits == 3
+
+    @property
+    def chunk(self) -> int:
+        """K rows per packed unit: ``8 // bits`` per byte, or 32 per three-word chunk (3 bits)."""
+        return 32 if self.dense else 8 // self.bits
+
+    @property
+    def words(self) -> int:
+        """Packed rows per unit: 1, or 3 words per 32-row chunk (3 bits)."""
+        return self.bits if self.dense else 1
+
+    @property
+    def units(self) -> int:
+        """Packed units along K (bytes / 32-row chunks per column)."""
+        return cdiv(self.k, self.chunk)
 
     @property
     def packed_rows(self) -> int:
-        return cdiv(self.k, self.per_byte)
+        return self.units * self.words
+
+    @property
+    def storage_dtype(self):
+        """The packed array's dtype (``int8`` storage is also accepted for symmetric 8-bit codes)."""
+        return jnp.dtype(jnp.uint32 if self.dense else jnp.uint8)
 
     @property
     def groups(self) -> int:
@@ -134,9 +163,12 @@ def _unpack_codes(packed: jax.Array, layout: IntLayout) -> jax.Array:
     """Codes ``(K, N)`` as int32 (signed for int8 storage)."""
     if layout.bits == 8:
         return packed.astype(jnp.int32)[: layout.k]
-    per, b = layout.per_byte, layout.bits
-    p = packed.astype(jnp.int32)
-    parts = [(p >> (b * j)) & ((1 << b) - 1) for j in range(per)]
+    if layout.dense:
+        w = packed.astype(jnp.uint32).reshape(layout.units, layout.words, -1)
+        parts = _dense_code_tiles([w[:, i] for i in range(layout.words)], layout.bits)
+    else:
+        p = packed.astype(jnp.int32)
+        parts = _code_tiles(p, layout)
     return jnp.stack(parts, axis=1).reshape(-1, packed.shape[1])[: layout.k]
 
 
@@ -199,11 +231,13 @@ def _effective_block_k(layout: IntLayout, cfg: BlockConfig) -> int | None:
 
 
 def _min_block_k(layout: IntLayout, cfg: BlockConfig) -> int:
+    if layout.dense:
+        return layout.chunk  # (1, BN) word tiles at the least: any group of 32k rows
     if cfg.variant == "gemv":
-        return layout.per_byte * 8  # packed tile rows >= 8 (no dot)
+        return layout.chunk * 8  # packed tile rows >= 8 (no dot)
     # each code tile feeds a dot whose contraction must be >= 16 (mma k16)
-    min_bk = 16 * (layout.per_byte if not cfg.variant.startswith("interleave") else 1)
-    return max(min_bk, layout.per_byte * 8)  # packed tile rows >= 8
+    min_bk = 16 * (layout.chunk if not cfg.variant.startswith("interleave") else 1)
+    return max(min_bk, layout.chunk * 8)  # packed tile rows >= 8
 
 
 def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
@@ -215,6 +249,11 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
         return (
             f"group_size={layout.group_size} too small for a {layout.bits}-bit K step "
             f"(the kernel needs groups that are multiples of {need})"
+        )
+    if layout.dense and cfg.variant != "gemv":
+        return (
+            f"{layout.bits}-bit weights run only as the GEMV (variant 'gemv', M <= 8): a tensor-core dot per code "
+            "position would need K steps of 512 rows"
         )
     if cfg.variant == "gemv":
         if cfg.block_m > 8 or cfg.block_n < 16:
@@ -251,10 +290,44 @@ def _native(layout: IntLayout, s_dtype, cdtype, w_round) -> bool:
 
 
 def _code_tiles(p, layout: IntLayout) -> list:
-    """The ``per_byte`` code tiles of a packed int32 tile: code ``j`` is bits ``bits*j ..`` (K row ``per*r + j``)."""
-    if layout.per_byte == 1:
+    """The ``chunk`` code tiles of a packed int32 tile (2/4/8 bits): code ``j`` is bits ``bits*j ..`` (K row
+    ``chunk*r + j``)."""
+    if layout.chunk == 1:
         return [p]
-    return [(p >> (layout.bits * jj)) & ((1 << layout.bits) - 1) for jj in range(layout.per_byte)]
+    return [(p >> (layout.bits * jj)) & ((1 << layout.bits) - 1) for jj in range(layout.chunk)]
+
+
+def _dense_code_tiles(words: list, bits: int) -> list:
+    """The 32 int32 code tiles of a dense ``bits``-wide stream given as its ``bits`` uint32 word tiles: code ``j``
+    is stream bits ``[bits*j, bits*(j+1))``, i.e. ``word >> off`` OR-ed with the next word's low bits where it
+    straddles two words (logical shifts: the words are unsigned)."""
+    mask = jnp.uint32((1 << bits) - 1)
+    tiles = []
+    for j in range(32):
+        w, off = divmod(bits * j, 32)
+        v = words[w] >> jnp.uint32(off) if off else words[w]
+        if off + bits > 32:
+            v = v | (words[w + 1] << jnp.uint32(32 - off))
+        tiles.append((v & mask).astype(jnp.int32))
+    return tiles
+
+
+def _load_code_tiles(w_ref, u0, pu: int, n0, bn: int, mask, layout: IntLayout) -> list:
+    """The code tiles (int32) of packed units ``u0 .. u0+pu`` and columns ``n0 ..``: ``chunk`` tiles of ``(pu, BN)``.
+
+    2/4/8 bits: one ``(pu, BN)`` load of ``w_ref`` (the storage as is). 3 bits: ``w_ref`` is the storage reshaped to
+    ``(units, 3N)`` and word ``i`` of the chunks is the column tile ``i*N + n0 ..`` (``mask`` applies to each)."""
+    if not layout.dense:
+        return _code_tiles(load(w_ref.at[pl.ds(u0, pu), pl.ds(n0, bn)], mask).astype(jnp.int32), layout)
+    n = layout.n
+    words = [load(w_ref.at[pl.ds(u0, pu), pl.ds(i * n + n0, bn)], mask) for i in range(layout.words)]
+    return _dense_code_tiles(words, layout.bits)
+
+
+def _kernel_weight(packed: jax.Array, layout: IntLayout) -> jax.Array:
+    """The packed storage as the kernels read it: as is, or (3 bits) the row-major reshape ``(units, 3N)`` (free in
+    XLA: the same bytes), so a chunk's three words are one row."""
+    return packed.reshape(layout.units, layout.words * layout.n) if layout.dense else packed
 
 
 def _group_rows(s_ref, z_ref, g, n0: int, bn: int, nmask, native: bool, int_zero: bool):
@@ -295,7 +368,7 @@ def _kernel(
     else:
         x_ref, w_ref, s_ref, z_ref, o_ref = refs
     k, n = layout.k, layout.n
-    per, bits = layout.per_byte, layout.bits
+    per, bits = layout.chunk, layout.bits
     pk = bk // per  # packed rows per step
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
@@ -365,8 +438,7 @@ def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int
     else:
         xt_ref, w_ref, s_ref, z_ref, o_ref = refs
     k, n = layout.k, layout.n
-    per = layout.per_byte
-    pk = bk // per
+    pk = bk // layout.chunk  # packed units per step
     i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0 = i * bm, j * bn
     nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
@@ -377,18 +449,17 @@ def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int
     def body(t, accs):
         kb = sk * steps + t
         k0 = kb * bk
-        r0 = kb * pk
-        wmask = and_masks(nmask, (r0 + jnp.arange(pk) < layout.packed_rows)[:, None] if k_ragged else None)
-        p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
+        u0 = kb * pk
+        wmask = and_masks(nmask, (u0 + jnp.arange(pk) < layout.units)[:, None] if k_ragged else None)
         g = k0 // gs
         s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         accs = list(accs)
-        for jj, c in enumerate(_code_tiles(p, layout)):
+        for jj, c in enumerate(_load_code_tiles(w_ref, u0, pk, n0, bn, wmask, layout)):
             # the XLA path's weights (float32 operations, then its roundings), back in float32 for the accumulation
             w = _weight_tile(c, s, z, None, layout, sym_int8, False, w_round, cdtype).astype(jnp.float32)
             for mi in range(bm):
-                # activations k0 + jj + per * r, r < pk: a contiguous column of the reordered (K, M) copy
+                # activations k0 + jj + chunk * r, r < pk: a contiguous column of the reordered (K, M) copy
                 xc = xt_ref[pl.ds(k0 + jj * pk, pk), pl.ds(m0 + mi, 1)].astype(jnp.float32)
                 accs[mi] = accs[mi] + xc * w
         return tuple(accs)
@@ -404,7 +475,8 @@ def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int
 
 
 def _gemv_activations(x: jax.Array, mp: int, kp: int, bk: int, per: int) -> jax.Array:
-    """``(Kp, Mp)`` copy of ``x`` (zero-padded) with row ``kb*bk + j*pk + r`` = column ``kb*bk + per*r + j``."""
+    """``(Kp, Mp)`` copy of ``x`` (zero-padded) with row ``kb*bk + j*pk + r`` = column ``kb*bk + per*r + j``
+    (``pk = bk / per``; ``per`` = K rows per packed unit)."""
     m, k = x.shape
     x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
     pk = bk // per
@@ -445,8 +517,7 @@ def int_matmul(
     """
     if x.ndim != 2 or x.shape[1] != layout.k:
         raise ValueError(f"int_matmul: x must be (M, {layout.k}), got {x.shape}")
-    if packed.shape != (layout.packed_rows, layout.n):
-        raise ValueError(f"int_matmul: packed weight must be {(layout.packed_rows, layout.n)}, got {packed.shape}")
+    _check_packed(packed, layout, "int_matmul")
     why = supported(layout, config, x.dtype)
     if why:
         raise ValueError(f"int_matmul: unsupported: {why}")
@@ -469,7 +540,7 @@ def int_matmul(
     w_round = weight_rounding(w_dtype)
     if variant == "gemv":
         return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
-    if variant.split("+")[0] == "strided" and layout.per_byte > 1 and (m % bm or layout.k % bk):
+    if variant.split("+")[0] == "strided" and layout.chunk > 1 and (m % bm or layout.k % bk):
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - layout.k)))
         operands[0] = x
     split = largest_divisor_at_most(nsteps, config.split_k)
@@ -500,11 +571,22 @@ def int_matmul(
     )
 
 
+def _check_packed(packed: jax.Array, layout: IntLayout, fn: str) -> None:
+    if packed.shape != (layout.packed_rows, layout.n):
+        raise ValueError(f"{fn}: packed weight must be {(layout.packed_rows, layout.n)}, got {packed.shape}")
+    ok = (layout.storage_dtype,) + ((jnp.dtype(jnp.int8),) if layout.bits == 8 else ())
+    if packed.dtype not in ok:
+        raise ValueError(
+            f"{fn}: {layout.bits}-bit codes are stored as {' or '.join(d.name for d in ok)}, got {packed.dtype}"
+        )
+
+
 def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, nsteps: int, w_round, interpret):
     m = x.shape[0]
     bm, bn = config.block_m, config.block_n
     mp = cdiv(m, bm) * bm
-    xt = _gemv_activations(x, mp, nsteps * bk, bk, layout.per_byte)
+    w_operands = [_kernel_weight(w_operands[0], layout), *w_operands[1:]]
+    xt = _gemv_activations(x, mp, nsteps * bk, bk, layout.chunk)
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     gs = layout.group_size if layout.group_size is not None else nsteps * bk
@@ -532,15 +614,14 @@ def _dequant_kernel(*refs, layout: IntLayout, bk: int, bn: int, gs: int, w_round
         z_ref = None
     else:
         w_ref, s_ref, z_ref, o_ref = refs
-    per = layout.per_byte
+    per = layout.chunk
     pk = bk // per
     kb, j = pl.program_id(0), pl.program_id(1)
     k0, n0 = kb * bk, j * bn
-    p = w_ref[pl.ds(kb * pk, pk), pl.ds(n0, bn)].astype(jnp.int32)
     native = _native(layout, s_ref.dtype, out_dtype, w_round)
     s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, None, native, native)
     sym_int8 = w_ref.dtype == jnp.int8
-    for jj, c in enumerate(_code_tiles(p, layout)):
+    for jj, c in enumerate(_load_code_tiles(w_ref, kb * pk, pk, n0, bn, None, layout)):
         tile = _weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, out_dtype)
         rows = pl.ds(k0, bk) if per == 1 else pl.ds(k0 + jj, pk, stride=per)  # code jj: rows k0 + jj + per*r
         o_ref[rows, pl.ds(n0, bn)] = tile
@@ -551,7 +632,7 @@ def dequantize_supported(layout: IntLayout, block_k: int = 128, block_n: int = 1
     bk = min(block_k, _largest_pow2_divisor(layout.group_size)) if layout.group_size is not None else block_k
     if layout.k % bk or layout.n % block_n:
         return f"(K, N) = ({layout.k}, {layout.n}) not a multiple of the ({bk}, {block_n}) tile (no masked tiles)"
-    if bk // layout.per_byte < 8:
+    if bk < (layout.chunk if layout.dense else layout.chunk * 8):
         return f"group_size={layout.group_size} too small for a {layout.bits}-bit tile"
     return None
 
@@ -574,18 +655,18 @@ def int_dequantize(
 
     For large ``M``, where a fused matmul kernel loses to the dense tensor-core GEMM, ``jnp.dot(x, int_dequantize(
     ...))`` is the XLA path with a faster dequantization: the same weights, the same dot, the same result.
-    Grid ``(K / BK, N / BN)``: each program loads one packed ``(BK / per_byte, BN)`` tile and its scale (and zero)
-    row and stores each code's tile to its rows ``k0 + j + per_byte * r`` with a strided store.
+    Grid ``(K / BK, N / BN)``: each program loads one packed ``(BK / chunk, BN)`` tile (three word tiles for 3 bits)
+    and its scale (and zero) row and stores each code's tile to its rows ``k0 + j + chunk * r`` with a strided
+    store.
 
     Raises ``ValueError`` for shapes :func:`dequantize_supported` rejects (callers use the XLA dequantization).
     """
     why = dequantize_supported(layout, block_k, block_n)
     if why:
         raise ValueError(f"int_dequantize: unsupported: {why}")
-    if packed.shape != (layout.packed_rows, layout.n):
-        raise ValueError(f"int_dequantize: packed must be {(layout.packed_rows, layout.n)}, got {packed.shape}")
+    _check_packed(packed, layout, "int_dequantize")
     scale = scale.reshape(layout.groups, layout.n)
-    operands = [packed, scale]
+    operands = [_kernel_weight(packed, layout), scale]
     if layout.mode != "sym":
         if zero is None:
             raise ValueError(f"int_dequantize: mode={layout.mode!r} needs zero")

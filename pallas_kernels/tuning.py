@@ -128,7 +128,8 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     Small ``M`` is memory bound: narrow ``N`` tiles and split-K until about two programs per SM stream
     weights. Large ``M`` is compute bound: 128x128 tiles (wgmma on Hopper), 8 warps.
 
-    Kernel names: ``int4``, ``int8w``, ``int2w`` (weight-only integer), ``nf4``, ``int8_outlier``,
+    Kernel names: ``int4``, ``int8w``, ``int3w``, ``int2w`` (weight-only integer; 3-bit: GEMV only, so ``M > 8``
+    gets a config the kernel rejects and ``qdot`` takes the XLA path), ``nf4``, ``int8_outlier``,
     ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``.
     """
     sms = sms or _num_sms()
@@ -188,30 +189,40 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
 #: kernels whose heuristic takes the GEMV up to this ``M``: only where a GPU measured it faster than the 16-row
 #: tensor-core kernel (fp8 W8A8 at M=1, H200 and H100); the dot kernel won for int8 W8A16, ternary and fp8
 #: W8A16 at every M <= 16, and the int4 dot kernel's sm_90 K loop needs fewer instructions than its GEMV (416
-#: "split" vs 688 per 8192 weights, benchmarks/kernel_sass.py)
-_GEMV_HEURISTIC = {"fp8_w8a8": 1}
+#: "split" vs 688 per 8192 weights, benchmarks/kernel_sass.py). 3-bit weights have only the GEMV (up to M=8).
+_GEMV_HEURISTIC = {"fp8_w8a8": 1, "int3w": 8}
 
-#: kernels with a ``variant="gemv"`` path, and their weights per byte (K rows per packed row)
-_GEMV_PER_BYTE = {"int4": 2, "int8w": 1, "int2w": 4, "fp8_w8a16": 1, "fp8_w8a8": 1, "ternary": 4, "ternary_a8": 4}
+#: kernels with a ``variant="gemv"`` path, and their K rows per packed unit (a byte; 32 per three-word 3-bit chunk)
+_GEMV_K_PER_UNIT = {
+    "int4": 2,
+    "int8w": 1,
+    "int3w": 32,
+    "int2w": 4,
+    "fp8_w8a16": 1,
+    "fp8_w8a8": 1,
+    "ternary": 4,
+    "ternary_a8": 4,
+}
 
 
 def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> BlockConfig:
-    """The ``variant="gemv"`` config for ``M <= 8`` (memory bound) of the kernels in ``_GEMV_PER_BYTE``.
+    """The ``variant="gemv"`` config for ``M <= 8`` (memory bound) of the kernels in ``_GEMV_K_PER_UNIT``.
 
     ``BN=128`` columns per program, ``BM`` = ``M`` rounded up to a power of two, a K step of about
     ``32 / BM`` packed rows (at least 8; 8 warps and twice that from ``BM=4``), so the per-row float32
     accumulators stay near 32 registers per thread (100-134 registers in all for sm_90, no spills, compiled on
-    the CPU), and split-K until about four programs per SM. Not yet measured on a GPU.
+    the CPU), and split-K until about four programs per SM. 3-bit weights: a 128-row step (four chunks, 32 code
+    tiles; 48 registers at ``BM=1``). Not yet measured on a GPU.
     """
     sms = sms or _num_sms()
-    per = _GEMV_PER_BYTE[kernel]
+    per = _GEMV_K_PER_UNIT[kernel]
     bm = 1
     while bm < m:
         bm *= 2
     bn = 128
     warps = 4 if bm <= 2 else 8
     # 2-bit weights unpack four tiles per step: half the packed rows keeps registers in line (209 -> 89 at BM=1)
-    pk = max(8, (32 if warps == 4 else 64) // bm // (2 if per == 4 else 1))
+    pk = max(8, (32 if warps == 4 else 64) // bm // (2 if per == 4 else 1)) if per < 32 else 4
     bk = pk * per
     tiles = cdiv(m, bm) * cdiv(n, bn)
     nsteps = cdiv(k, bk)

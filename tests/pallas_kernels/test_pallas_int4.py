@@ -1,4 +1,4 @@
-"""int4/int8/int2 weight-only kernel: interpret-mode numerics, CUDA lowering, cubin compilation."""
+"""int4/int8/int3/int2 weight-only kernel: interpret-mode numerics, CUDA lowering, cubin compilation."""
 
 from __future__ import annotations
 
@@ -83,6 +83,12 @@ GEMV_CASES = [
     (5, 200, 80, 4, 64, False, "zeropoint", 8, 32, 2, jnp.float32),  # ragged K, N and M; short last group
     (3, 300, 64, 8, 128, False, "minmax", 4, 16, 1, jnp.float16),
     (2, 384, 64, 8, None, True, "zeropoint", 2, 32, 3, jnp.bfloat16),  # int8 storage, per channel
+    # 3-bit dense stream (GEMV only): 32 code tiles per 128-row step, the straddling codes 10 and 21
+    (1, 256, 128, 3, 128, True, "zeropoint", 1, 128, 2, jnp.bfloat16),
+    (5, 200, 80, 3, 64, False, "zeropoint", 8, 64, 2, jnp.float32),  # ragged K (a partial chunk), N and M
+    (3, 300, 64, 3, 128, False, "minmax", 4, 128, 1, jnp.float16),  # short last group
+    (2, 384, 64, 3, None, True, "zeropoint", 2, 256, 3, jnp.bfloat16),  # per channel
+    (4, 96, 48, 3, 32, True, "zeropoint", 4, 32, 1, jnp.float32),  # one chunk per step
 ]  # 2-bit GEMV: see test_pallas_ternary.py::test_gemv_matches_float64
 
 
@@ -136,6 +142,31 @@ def test_heuristic_and_gemv_configs_are_supported():
     assert supported(IntLayout(4, "sym", 256, 64, 128), BlockConfig(block_m=16, variant="gemv"), jnp.bfloat16)
 
 
+def test_int3_is_gemv_only_and_routes_larger_m_to_xla():
+    """3-bit weights: the heuristic gives the GEMV up to M=8 (supported at g128, g64 and per channel); above it a
+    config the kernel rejects with its reason, so qdot takes the XLA path (same result); M=1 runs the kernel."""
+    from pallas_kernels import tuning
+
+    for g in (128, 64, None):
+        layout = IntLayout(bits=3, mode="sym", k=8192, n=8192, group_size=g)
+        for m in (1, 2, 5, 8):
+            cfg = tuning.heuristic("int3w", m, 8192, 8192, sms=132)
+            assert cfg.variant == "gemv" and cfg.block_m >= m and cfg.split_k > 1
+            assert supported(layout, cfg, jnp.bfloat16) is None, (g, m, cfg)
+        why = supported(layout, tuning.heuristic("int3w", 16, 8192, 8192, sms=132), jnp.bfloat16)
+        assert why and "GEMV" in why
+    rng = np.random.default_rng(5)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((256, 96)), jnp.float32), jq.IntScheme(3, 128, symmetric=False))
+    for m, route in ((1, "kernel: int3w"), (16, "xla:")):
+        x = jnp.asarray(rng.standard_normal((m, 256)), jnp.bfloat16)
+        with jq.ops.kernel_mode("interpret"):
+            assert jq.ops.explain_qdot(x, q).startswith(route)
+            y = jax.jit(jq.qdot)(x, q)
+        with jq.ops.kernel_mode("off"):
+            y0 = jax.jit(jq.qdot)(x, q)
+        assert rel_err(y, y0) <= 2 * BOUND[jnp.bfloat16]
+
+
 def test_fresh_inputs_every_config_agree():
     """Every variant / split / block shape computes the same function on fresh random inputs."""
     rng = np.random.default_rng(7)
@@ -159,7 +190,13 @@ def test_unsupported_cases_are_reported():
     assert supported(IntLayout(4, "sym", 256, 64, group_size=128), cfg, jnp.int8)  # activation dtype
     assert supported(IntLayout(4, "sym", 256, 64, group_size=128), cfg, jnp.bfloat16) is None
     with pytest.raises(ValueError, match="bits"):
-        IntLayout(3, "sym", 256, 64)
+        IntLayout(5, "sym", 256, 64)
+    lay3 = IntLayout(3, "sym", 256, 64, group_size=128)
+    assert "GEMV" in supported(lay3, cfg, jnp.bfloat16)  # no tensor-core variant for 3 bits
+    q3 = jq.quantize(jnp.ones((256, 64), jnp.float32), jq.IntScheme(3, 128))
+    gemv = BlockConfig(block_m=1, block_n=64, block_k=128, variant="gemv")
+    with pytest.raises(ValueError, match="uint32"):  # 3-bit storage read as bytes would be a silent wrong answer
+        int_matmul(jnp.ones((1, 256)), q3.data.astype(jnp.uint8), q3.scale, None, layout=lay3, config=gemv)
     with pytest.raises(ValueError, match="power of two"):
         BlockConfig(block_m=24)
 
@@ -171,6 +208,8 @@ LOWER_CASES = [  # (bits, mode, group, variant, m)
     (4, "zeropoint", 64, "interleave", 128),
     (8, "sym", None, "", 16),
     (2, "sym", 128, "strided", 16),
+    (3, "sym", 128, "gemv", 1),
+    (3, "zeropoint", 64, "gemv", 8),
 ]
 
 
@@ -180,11 +219,11 @@ def _lower(bits, mode, group, variant, m, k=512, n=256):
     if variant == "gemv":
         from pallas_kernels import tuning
 
-        cfg = tuning.gemv_config({4: "int4", 8: "int8w", 2: "int2w"}[bits], m, k, n, sms=132)
+        cfg = tuning.gemv_config({4: "int4", 8: "int8w", 3: "int3w", 2: "int2w"}[bits], m, k, n, sms=132)
     g = layout.groups
     args = [
         shape_struct((m, k), jnp.bfloat16),
-        shape_struct((layout.packed_rows, n), jnp.int8 if (bits == 8 and mode == "sym") else jnp.uint8),
+        shape_struct((layout.packed_rows, n), jnp.int8 if (bits == 8 and mode == "sym") else layout.storage_dtype),
         shape_struct((g, n), jnp.float16),
         shape_struct((g, n), jnp.uint8) if mode != "sym" else None,
     ]
@@ -198,7 +237,7 @@ def test_lowers_to_triton_custom_call(case):
 
 
 @requires_triton
-@pytest.mark.parametrize("case", LOWER_CASES[:5], ids=lambda c: f"b{c[0]}{c[1]}g{c[2]}{c[3]}m{c[4]}")
+@pytest.mark.parametrize("case", LOWER_CASES[:5] + LOWER_CASES[6:7], ids=lambda c: f"b{c[0]}{c[1]}g{c[2]}{c[3]}m{c[4]}")
 def test_compiles_to_cubin_sm90_sm80(case):
     assert_compiles(_lower(*case), archs=(90, 80))
 
@@ -384,6 +423,8 @@ DEQUANT_SCHEMES = [
     jq.IntScheme(4, 128, symmetric=False, range="minmax"),
     jq.IntScheme(8),
     jq.IntScheme(2, 128),
+    jq.IntScheme(3, 128),
+    jq.IntScheme(3, 64, symmetric=False),
     jq.IntScheme(4, 128, scale_dtype="float32"),
 ]
 
@@ -391,7 +432,7 @@ DEQUANT_SCHEMES = [
 @pytest.mark.parametrize("scheme", DEQUANT_SCHEMES, ids=lambda s: f"b{s.bits}{'s' if s.symmetric else s.range}")
 @pytest.mark.parametrize("dt", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_qdot_dequant_dot_bit_identical_to_the_xla_path(scheme, dt):
-    """The Pallas dequantization returns exactly ``dequantize(w).astype(dt)`` (sym, zero point, min-max; 2/4/8
+    """The Pallas dequantization returns exactly ``dequantize(w).astype(dt)`` (sym, zero point, min-max; 2/3/4/8
     bits; float16 and float32 scales, including the packed-half-precision path), so ``qdot_dequant_dot`` equals
     the XLA path bit for bit."""
     from jaxquant.core.api import dequantize
