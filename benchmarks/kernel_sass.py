@@ -90,8 +90,8 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
     spec = SPECS[name]
     tname = TUNING_NAME[name]
     cfg = tuning.get_config(tname, m, k, n, device)
-    if variants.get(tname) == "gemv" and tname in tuning._GEMV_K_PER_UNIT:
-        cfg = tuning.gemv_config(tname, m, k, n)
+    if "gemv" in variants.get(tname, "") and tname in tuning._GEMV_K_PER_UNIT:
+        cfg = dataclasses.replace(tuning.gemv_config(tname, m, k, n), variant=variants[tname])
     elif tname in variants:
         cfg = dataclasses.replace(cfg, variant=variants[tname])
     row: dict[str, Any] = {"kernel": name, "m": m, "k": k, "n": n, "config": cfg}

@@ -233,7 +233,7 @@ def _effective_block_k(layout: IntLayout, cfg: BlockConfig) -> int | None:
 def _min_block_k(layout: IntLayout, cfg: BlockConfig) -> int:
     if layout.dense:
         return layout.chunk  # (1, BN) word tiles at the least: any group of 32k rows
-    if cfg.variant == "gemv":
+    if cfg.variant in _GEMV_VARIANTS:
         return layout.chunk * 8  # packed tile rows >= 8 (no dot)
     # each code tile feeds a dot whose contraction must be >= 16 (mma k16)
     min_bk = 16 * (layout.chunk if not cfg.variant.startswith("interleave") else 1)
@@ -250,19 +250,21 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
             f"group_size={layout.group_size} too small for a {layout.bits}-bit K step "
             f"(the kernel needs groups that are multiples of {need})"
         )
-    if layout.dense and cfg.variant != "gemv":
+    if layout.dense and cfg.variant not in _GEMV_VARIANTS:
         return (
             f"{layout.bits}-bit weights run only as the GEMV (variant 'gemv', M <= 8): a tensor-core dot per code "
             "position would need K steps of 512 rows"
         )
-    if cfg.variant == "gemv":
+    if cfg.variant in _GEMV_VARIANTS:
         if cfg.block_m > 8 or cfg.block_n < 16:
             return "gemv needs block_m <= 8 and block_n >= 16"
+        if cfg.variant.endswith("+postscale") and layout.mode == "minmax":
+            return "variant '+postscale' needs integer codes minus an integer offset (sym or zeropoint), not minmax"
         return None
     if cfg.block_m < 16 or cfg.block_n < 16:
         return "block_m and block_n must be >= 16"
     if cfg.variant not in _DOT_VARIANTS:
-        return f"variant {cfg.variant!r} (int kernels: {', '.join(repr(v) for v in (*_DOT_VARIANTS, 'gemv'))})"
+        return f"variant {cfg.variant!r} (int kernels: {', '.join(repr(v) for v in (*_DOT_VARIANTS, *_GEMV_VARIANTS))})"
     if cfg.variant.endswith("+postscale") and layout.mode == "minmax":
         return "variant '+postscale' needs integer codes minus an integer offset (sym or zeropoint), not minmax"
     return None
@@ -274,6 +276,11 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
 #: (fewer instructions per weight; not bit-identical to the XLA path, which rounds ``(c - zero) * s`` to the
 #: activation dtype per weight: the result is closer to float64 ``x @ dequantize(w)`` than that path)
 _DOT_VARIANTS = ("", *(f"{b}{p}" for p in ("", "+postscale") for b in ("strided", "interleave", "split")))
+
+#: GEMV variants (``M <= 8``, no dot): ``split-gemv`` loads each row's activations of a step as one contiguous
+#: ``(BK/chunk, chunk)`` tile and splits it into the code positions' columns in registers (sm_90, 3-bit g128,
+#: M=1: 5 exposed global loads per K-loop trip instead of 36 two-byte ones); ``+postscale`` as for the dots
+_GEMV_VARIANTS = tuple(f"{b}{p}" for p in ("", "+postscale") for b in ("gemv", "split-gemv"))
 
 
 def _native(layout: IntLayout, s_dtype, cdtype, w_round) -> bool:
@@ -430,8 +437,21 @@ def _kernel(
         store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
 
 
-def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int, gs: int, w_round=None):
-    """``variant="gemv"``: elementwise multiply-add into per-row register accumulators, no dot."""
+def _gemv_kernel(
+    *refs,
+    layout: IntLayout,
+    bm: int,
+    bn: int,
+    bk: int,
+    steps: int,
+    gs: int,
+    w_round=None,
+    split_x: bool = False,
+    post: bool = False,
+):
+    """``variant="gemv"``: elementwise multiply-add into per-row register accumulators, no dot. ``split_x``: each
+    row's activations of the step as one contiguous tile split in registers (``"split-gemv"``); ``post``: exact
+    integer tiles, the group scale applied once per step (``"+postscale"``)."""
     if layout.mode == "sym":
         xt_ref, w_ref, s_ref, o_ref = refs
         z_ref = None
@@ -455,13 +475,31 @@ def _gemv_kernel(*refs, layout: IntLayout, bm: int, bn: int, bk: int, steps: int
         s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         accs = list(accs)
+        if split_x:  # per row one contiguous (pk, chunk) tile of x, split into its chunk columns in registers
+            xs = [
+                split_cols(xt_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32), layout.chunk)
+                if layout.chunk > 1
+                else [xt_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32)]
+                for mi in range(bm)
+            ]
+        steps_acc = [None] * bm  # "+postscale": this step's sum of x * (c - offset), scaled once at the end
         for jj, c in enumerate(_load_code_tiles(w_ref, u0, pk, n0, bn, wmask, layout)):
-            # the XLA path's weights (float32 operations, then its roundings), back in float32 for the accumulation
-            w = _weight_tile(c, s, z, None, layout, sym_int8, False, w_round, cdtype).astype(jnp.float32)
+            if post:  # the exact integers c - offset in float32 (|c - z| <= 255)
+                w = c.astype(jnp.float32) if sym_int8 else exact_int(c, (1 << (layout.bits - 1)) if z is None else z)
+            else:  # the XLA path's weights (float32 operations, then its roundings), in float32 for the accumulation
+                w = _weight_tile(c, s, z, None, layout, sym_int8, False, w_round, cdtype).astype(jnp.float32)
             for mi in range(bm):
-                # activations k0 + jj + chunk * r, r < pk: a contiguous column of the reordered (K, M) copy
-                xc = xt_ref[pl.ds(k0 + jj * pk, pk), pl.ds(m0 + mi, 1)].astype(jnp.float32)
-                accs[mi] = accs[mi] + xc * w
+                if split_x:
+                    xc = xs[mi][jj]
+                else:
+                    # activations k0 + jj + chunk * r, r < pk: a contiguous column of the reordered (K, M) copy
+                    xc = xt_ref[pl.ds(k0 + jj * pk, pk), pl.ds(m0 + mi, 1)].astype(jnp.float32)
+                if post:
+                    steps_acc[mi] = xc * w if steps_acc[mi] is None else steps_acc[mi] + xc * w
+                else:
+                    accs[mi] = accs[mi] + xc * w
+        if post:
+            accs = [a + d * s for a, d in zip(accs, steps_acc)]
         return tuple(accs)
 
     init = tuple(jnp.zeros((pk, bn), jnp.float32) for _ in range(bm))
@@ -538,7 +576,7 @@ def int_matmul(
     nsteps = cdiv(layout.k, bk)
     variant = config.variant or "strided"
     w_round = weight_rounding(w_dtype)
-    if variant == "gemv":
+    if variant in _GEMV_VARIANTS:
         return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
     if variant.split("+")[0] == "strided" and layout.chunk > 1 and (m % bm or layout.k % bk):
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - layout.k)))
@@ -586,11 +624,27 @@ def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, ns
     bm, bn = config.block_m, config.block_n
     mp = cdiv(m, bm) * bm
     w_operands = [_kernel_weight(w_operands[0], layout), *w_operands[1:]]
-    xt = _gemv_activations(x, mp, nsteps * bk, bk, layout.chunk)
+    split_x = config.variant.startswith("split-gemv")
+    if split_x:
+        kp = nsteps * bk
+        xt = jnp.pad(x, ((0, mp - m), (0, kp - x.shape[1]))).reshape(mp, kp // layout.chunk, layout.chunk)
+    else:
+        xt = _gemv_activations(x, mp, nsteps * bk, bk, layout.chunk)
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     gs = layout.group_size if layout.group_size is not None else nsteps * bk
-    kernel = functools.partial(_gemv_kernel, layout=layout, bm=bm, bn=bn, bk=bk, steps=steps, gs=gs, w_round=w_round)
+    kernel = functools.partial(
+        _gemv_kernel,
+        layout=layout,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        steps=steps,
+        gs=gs,
+        w_round=w_round,
+        split_x=split_x,
+        post=config.variant.endswith("+postscale"),
+    )
     out = split_k_call(
         kernel,
         [xt, *w_operands],

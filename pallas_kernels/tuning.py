@@ -229,7 +229,12 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> 
     split = 1
     while tiles * split < 4 * sms and split * 2 <= min(16, nsteps // 4):
         split *= 2
-    return BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=4, variant="gemv")
+    # 3-bit: each row's activations as one contiguous tile split in registers (sm_90, M=1: 5 exposed global loads
+    # per K-loop trip instead of 36, 1053 instructions instead of 1104; benchmarks/kernel_sass.py); not yet timed
+    variant = "split-gemv" if per == 32 else "gemv"
+    return BlockConfig(
+        block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=4, variant=variant
+    )
 
 
 def get_config(kernel: str, m: int, k: int, n: int, device: str | None = None) -> BlockConfig:

@@ -29,7 +29,7 @@ def test_every_sweep_case_traces_as_its_kernel(monkeypatch):
         )
         op = jq.qdot if spec.direct is None else _direct_fn(spec, False)
         for m in ms or (1, 16):
-            if cfg.variant.endswith("gemv") and m > cfg.block_m:
+            if "gemv" in cfg.variant and m > cfg.block_m:
                 continue  # the suite skips these too
             monkeypatch.setitem(tuning.TABLE, "sweep-probe", {tname: [(1 << 62, cfg)]})
             x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
