@@ -23,6 +23,7 @@ __all__ = [
     "and_masks",
     "cdiv",
     "compiler_params",
+    "exact_field",
     "exact_int",
     "gpu_available",
     "interleave_cols",
@@ -182,6 +183,28 @@ def exact_int(c: jax.Array, off, dtype=jnp.float32) -> jax.Array:
     if isinstance(off, int | float):
         return f - (value + off)
     return f - (off.astype(jnp.float32) + value).astype(dtype)
+
+
+def exact_field(word: jax.Array, off: int, bits: int, sub) -> jax.Array:
+    """``((word >> off) & (2**bits - 1)) - sub`` as float32, exactly, for a non-negative int32 / uint32 ``word`` tile
+    (static ``off``, ``bits``; ``sub`` an integer-valued Python number or float32 array broadcasting against it, with
+    ``|sub| < 2**20``).
+
+    The field is masked in place into the mantissa of a float32 whose exponent makes mantissa bit ``off`` worth 1:
+    with exponent ``e = 23 - off`` the bits ``(word & (mask << off)) | bits(2**e)`` read as ``2**e + c``, and
+    ``2**e + sub`` is subtracted (both exact: integers below ``2**24``). One ``LOP3`` (and + or) and one ``FADD`` per
+    value: no shift and no separate mask for fields inside bits 0..22; a field above that is shifted down first.
+    """
+    if off + bits > 23:
+        word = word >> (off + bits - 23)
+        off = 23 - bits
+    e = 23 - off
+    dt = word.dtype
+    field = jnp.asarray(((1 << bits) - 1) << off, dt)
+    f = jax.lax.bitcast_convert_type((word & field) | jnp.asarray((127 + e) << 23, dt), jnp.float32)
+    if isinstance(sub, int | float):
+        return f - float(2**e + sub)
+    return f - (sub.astype(jnp.float32) + float(2**e))
 
 
 def weight_rounding(w_dtype: str | None):

@@ -71,6 +71,7 @@ from pallas_kernels._common import (
     and_masks,
     cdiv,
     compiler_params,
+    exact_field,
     exact_int,
     interleave_rows,
     largest_divisor_at_most,
@@ -165,10 +166,9 @@ def _unpack_codes(packed: jax.Array, layout: IntLayout) -> jax.Array:
         return packed.astype(jnp.int32)[: layout.k]
     if layout.dense:
         w = packed.astype(jnp.uint32).reshape(layout.units, layout.words, -1)
-        parts = _dense_code_tiles([w[:, i] for i in range(layout.words)], layout.bits)
+        parts = _code_tiles([w[:, i] for i in range(layout.words)], layout)
     else:
-        p = packed.astype(jnp.int32)
-        parts = _code_tiles(p, layout)
+        parts = _code_tiles(packed.astype(jnp.int32), layout)
     return jnp.stack(parts, axis=1).reshape(-1, packed.shape[1])[: layout.k]
 
 
@@ -297,38 +297,44 @@ def _native(layout: IntLayout, s_dtype, cdtype, w_round) -> bool:
 
 
 def _code_tiles(p, layout: IntLayout) -> list:
-    """The ``chunk`` code tiles of a packed int32 tile (2/4/8 bits): code ``j`` is bits ``bits*j ..`` (K row
-    ``chunk*r + j``)."""
-    if layout.chunk == 1:
-        return [p]
-    return [(p >> (layout.bits * jj)) & ((1 << layout.bits) - 1) for jj in range(layout.chunk)]
+    """The ``chunk`` code tiles (int32) of a packed int32 tile (2/4/8 bits) or of a dense chunk's word tiles (list)."""
+    return [_field_int(v, off, layout.bits) for v, off in _code_fields(p, layout)]
 
 
-def _dense_code_tiles(words: list, bits: int) -> list:
-    """The 32 int32 code tiles of a dense ``bits``-wide stream given as its ``bits`` uint32 word tiles: code ``j``
-    is stream bits ``[bits*j, bits*(j+1))``, i.e. ``word >> off`` OR-ed with the next word's low bits where it
-    straddles two words (logical shifts: the words are unsigned)."""
-    mask = jnp.uint32((1 << bits) - 1)
-    tiles = []
-    for j in range(32):
-        w, off = divmod(bits * j, 32)
-        v = words[w] >> jnp.uint32(off) if off else words[w]
-        if off + bits > 32:
-            v = v | (words[w + 1] << jnp.uint32(32 - off))
-        tiles.append((v & mask).astype(jnp.int32))
-    return tiles
+def _field_int(v, off: int, bits: int):
+    """Bits ``off .. off+bits`` of ``v`` as int32 (logical shifts: uint32 words, or int32 bytes)."""
+    if bits == 8 and off == 0 and v.dtype == jnp.int32:
+        return v
+    return ((v >> off if off else v) & ((1 << bits) - 1)).astype(jnp.int32)
 
 
-def _load_code_tiles(w_ref, u0, pu: int, n0, bn: int, mask, layout: IntLayout) -> list:
-    """The code tiles (int32) of packed units ``u0 .. u0+pu`` and columns ``n0 ..``: ``chunk`` tiles of ``(pu, BN)``.
-
-    2/4/8 bits: one ``(pu, BN)`` load of ``w_ref`` (the storage as is). 3 bits: ``w_ref`` is the storage reshaped to
-    ``(units, 3N)`` and word ``i`` of the chunks is the column tile ``i*N + n0 ..`` (``mask`` applies to each)."""
+def _code_fields(p, layout: IntLayout) -> list:
+    """Where each of the ``chunk`` codes of a packed tile sits: ``(value, bit offset)`` pairs, code ``j`` = K row
+    ``chunk*r + j``. 2/4/8 bits: ``p`` is the int32 byte tile, code ``j`` at bits ``bits*j``. 3 bits: ``p`` is the list
+    of the chunks' uint32 word tiles and code ``j`` is stream bits ``[3j, 3j+3)``; the two codes that straddle two
+    words are assembled at offset 0 (``word >> off`` OR-ed with the next word's low bits)."""
     if not layout.dense:
-        return _code_tiles(load(w_ref.at[pl.ds(u0, pu), pl.ds(n0, bn)], mask).astype(jnp.int32), layout)
+        return [(p, layout.bits * jj) for jj in range(layout.chunk)]
+    bits, out = layout.bits, []
+    for jj in range(32):
+        w, off = divmod(bits * jj, 32)
+        if off + bits > 32:
+            out.append(((p[w] >> jnp.uint32(off)) | (p[w + 1] << jnp.uint32(32 - off)), 0))
+        else:
+            out.append((p[w], off))
+    return out
+
+
+def _load_packed(w_ref, u0, pu: int, n0, bn: int, mask, layout: IntLayout):
+    """The packed tile of units ``u0 .. u0+pu`` and columns ``n0 ..`` as :func:`_code_fields` takes it.
+
+    2/4/8 bits: one ``(pu, BN)`` load of ``w_ref`` (the storage as is), as int32. 3 bits: ``w_ref`` is the storage
+    reshaped to ``(units, 3N)`` and word ``i`` of the chunks is the column tile ``i*N + n0 ..`` (``mask`` applies to
+    each): a list of three uint32 tiles."""
+    if not layout.dense:
+        return load(w_ref.at[pl.ds(u0, pu), pl.ds(n0, bn)], mask).astype(jnp.int32)
     n = layout.n
-    words = [load(w_ref.at[pl.ds(u0, pu), pl.ds(i * n + n0, bn)], mask) for i in range(layout.words)]
-    return _dense_code_tiles(words, layout.bits)
+    return [load(w_ref.at[pl.ds(u0, pu), pl.ds(i * n + n0, bn)], mask) for i in range(layout.words)]
 
 
 def _kernel_weight(packed: jax.Array, layout: IntLayout) -> jax.Array:
@@ -483,11 +489,14 @@ def _gemv_kernel(
                 for mi in range(bm)
             ]
         steps_acc = [None] * bm  # "+postscale": this step's sum of x * (c - offset), scaled once at the end
-        for jj, c in enumerate(_load_code_tiles(w_ref, u0, pk, n0, bn, wmask, layout)):
-            if post:  # the exact integers c - offset in float32 (|c - z| <= 255)
-                w = c.astype(jnp.float32) if sym_int8 else exact_int(c, (1 << (layout.bits - 1)) if z is None else z)
-            else:  # the XLA path's weights (float32 operations, then its roundings), in float32 for the accumulation
-                w = _weight_tile(c, s, z, None, layout, sym_int8, False, w_round, cdtype).astype(jnp.float32)
+        # the integer offset subtracted from each code: 2**(bits-1) (sym), the zero point, 0 (minmax, int8 storage)
+        sub = 0 if sym_int8 or layout.mode == "minmax" else (1 << (layout.bits - 1)) if z is None else z
+        for jj, (v, off) in enumerate(_code_fields(_load_packed(w_ref, u0, pk, n0, bn, wmask, layout), layout)):
+            # the exact integers c - offset in float32 (|c - z| <= 255)
+            w = v.astype(jnp.float32) if sym_int8 else exact_field(v, off, layout.bits, sub)
+            if not post:  # the XLA path's weights (its float32 operations, then its roundings), in float32
+                w = w * s + z if layout.mode == "minmax" else w * s
+                w = (w if w_round is None else w.astype(w_round)).astype(cdtype).astype(jnp.float32)
             for mi in range(bm):
                 if split_x:
                     xc = xs[mi][jj]
@@ -675,7 +684,7 @@ def _dequant_kernel(*refs, layout: IntLayout, bk: int, bn: int, gs: int, w_round
     native = _native(layout, s_ref.dtype, out_dtype, w_round)
     s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, None, native, native)
     sym_int8 = w_ref.dtype == jnp.int8
-    for jj, c in enumerate(_load_code_tiles(w_ref, kb * pk, pk, n0, bn, None, layout)):
+    for jj, c in enumerate(_code_tiles(_load_packed(w_ref, kb * pk, pk, n0, bn, None, layout), layout)):
         tile = _weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, out_dtype)
         rows = pl.ds(k0, bk) if per == 1 else pl.ds(k0 + jj, pk, stride=per)  # code jj: rows k0 + jj + per*r
         o_ref[rows, pl.ds(n0, bn)] = tile
