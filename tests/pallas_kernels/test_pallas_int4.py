@@ -375,6 +375,27 @@ def test_exact_int_tile_equals_integer_subtraction(dtype):
     assert exact_int(c, 8, dtype).dtype == jnp.dtype(dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.uint32, jnp.int32])
+def test_exact_field_equals_integer_extraction(dtype):
+    """``exact_field`` (field masked in place into a float32 mantissa, then one subtraction) gives exactly
+    ``((w >> off) & mask) - sub`` for every field position of a 32-bit word (including fields above bit 22, which
+    are shifted down first), widths 2..8, integer and per-column offsets."""
+    from pallas_kernels._common import exact_field
+
+    rng = np.random.default_rng(0)
+    hi = 2**32 if dtype == jnp.uint32 else 2**31
+    w_np = rng.integers(0, hi, size=(64, 8), dtype=np.uint64)
+    w = jnp.asarray(w_np.astype(np.dtype(dtype)))
+    z = rng.integers(0, 256, size=(1, 8))
+    for bits in (2, 3, 4, 8):
+        for off in range(0, (31 if dtype == jnp.int32 else 32) - bits + 1):
+            want = ((w_np >> np.uint64(off)) & np.uint64((1 << bits) - 1)).astype(np.int64)
+            for sub, ref in ((1 << (bits - 1), want - (1 << (bits - 1))), (jnp.asarray(z, jnp.float32), want - z)):
+                got = exact_field(w, off, bits, sub)
+                assert got.dtype == jnp.float32
+                np.testing.assert_array_equal(np.asarray(got, np.float64), ref, err_msg=f"bits={bits} off={off}")
+
+
 def _int4_loop(variant: str, scale_dtype=jnp.float32) -> tt.LoopProfile:
     layout = IntLayout(bits=4, mode="sym", k=8192, n=8192, group_size=128)
     cfg = BlockConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3, variant=variant)
