@@ -28,6 +28,7 @@ Usage::
 
     python benchmarks/kernel_sass.py                                   # every kernel, M=1,16, 8192x8192
     python benchmarks/kernel_sass.py --kernels int4_g128 --variant int4=strided+postscale
+    python benchmarks/kernel_sass.py --kernels int3_g128 --m 1,4 --variant int3w=gemv/split-gemv/split-gemv+postscale
     python benchmarks/kernel_sass.py --out benchmarks/results/sass-sm90.md
 """
 
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KERNEL=VARIANT",
-        help="override the config's variant for a tuning kernel name (e.g. int4=strided+postscale); repeatable",
+        help="override the config's variant for a tuning kernel name (e.g. int4=strided+postscale; several "
+        "separated by '/': int3w=gemv/split-gemv, one row each); repeatable",
     )
     p.add_argument("--out", help="also write the table (with date, commit and command) to this markdown file")
     a = p.parse_args(argv)
@@ -210,11 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for name in a.kernels.split(","):
-        for m in ms:
-            r = profile_case(name, m, k, n, a.device, a.arch, variants)
-            rows.append(r)
-            status = r.get("error") or f"{r['instr_per_weight']:.2f} instr/weight, issue floor {r['issue_us']:.1f} µs"
-            print(f"{name} M={m}: {status}", file=sys.stderr, flush=True)
+        tname = TUNING_NAME[name]
+        for variant in variants.get(tname, "").split("/") if tname in variants else [None]:
+            for m in ms:
+                over = {**variants, tname: variant} if variant is not None else variants
+                r = profile_case(name, m, k, n, a.device, a.arch, over)
+                rows.append(r)
+                status = r.get("error") or f"{r['instr_per_weight']:.2f} instr/weight, issue {r['issue_us']:.1f} µs"
+                print(f"{name} M={m}: {status}", file=sys.stderr, flush=True)
     table = format_table(rows)
     print(table)
     if a.out:
