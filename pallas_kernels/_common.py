@@ -31,6 +31,7 @@ __all__ = [
     "is_pow2",
     "largest_divisor_at_most",
     "load",
+    "rounded_mul",
     "row_slice",
     "split_cols",
     "split_k_call",
@@ -205,6 +206,16 @@ def exact_field(word: jax.Array, off: int, bits: int, sub) -> jax.Array:
     if isinstance(sub, int | float):
         return f - float(2**e + sub)
     return f - (sub.astype(jnp.float32) + float(2**e))
+
+
+def rounded_mul(a: jax.Array, b) -> jax.Array:
+    """``a * b`` rounded on its own, also when an addition follows (``rounded_mul(c, s) + z``).
+
+    Triton (like XLA:CPU) contracts ``a * b + c`` into one fused multiply-add, which skips the product's rounding;
+    the XLA paths round it first (``jaxquant.core.numerics.rounded_product``), so the kernels must too. The product
+    feeds a select (NaN stays NaN), not the add, so it cannot be contracted: sm_90 ``FMUL``, ``FSEL``, ``FADD``."""
+    p = a * b
+    return jnp.where(p != p, jnp.asarray(float("nan"), p.dtype), p)
 
 
 def weight_rounding(w_dtype: str | None):

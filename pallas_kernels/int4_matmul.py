@@ -16,7 +16,7 @@ With codes ``c`` and the group's ``s`` (and ``z``), the dequantized weight is (e
 
     sym:       W = (c - 2**(bits-1)) * s        (8-bit int8 storage: W = c * s)
     zeropoint: W = (c - z) * s
-    minmax:    W = c * s + z
+    minmax:    W = round(c * s) + z        (the product rounded on its own: no fused multiply-add, on any backend)
 
 computed in float32, rounded to the activation dtype, then ``y = sum_k x[m, k] W[k, n]`` with a float32
 accumulator (so the kernel and the reference differ only in summation order).
@@ -76,6 +76,7 @@ from pallas_kernels._common import (
     interleave_rows,
     largest_divisor_at_most,
     load,
+    rounded_mul,
     row_slice,
     split_cols,
     split_k_call,
@@ -193,7 +194,7 @@ def dequantize_reference(packed: jax.Array, scale: jax.Array, zero: jax.Array | 
     z = _rows(zero.astype(jnp.float32), layout)
     if layout.mode == "zeropoint":
         return (c - z) * s
-    return c * s + z
+    return rounded_mul(c, s) + z
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "w_dtype"))
@@ -366,7 +367,7 @@ def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w
     elif layout.mode == "zeropoint":
         w = exact_int(c, z) * s
     else:
-        w = exact_int(c, 0) * s + z
+        w = rounded_mul(exact_int(c, 0), s) + z
     if w_round is not None:
         w = w.astype(w_round)
     return w.astype(cdtype)
@@ -495,7 +496,7 @@ def _gemv_kernel(
             # the exact integers c - offset in float32 (|c - z| <= 255)
             w = v.astype(jnp.float32) if sym_int8 else exact_field(v, off, layout.bits, sub)
             if not post:  # the XLA path's weights (its float32 operations, then its roundings), in float32
-                w = w * s + z if layout.mode == "minmax" else w * s
+                w = rounded_mul(w, s) + z if layout.mode == "minmax" else w * s
                 w = (w if w_round is None else w.astype(w_round)).astype(cdtype).astype(jnp.float32)
             for mi in range(bm):
                 if split_x:

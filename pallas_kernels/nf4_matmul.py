@@ -72,6 +72,7 @@ from pallas_kernels._common import (
     interleave_cols,
     largest_divisor_at_most,
     load,
+    rounded_mul,
     row_slice,
     split_cols,
     split_k_call,
@@ -217,11 +218,8 @@ def _block_absmax(s_ref, dq_refs, layout: NF4Layout, n0, bn: int, blk_idx, nmask
     flat = (n0 + jnp.arange(bn))[:, None] * layout.blocks_per_col + blk_idx
     if nmask is not None:
         flat = jnp.where(nmask, flat, 0)
-    prod = dyn_ref[qa] * a2_ref[flat // DQ_BLOCK]
-    # rounded on its own before the offset is added, as the XLA path does (jaxquant.core.numerics.rounded_product):
-    # the product feeds a select, not the add, so it cannot be contracted into a fused multiply-add
-    prod = jnp.where(prod != prod, jnp.float32(np.nan), prod)
-    return prod + off_ref[0]
+    # rounded on its own before the offset is added, as the XLA path does (jaxquant.core.numerics.rounded_product)
+    return rounded_mul(dyn_ref[qa], a2_ref[flat // DQ_BLOCK]) + off_ref[0]
 
 
 def _double_quant_operands(layout: NF4Layout, dq_scale, dq_offset, dyn_code, fn: str) -> list:

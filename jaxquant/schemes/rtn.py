@@ -218,8 +218,8 @@ class IntScheme(Scheme):
             out = codes * s
         elif self.range == "zeropoint":
             out = (codes - load(q.zero.astype(jnp.float32))) * s
-        else:
-            out = codes * s + self._load_stats(q.zero.astype(jnp.float32), k, n)
+        else:  # the product rounded on its own (no fused multiply-add on any backend; gguf-py's Q4_1 order)
+            out = rounded_product(codes, s) + self._load_stats(q.zero.astype(jnp.float32), k, n)
         return out.reshape(shape).astype(q.dtype)
 
     def storage_bytes(self, shape: tuple[int, ...]) -> int:

@@ -552,6 +552,24 @@ def test_dequant_dot_falls_back_or_fails_loudly():
 
 
 @requires_triton
+@pytest.mark.parametrize("bits", [4, 3])
+def test_minmax_weights_are_not_contracted_into_an_fma_sm90(bits):
+    """min-max weights ``c * s + min``: the XLA path rounds the product first (on every backend), and Triton would
+    contract the expression into one ``FFMA`` (one rounding: another weight in the last bit). The dequantization
+    kernel's sm_90 code has ``FMUL`` + ``FADD`` per weight and no ``FFMA``."""
+    import re
+
+    from pallas_kernels.int4_matmul import int_dequantize
+
+    lay = IntLayout(bits=bits, mode="minmax", k=1024, n=1024, group_size=128)
+    fn = functools.partial(int_dequantize, layout=lay, out_dtype=jnp.bfloat16)
+    stat = shape_struct((8, 1024), jnp.float32)
+    call = cuda_lowering(fn, shape_struct((lay.packed_rows, 1024), lay.storage_dtype), stat, stat)[0]
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)", tt.sass(tt.ir_text(call.ir)))
+    assert "FFMA" not in ops and ops.count("FMUL") >= 128 and ops.count("FADD") >= 128
+
+
+@requires_triton
 def test_dequant_kernel_compiles_sm90_with_vector_stores():
     """sm_90 machine code of the 8192^2 int4 -> bf16 dequantization: 128-bit global stores, no int-to-float
     conversion, a few instructions per weight (memory bound: 160 MB moved vs ~15 us of issue on an H100)."""

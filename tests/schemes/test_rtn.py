@@ -162,6 +162,22 @@ def test_minmax_g32_reproduces_llama_cpp_q4_1():
     np.testing.assert_array_equal(np.asarray(jitted), ref)
 
 
+def test_minmax_dequantization_rounds_the_product_first():
+    """``c * s + min`` with the product rounded on its own (what gguf-py's NumPy does), not a fused multiply-add
+    (which XLA:CPU would contract it into): with float32 scales the two differ in the last bit of many weights."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((512, 64)).astype(np.float32)
+    q = jq.quantize(jnp.asarray(w), jq.IntScheme(4, 128, symmetric=False, range="minmax", scale_dtype="float32"))
+    codes = np.asarray(packing.unpack(q.data, 4, 512)).astype(np.float32)
+    s = np.repeat(np.asarray(q.scale, np.float32), 128, axis=0)
+    lo = np.repeat(np.asarray(q.zero, np.float32), 128, axis=0)
+    rounded = codes * s + lo  # NumPy: float32 product rounded, then the add
+    fused = (codes.astype(np.float64) * s + lo).astype(np.float32)  # one rounding (exact product in float64)
+    assert (rounded != fused).any()  # the case distinguishes the two
+    for fn in (jq.dequantize, jax.jit(jq.dequantize)):
+        np.testing.assert_array_equal(np.asarray(fn(q)), rounded)
+
+
 def test_zeropoint_includes_zero_and_codes_in_range():
     w = jnp.asarray(np.linspace(0.1, 1.0, 64, dtype=np.float32).reshape(64, 1))  # all positive
     q = jq.quantize(w, jq.IntScheme(4, 32, symmetric=False))
