@@ -42,16 +42,20 @@ rate conversion on sm_90): 363 instead of 642 instructions per K-loop trip for t
 benchmarks (``python benchmarks/kernel_sass.py``).
 
 * ``variant="gemv"`` (small ``M``, memory bound): no tensor-core dot. Each program owns ``BM`` (1..8) rows and a
-  wide ``BN`` column tile and keeps one float32 ``(BK/chunk, BN)`` accumulator per row in registers (``chunk``:
-  K rows per packed unit, 8/bits bytes or 32 for 3 bits): every K step unpacks the packed tile with shifts/masks
-  into ``chunk`` code tiles, dequantizes them (one scale row per step), multiplies each elementwise by the
-  matching activations broadcast along N, and adds; the accumulator is reduced over K once, at the end. The
-  activations are reordered once by XLA (a ``(K, M)`` copy, tiny at small ``M``) so that each code position's
-  activations are a contiguous column. 3-bit weights are read through a free row-major reshape of the storage
-  to ``(ceil(K/32), 3N)``: the three words of a chunk are three contiguous column tiles of one row (masked
-  loads; no strided or out-of-bounds reads), and the two straddling codes take one extra shift and OR. Only
-  the GEMV reads 3-bit weights: a tensor-core dot per code position would contract ``BK/32`` rows, and mma needs
-  16, i.e. K steps of 512 rows, longer than a 128-row group.
+  wide ``BN`` column tile and keeps one float32 ``(BK/chunk, BN)`` accumulator per row in registers (``chunk``: K
+  rows per packed unit, 8/bits bytes or 32 for 3 bits): every K step unpacks the packed tile with shifts/masks into
+  ``chunk`` code tiles, dequantizes them (one scale row per step), multiplies each elementwise by the matching
+  activations broadcast along N, and adds; the accumulator is reduced over K once, at the end. The activations are
+  reordered once by XLA (a ``(K, M)`` copy, tiny at small ``M``) so that each code position's activations are a
+  contiguous column; ``"split-gemv"`` instead loads each row's activations of a step as one contiguous ``(BK/chunk,
+  chunk)`` tile of the zero-padded ``x`` and splits it into the positions' columns in registers (one pipelined load
+  instead of one small load per position; the same products in the same order). ``"gemv+postscale"`` /
+  ``"split-gemv+postscale"`` (sym, zero point): exact integer weights, each step's partial sums scaled once by the
+  group scale (not bit-identical to the XLA path, as for the dots). 3-bit weights are read through a free row-major
+  reshape of the storage to ``(ceil(K/32), 3N)``: the three words of a chunk are three contiguous column tiles of
+  one row (masked loads; no strided or out-of-bounds reads), and the two straddling codes take one extra shift and
+  OR. Only the GEMV reads 3-bit weights: a tensor-core dot per code position would contract ``BK/32`` rows, and mma
+  needs 16, i.e. K steps of 512 rows, longer than a 128-row group.
 
 ``split_k > 1`` writes float32 partial sums that XLA adds (deterministic, a second small pass; fills the GPU
 when ``M`` is small).
@@ -362,12 +366,22 @@ def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w
     if native:  # packed bf16/f16 arithmetic, two weights per instruction; identical weights
         return exact_int(c, (1 << (bits - 1)) if layout.mode == "sym" else zi, cdtype) * s
     # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
-    if layout.mode == "sym":
-        w = (c.astype(jnp.float32) if sym_int8 else exact_int(c, 2 ** (bits - 1))) * s
-    elif layout.mode == "zeropoint":
-        w = exact_int(c, z) * s
+    if sym_int8:
+        f = c.astype(jnp.float32)
     else:
-        w = rounded_mul(exact_int(c, 0), s) + z
+        f = exact_int(c, z if layout.mode == "zeropoint" else _code_offset(layout))
+    return _scaled_weight(f, s, z, layout, w_round, cdtype)
+
+
+def _code_offset(layout: IntLayout) -> int:
+    """The integer offset of unsigned codes with no zero point: ``2**(bits-1)`` (sym) or 0 (minmax)."""
+    return (1 << (layout.bits - 1)) if layout.mode == "sym" else 0
+
+
+def _scaled_weight(f, s, z, layout: IntLayout, w_round, cdtype):
+    """The XLA path's weight from the exact float32 ``f = c - offset``: ``f * s`` (sym, zero point) or
+    ``round(f * s) + z`` (minmax; ``f = c``), rounded to ``w_round`` (if given), then to ``cdtype``."""
+    w = rounded_mul(f, s) + z if layout.mode == "minmax" else f * s
     if w_round is not None:
         w = w.astype(w_round)
     return w.astype(cdtype)
@@ -490,14 +504,12 @@ def _gemv_kernel(
                 for mi in range(bm)
             ]
         steps_acc = [None] * bm  # "+postscale": this step's sum of x * (c - offset), scaled once at the end
-        # the integer offset subtracted from each code: 2**(bits-1) (sym), the zero point, 0 (minmax, int8 storage)
-        sub = 0 if sym_int8 or layout.mode == "minmax" else (1 << (layout.bits - 1)) if z is None else z
+        sub = z if layout.mode == "zeropoint" else _code_offset(layout)
         for jj, (v, off) in enumerate(_code_fields(_load_packed(w_ref, u0, pk, n0, bn, wmask, layout), layout)):
             # the exact integers c - offset in float32 (|c - z| <= 255)
             w = v.astype(jnp.float32) if sym_int8 else exact_field(v, off, layout.bits, sub)
             if not post:  # the XLA path's weights (its float32 operations, then its roundings), in float32
-                w = rounded_mul(w, s) + z if layout.mode == "minmax" else w * s
-                w = (w if w_round is None else w.astype(w_round)).astype(cdtype).astype(jnp.float32)
+                w = _scaled_weight(w, s, z, layout, w_round, cdtype).astype(jnp.float32)
             for mi in range(bm):
                 if split_x:
                     xc = xs[mi][jj]
