@@ -39,11 +39,11 @@ one launch. The price is in the K loop: sm_90, 16x64x128 tile: 543 instructions 
 saves costs more; a GPU has to time it.
 
 ``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``), ``packing="k"``: the weight-only
-integer GEMV kernel of :mod:`pallas_kernels.int4_matmul` reads the same bytes as a 2-bit ``minmax`` weight with
-``W = c * s - s`` (bit-identical to ``(c - 1) * s`` for ``c`` in {0, 1, 2}). For ``mode="a8"`` it runs on the
-int8 activations as float32 with ``s = 1``: the products and sums (``|sum| <= 127 K < 2**24``) are exact, as
-the int32 dot's, and ``s_x * s`` is applied afterwards. ``packing="n"`` has no GEMV path and uses the dot
-kernel with 16-row tiles.
+integer GEMV kernel of :mod:`pallas_kernels.int4_matmul` reads the same bytes as a 2-bit ``zeropoint`` weight with
+zero point 1, ``W = (c - 1) * s`` (exactly ``t * s``). For ``mode="a8"`` it runs on the int8 activations as
+float32 with ``s = 1`` in its ``+postscale`` form (exact integer weights): the products and sums
+(``|sum| <= 127 K < 2**24``) are exact, as the int32 dot's, and ``s_x * s`` is applied afterwards.
+``packing="n"`` has no GEMV path and uses the dot kernel with 16-row tiles.
 """
 
 from __future__ import annotations
@@ -348,11 +348,16 @@ def _ternary_gemv(x, data, scale, *, k: int, n: int, mode: str, config: BlockCon
 
     if data.shape != (cdiv(k, 4), n):
         raise ValueError(f"ternary_matmul: packed data must be {(cdiv(k, 4), n)}, got {data.shape}")
-    layout = im.IntLayout(bits=2, mode="minmax", k=k, n=n, group_size=None)
+    # codes c = t + 1 with zero point 1: the GEMV's weight (c - 1) * s is exactly the reference's t * s
+    layout = im.IntLayout(bits=2, mode="zeropoint", k=k, n=n, group_size=None)
     s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
+    z1 = jnp.ones((1, n), jnp.uint8)
     if mode == "w16":
-        return im.int_matmul(x, data, s2, -s2, layout=layout, config=config, w_dtype=w_dtype, interpret=interpret)
+        return im.int_matmul(x, data, s2, z1, layout=layout, config=config, w_dtype=w_dtype, interpret=interpret)
     q, sx = quantize_activations(x)
+    # the int8 activations as float32 times t in {-1, 0, 1}: exact products and sums (|sum| <= 127 K < 2**24), so the
+    # "+postscale" form (no per-weight multiply by the unit scale) gives the int32 dot's values
+    cfg = config.replace(variant=f"{config.variant}+postscale")
     ones = jnp.ones((1, n), jnp.float32)
-    acc = im.int_matmul(q.astype(jnp.float32), data, ones, -ones, layout=layout, config=config, interpret=interpret)
+    acc = im.int_matmul(q.astype(jnp.float32), data, ones, z1, layout=layout, config=cfg, interpret=interpret)
     return (acc * sx[:, None] * s2).astype(x.dtype)
