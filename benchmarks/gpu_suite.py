@@ -360,8 +360,8 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("int8_outlier_nk", (128, 128, 64, 1, 8, 4, "kmajor", (4096,))),
     ("fp8_w8a16_nk", (16, 64, 128, 4, 4, 4, "")),
     # GEMVs at M=1 with exact integer weights and one scale multiply per step ("+postscale"; not bit-identical to
-    # the XLA path): sm_90 int8 W8A16 4.7 thread instructions per weight, 1 conversion (vs 6.6 and 2 for the
-    # measured "gemv"), below its memory floor; int3 g128 5.3 vs 8.2 for the heuristic's bit-identical split-gemv
+    # the XLA path): sm_90 int8 W8A16 4.7 thread instructions per weight and 1 conversion (6.6 and 2 for the
+    # "gemv" form the H200 timed), below its memory floor; int3 g128 4.6 vs 7.6 for the heuristic's split-gemv
     ("int8_w8a16", (1, 128, 32, 16, 4, 4, "split-gemv+postscale")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "split-gemv+postscale")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "split-gemv")),
