@@ -213,7 +213,8 @@ def rounded_mul(a: jax.Array, b) -> jax.Array:
 
     Triton (like XLA:CPU) contracts ``a * b + c`` into one fused multiply-add, which skips the product's rounding;
     the XLA paths round it first (``jaxquant.core.numerics.rounded_product``), so the kernels must too. The product
-    feeds a select (NaN stays NaN), not the add, so it cannot be contracted: sm_90 ``FMUL``, ``FSEL``, ``FADD``."""
+    feeds a select (NaN stays NaN), not the add, so it cannot be contracted: sm_90 ``FMUL``, ``FSETP`` + ``FSEL``,
+    ``FADD`` (three instructions more than one ``FFMA``; an inline ``mul.rn.f32`` would cost one)."""
     p = a * b
     return jnp.where(p != p, jnp.asarray(float("nan"), p.dtype), p)
 
