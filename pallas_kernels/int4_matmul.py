@@ -497,12 +497,7 @@ def _gemv_kernel(
         z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         accs = list(accs)
         if split_x:  # per row one contiguous (pk, chunk) tile of x, split into its chunk columns in registers
-            xs = [
-                split_cols(xt_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32), layout.chunk)
-                if layout.chunk > 1
-                else [xt_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32)]
-                for mi in range(bm)
-            ]
+            xs = [split_cols(xt_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32), layout.chunk) for mi in range(bm)]
         steps_acc = [None] * bm  # "+postscale": this step's sum of x * (c - offset), scaled once at the end
         sub = z if layout.mode == "zeropoint" else _code_offset(layout)
         for jj, (v, off) in enumerate(_code_fields(_load_packed(w_ref, u0, pk, n0, bn, wmask, layout), layout)):
