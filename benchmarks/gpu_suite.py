@@ -365,6 +365,12 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("int8_w8a16", (1, 128, 32, 16, 4, 4, "split-gemv+postscale")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "split-gemv+postscale")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "split-gemv")),
+    # ternary GEMVs at M=1 (sm_90, 8192^2, static): W1.58A8 in one launch (activation quantization inside, no
+    # split-K; 355 instructions per 8192 weights) against the split-K GEMV after the XLA pre-pass (299, three
+    # launches more); W1.58A16 with exact t weights and the rounded scale per step (302 vs 487 for "split-gemv")
+    ("ternary_w158a8", (1, 16, 512, 1, 4, 4, "split-gemv+xq")),
+    ("ternary_w158a8", (1, 128, 64, 16, 4, 4, "split-gemv")),
+    ("ternary", (1, 128, 64, 16, 4, 4, "split-gemv+postscale")),
     # first on-device checks of the inline-PTX variants (M <= 16)
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split+ptx")),
     # 128-byte weight rows per load: static sm_90 issue floor (CPU-compiled) 5.3 us at 8192^2 vs 6.7 for 16x64

@@ -292,8 +292,16 @@ def quantize_int8(x: Any, scale: Any, *, interpret: bool) -> Any:
     :func:`rint`): the absmax int8 quantization of LLM.int8 and W1.58A8 inside a kernel."""
     import jax.numpy as jnp
 
+    return int8_values(x, scale, interpret=interpret).astype(jnp.int8)
+
+
+def int8_values(x: Any, scale: Any, *, interpret: bool) -> Any:
+    """:func:`quantize_int8`'s values as float32 (integers in -127..127), for kernels that multiply them in float32:
+    no float -> int8 -> float round trip (two conversions per element)."""
+    import jax.numpy as jnp
+
     v = div_rn(x, jnp.broadcast_to(scale, x.shape), interpret=interpret)
-    return jnp.clip(rint(v, interpret=interpret), -127.0, 127.0).astype(jnp.int8)
+    return jnp.clip(rint(v, interpret=interpret), -127.0, 127.0)
 
 
 def _f32_asm(asm: str, *args: Any) -> Any:

@@ -87,12 +87,14 @@ from pallas_kernels._common import (
     store,
     weight_rounding,
 )
+from pallas_kernels._ptx import div_rn, int8_values
 
 __all__ = [
     "IntLayout",
     "dequantize_reference",
     "dequantize_supported",
     "int_dequantize",
+    "int_gemv_a8",
     "int_matmul",
     "int_matmul_reference",
     "supported",
@@ -110,6 +112,9 @@ class IntLayout:
       mode: ``"sym"``, ``"zeropoint"`` or ``"minmax"`` (see module docstring).
       k, n: logical weight shape ``(K, N)``.
       group_size: K rows per scale row; ``None`` for one scale row (per channel / per tensor).
+      offset: ``mode="sym"`` with unsigned codes: the integer subtracted from every code, ``W = (c - offset) * s``
+        (``None``: ``2**(bits-1)``). Ternary codes ``t + 1`` are 2-bit codes with offset 1: a constant the kernels
+        fold, where a zero-point row would be loaded and converted per step.
     """
 
     bits: int
@@ -117,6 +122,7 @@ class IntLayout:
     k: int
     n: int
     group_size: int | None = None
+    offset: int | None = None
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
@@ -127,6 +133,9 @@ class IntLayout:
             raise ValueError(f"IntLayout: bad shape ({self.k}, {self.n})")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"IntLayout.group_size must be positive or None, got {self.group_size!r}")
+        if self.offset is not None and (self.mode != "sym" or not 0 <= self.offset < (1 << self.bits)):
+            top = (1 << self.bits) - 1
+            raise ValueError(f"IntLayout.offset: a code value 0..{top} with mode 'sym', got {self.offset!r}")
 
     @property
     def dense(self) -> bool:
@@ -193,7 +202,7 @@ def dequantize_reference(packed: jax.Array, scale: jax.Array, zero: jax.Array | 
     c = _unpack_codes(packed, layout).astype(jnp.float32)
     s = _rows(scale.astype(jnp.float32), layout)
     if layout.mode == "sym":
-        off = 0.0 if packed.dtype == jnp.int8 else float(2 ** (layout.bits - 1))
+        off = 0.0 if packed.dtype == jnp.int8 else float(_code_offset(layout))
         return (c - off) * s
     z = _rows(zero.astype(jnp.float32), layout)
     if layout.mode == "zeropoint":
@@ -362,9 +371,8 @@ def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w
     """Dequantized weights of one code tile ``c`` (int32), in the activation dtype, exactly as the XLA path rounds
     them: ``s`` the group scale row (float32, or the activation dtype when ``native``), ``z`` the float32 zero
     point / minimum row, ``zi`` the integer zero point (``native`` zero-point mode)."""
-    bits = layout.bits
     if native:  # packed bf16/f16 arithmetic, two weights per instruction; identical weights
-        return exact_int(c, (1 << (bits - 1)) if layout.mode == "sym" else zi, cdtype) * s
+        return exact_int(c, _code_offset(layout) if layout.mode == "sym" else zi, cdtype) * s
     # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
     if sym_int8:
         f = c.astype(jnp.float32)
@@ -374,8 +382,11 @@ def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w
 
 
 def _code_offset(layout: IntLayout) -> int:
-    """The integer offset of unsigned codes with no zero point: ``2**(bits-1)`` (sym) or 0 (minmax)."""
-    return (1 << (layout.bits - 1)) if layout.mode == "sym" else 0
+    """The integer offset of unsigned codes with no zero point: ``layout.offset`` or ``2**(bits-1)`` (sym), 0
+    (minmax)."""
+    if layout.mode != "sym":
+        return 0
+    return (1 << (layout.bits - 1)) if layout.offset is None else layout.offset
 
 
 def _scaled_weight(f, s, z, layout: IntLayout, w_round, cdtype):
@@ -421,10 +432,10 @@ def _kernel(
                 if layout.mode == "sym" and sym_int8:
                     tiles.append(c.astype(cdtype))
                 elif bits < 8:
-                    off = (1 << (bits - 1)) if layout.mode == "sym" else zi
+                    off = _code_offset(layout) if layout.mode == "sym" else zi
                     tiles.append(exact_int(c, off, cdtype))
                 else:
-                    off = (1 << (bits - 1)) if layout.mode == "sym" else zi
+                    off = _code_offset(layout) if layout.mode == "sym" else zi
                     tiles.append((c - off).astype(cdtype))
                 continue
             tiles.append(_weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, cdtype))
@@ -469,10 +480,14 @@ def _gemv_kernel(
     w_round=None,
     split_x: bool = False,
     post: bool = False,
+    xq: bool = False,
+    interpret: bool = False,
 ):
     """``variant="gemv"``: elementwise multiply-add into per-row register accumulators, no dot. ``split_x``: each
     row's activations of the step as one contiguous tile split in registers (``"split-gemv"``); ``post``: exact
-    integer tiles, the group scale applied once per step (``"+postscale"``)."""
+    integer tiles, the group scale applied once per step (``"+postscale"``); ``xq`` (with ``split_x``, ``post``, one
+    group, no split-K; :func:`int_gemv_a8`): each row quantized to int8 here (its maximum over all of K first), the
+    exact integer sums scaled by ``s_x * s`` once, after the K loop."""
     if layout.mode == "sym":
         xt_ref, w_ref, s_ref, o_ref = refs
         z_ref = None
@@ -486,6 +501,13 @@ def _gemv_kernel(
     k_ragged = k % bk != 0
     cdtype = xt_ref.dtype
     sym_int8 = w_ref.dtype == jnp.int8
+    scale_steps = post and not xq  # "+xq": one group, its scale applied after the loop with s_x
+    if xq:
+        quantizers = [_row_quantizer(xt_ref, m0 + mi, pk, steps, interpret) for mi in range(bm)]
+
+    def x_tile(mi, u0):  # row mi's (pk, chunk) activation tile of the step as float32 (int8 values with xq)
+        xt = xt_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32)
+        return quantizers[mi][1](xt) if xq else xt
 
     def body(t, accs):
         kb = sk * steps + t
@@ -493,11 +515,11 @@ def _gemv_kernel(
         u0 = kb * pk
         wmask = and_masks(nmask, (u0 + jnp.arange(pk) < layout.units)[:, None] if k_ragged else None)
         g = k0 // gs
-        s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        s = None if xq else load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
         accs = list(accs)
         if split_x:  # per row one contiguous (pk, chunk) tile of x, split into its chunk columns in registers
-            xs = [split_cols(xt_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32), layout.chunk) for mi in range(bm)]
+            xs = [split_cols(x_tile(mi, u0), layout.chunk) for mi in range(bm)]
         steps_acc = [None] * bm  # "+postscale": this step's sum of x * (c - offset), scaled once at the end
         sub = z if layout.mode == "zeropoint" else _code_offset(layout)
         for jj, (v, off) in enumerate(_code_fields(_load_packed(w_ref, u0, pk, n0, bn, wmask, layout), layout)):
@@ -511,22 +533,42 @@ def _gemv_kernel(
                 else:
                     # activations k0 + jj + chunk * r, r < pk: a contiguous column of the reordered (K, M) copy
                     xc = xt_ref[pl.ds(k0 + jj * pk, pk), pl.ds(m0 + mi, 1)].astype(jnp.float32)
-                if post:
+                if scale_steps:
                     steps_acc[mi] = xc * w if steps_acc[mi] is None else steps_acc[mi] + xc * w
                 else:
                     accs[mi] = accs[mi] + xc * w
-        if post:
+        if scale_steps:
             accs = [a + d * s for a, d in zip(accs, steps_acc)]
         return tuple(accs)
 
     init = tuple(jnp.zeros((pk, bn), jnp.float32) for _ in range(bm))
     accs = jax.lax.fori_loop(0, steps, body, init)
+    if xq:
+        s = load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
     for mi in range(bm):
         row = jnp.sum(accs[mi], axis=0).reshape(1, bn)
+        if xq:  # the exact integer sum, then (acc * s_x) * s as the XLA epilogue rounds it
+            row = row * quantizers[mi][0] * s
         if len(o_ref.shape) == 3:  # split-K partial sums
             store(o_ref.at[sk, pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row, nmask)
         else:
             store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), nmask)
+
+
+def _row_quantizer(xt_ref, row, pk: int, steps: int, interpret: bool):
+    """Row ``row`` of the split-GEMV activations ``(Mp, K/chunk, chunk)``: its int8 scale ``s_x`` ``(1, 1)`` (the
+    maximum of ``|x|`` over all of K, divided by 127 with correct rounding; 1 for an all-zero row) and the quantizer
+    of one tile, ``clip(round(x / s_x), -127, 127)`` as float32 (:func:`pallas_kernels._ptx.int8_values`),
+    bit-identical to the XLA pre-pass ``pallas_kernels.ternary_matmul.quantize_activations`` (zero padding changes
+    no maximum)."""
+
+    def amax_step(t, amax):
+        xt = jnp.abs(xt_ref[row, pl.ds(t * pk, pk), :].astype(jnp.float32))
+        return jnp.maximum(amax, jnp.max(jnp.max(xt, axis=1, keepdims=True), axis=0, keepdims=True))
+
+    amax = jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((1, 1), jnp.float32))
+    sx = jnp.where(amax > 0, div_rn(amax, jnp.full((1, 1), 127.0, jnp.float32), interpret=interpret), 1.0)
+    return sx, lambda xt: int8_values(xt, sx, interpret=interpret)
 
 
 def _gemv_activations(x: jax.Array, mp: int, kp: int, bk: int, per: int) -> jax.Array:
@@ -629,14 +671,16 @@ def int_matmul(
 def _check_packed(packed: jax.Array, layout: IntLayout, fn: str) -> None:
     if packed.shape != (layout.packed_rows, layout.n):
         raise ValueError(f"{fn}: packed weight must be {(layout.packed_rows, layout.n)}, got {packed.shape}")
-    ok = (layout.storage_dtype,) + ((jnp.dtype(jnp.int8),) if layout.bits == 8 else ())
+    ok = (layout.storage_dtype,) + ((jnp.dtype(jnp.int8),) if layout.bits == 8 and layout.offset is None else ())
     if packed.dtype not in ok:
         raise ValueError(
             f"{fn}: {layout.bits}-bit codes are stored as {' or '.join(d.name for d in ok)}, got {packed.dtype}"
         )
 
 
-def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, nsteps: int, w_round, interpret):
+def _int_gemv(
+    x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, nsteps: int, w_round, interpret, xq=False
+):
     m = x.shape[0]
     bm, bn = config.block_m, config.block_n
     mp = cdiv(m, bm) * bm
@@ -660,7 +704,9 @@ def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, ns
         gs=gs,
         w_round=w_round,
         split_x=split_x,
-        post=config.variant.endswith("+postscale"),
+        post=xq or config.variant.endswith("+postscale"),
+        xq=xq,
+        interpret=interpret,
     )
     out = split_k_call(
         kernel,
@@ -674,6 +720,76 @@ def _int_gemv(x, w_operands, layout: IntLayout, config: BlockConfig, bk: int, ns
         name=f"int{layout.bits}_gemv",
     )
     return out[:m]
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "config", "max_abs_weight", "interpret"))
+def int_gemv_a8(
+    x: jax.Array,
+    packed: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array | None,
+    *,
+    layout: IntLayout,
+    config: BlockConfig,
+    max_abs_weight: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Integer weights times int8 per-token activations in one launch (small ``M``)::
+
+        s_x[m] = max_k |x[m, k]| / 127   (1 for an all-zero row),   q = clip(round(x / s_x), -127, 127)
+        y[m, n] = ((sum_k q[m, k] (c[k, n] - z[n])) * s_x[m]) * s[n]
+
+    The ``"split-gemv"`` kernel with the activation quantization inside (each program first finds its rows'
+    maxima over all of K, then quantizes every tile as it loads it, with correctly rounded division and
+    ties-to-even rounding, bit-identical to the XLA pre-pass) and no split-K: no pre-pass, no partial-sum pass.
+    The products and sums are exact integers in float32 (checked: ``127 * max_abs_weight * K < 2**24``), so the
+    result equals the int32 dot's scaled as above, bit for bit.
+
+    Args:
+      x: activations ``(M, K)`` (any float dtype; the output has it).
+      packed, scale, zero: one-group weights (``layout.group_size`` None) in ``sym`` or ``zeropoint`` mode;
+        ``scale`` ``(N,)``, ``(1, N)`` or ``()``.
+      layout: static :class:`IntLayout`.
+      config: ``variant="split-gemv"``, ``block_m <= 8``, ``split_k=1``.
+      max_abs_weight: the largest ``|c - z|`` the codes hold (``None``: the most the layout allows); ternary
+        codes ``t + 1`` with zero point 1 give 1.
+      interpret: run the kernel with the Pallas interpreter.
+
+    Raises:
+      ValueError: a grouped or min-max layout, another variant, ``split_k != 1``, bad shapes, or sums that could
+        exceed float32's exact integers.
+    """
+    if x.ndim != 2 or x.shape[1] != layout.k:
+        raise ValueError(f"int_gemv_a8: x must be (M, {layout.k}), got {x.shape}")
+    _check_packed(packed, layout, "int_gemv_a8")
+    if layout.group_size is not None or layout.mode == "minmax":
+        raise ValueError("int_gemv_a8: needs one scale per column (group_size None) and sym or zeropoint codes")
+    if config.variant != "split-gemv" or config.split_k != 1:
+        raise ValueError(f"int_gemv_a8: needs variant 'split-gemv' and split_k=1, got {config}")
+    why = supported(layout, config, jnp.float32)
+    if why:
+        raise ValueError(f"int_gemv_a8: unsupported: {why}")
+    bound = max_abs_weight
+    if bound is None:  # the largest |c - offset| the storage can hold
+        off = _code_offset(layout)
+        bound = max(off, (1 << layout.bits) - 1 - off) if layout.mode == "sym" else (1 << layout.bits) - 1
+        bound = 128 if packed.dtype == jnp.int8 else bound
+    if 127 * bound * layout.k >= 2**24:
+        raise ValueError(f"int_gemv_a8: K={layout.k}: sums up to 127*{bound}*K are not exact in float32")
+
+    def row(v, what):
+        v = jnp.asarray(v)
+        if v.shape not in ((), (layout.n,), (1, layout.n)):
+            raise ValueError(f"int_gemv_a8: {what} must be (), ({layout.n},) or (1, {layout.n}), got {v.shape}")
+        return jnp.broadcast_to(v.reshape(-1), (layout.n,)).reshape(1, layout.n)
+
+    operands = [packed, row(scale, "scale")]
+    if layout.mode == "zeropoint":
+        if zero is None:
+            raise ValueError("int_gemv_a8: mode='zeropoint' needs zero")
+        operands.append(row(zero, "zero"))
+    bk = _effective_block_k(layout, config)
+    return _int_gemv(x, operands, layout, config, bk, cdiv(layout.k, bk), None, interpret, xq=True)
 
 
 # -------------------------------------------------------------------------------------------------

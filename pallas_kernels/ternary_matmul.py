@@ -39,10 +39,24 @@ one launch. The price is in the K loop: sm_90, 16x64x128 tile: 543 instructions 
 saves costs more; a GPU has to time it.
 
 ``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``), ``packing="k"``: the weight-only
-integer GEMV kernel of :mod:`pallas_kernels.int4_matmul` reads the same bytes as a 2-bit ``zeropoint`` weight with
-zero point 1, ``W = (c - 1) * s`` (exactly ``t * s``). For ``mode="a8"`` it runs on the int8 activations as
-float32 with ``s = 1`` in its ``+postscale`` form (exact integer weights): the products and sums
-(``|sum| <= 127 K < 2**24``) are exact, as the int32 dot's, and ``s_x * s`` is applied afterwards.
+integer GEMV kernel of :mod:`pallas_kernels.int4_matmul` reads the same bytes as 2-bit ``sym`` codes with offset 1
+(a constant the compiler folds; no zero-point row per step), ``W = (c - 1) * s``, exactly ``t * s``. For
+``mode="a8"`` it runs on the int8 activations as float32 with ``s = 1`` in its ``+postscale`` form (exact integer
+weights): the products and sums (``|sum| <= 127 K < 2**24``, checked) are exact, as the int32 dot's, and
+``s_x * s`` is applied afterwards. ``"split-gemv"``: the same with the integer GEMV's contiguous activation tiles
+(one load per row and step, split in registers).
+
+``"gemv+postscale"`` / ``"split-gemv+postscale"`` (W1.58A16): the XLA path's weight ``round(t * s)`` is
+``t * round(s)``, so the GEMV sums ``x * t`` exactly within a step and scales the step's sum by the rounded ``s``
+(no per-weight multiply or rounding): the same weights, only the float32 roundings of the sums move.
+
+``"split-gemv+xq"`` (W1.58A8, one launch): :func:`pallas_kernels.int4_matmul.int_gemv_a8`, the split GEMV with the
+activation quantization inside (bit-identical to :func:`quantize_activations`, as ``+xq`` above) and no split-K,
+``s_x * s`` applied after the K loop: no pre-pass and no partial-sum pass. With ``split_k=1`` the GPU is filled by
+narrow column tiles (``tuning.gemv_config(..., one_launch=True)``: 16 wide, 512 programs at N=8192); each program
+reads its rows twice (the maxima first) and quantizes each activation tile it loads, which at M=1 costs little
+against the ``BN`` weights each activation meets (sm_90, 8192², M=1: 355 instructions per 8192 weights, against
+298 for the split-K ``gemv`` that needs the XLA pre-pass and the partial-sum pass; static counts).
 ``packing="n"`` has no GEMV path and uses the dot kernel with 16-row tiles.
 """
 
@@ -127,7 +141,10 @@ def ternary_matmul_reference(x, data, scale, *, k: int, n: int, packing: str, mo
 #: W1.58A8 only: ``"+ptx"`` (int8 weights by inline PTX), ``"+xq"`` (the activation quantization inside the kernel,
 #: bit-identical to the XLA pre-pass: one launch less, each program reading its rows' K columns once more for the
 #: row maxima)
-VARIANTS = ("", "split", "gemv", "split+ptx", "split+xq", "split+ptx+xq")
+#: ``"gemv"``, ``"split-gemv"`` (M <= 8, through the integer GEMV), ``"split-gemv+xq"`` (W1.58A8 in one launch)
+#: W1.58A16 only: ``"gemv+postscale"``, ``"split-gemv+postscale"`` (exact ``t`` weights, each step's sum scaled once)
+_GEMV = ("gemv", "split-gemv", "split-gemv+xq", "gemv+postscale", "split-gemv+postscale")
+VARIANTS = ("", "split", "split+ptx", "split+xq", "split+ptx+xq", *_GEMV)
 
 
 def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str) -> str | None:
@@ -146,9 +163,15 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
         return f"variant {cfg.variant!r} (ternary kernels: {', '.join(repr(v) for v in VARIANTS)})"
     if ("+ptx" in cfg.variant or "+xq" in cfg.variant) and (mode != "a8" or packing != "k"):
         return f"variant {cfg.variant!r} is W1.58A8 with codes packed along K only"
-    if cfg.variant == "gemv":
+    if cfg.variant in _GEMV:
         if cfg.block_m > 8 or cfg.block_n < 16 or cfg.block_k < 32:
             return "gemv needs block_m <= 8, block_n >= 16 and block_k >= 32"
+        if cfg.variant.endswith("+postscale") and mode != "w16":
+            return "variant '+postscale' is W1.58A16 (the W1.58A8 GEMV always sums exact integer products)"
+        if cfg.variant.endswith("+xq") and cfg.split_k != 1:
+            return "variant 'split-gemv+xq' is one launch: split_k must be 1"
+        if mode == "a8" and packing == "k" and 127 * k >= 2**24:
+            return f"the W1.58A8 GEMV sums int8 x ternary products in float32, exact only for K < 132104 (K={k})"
         return None
     min_bk = 64 if (packing == "k" and mode == "w16") else (128 if packing == "k" else 32)
     if cfg.block_k < min_bk or cfg.block_m < 16 or cfg.block_n < 16:
@@ -283,7 +306,7 @@ def ternary_matmul(
     why = supported(k, n, packing, config, x.dtype, mode)
     if why:
         raise ValueError(f"ternary_matmul: unsupported: {why}")
-    if config.variant == "gemv":
+    if config.variant in _GEMV:
         if packing == "k":
             return _ternary_gemv(
                 x, data, scale, k=k, n=n, mode=mode, config=config, w_dtype=w_dtype, interpret=interpret
@@ -348,16 +371,24 @@ def _ternary_gemv(x, data, scale, *, k: int, n: int, mode: str, config: BlockCon
 
     if data.shape != (cdiv(k, 4), n):
         raise ValueError(f"ternary_matmul: packed data must be {(cdiv(k, 4), n)}, got {data.shape}")
-    # codes c = t + 1 with zero point 1: the GEMV's weight (c - 1) * s is exactly the reference's t * s
-    layout = im.IntLayout(bits=2, mode="zeropoint", k=k, n=n, group_size=None)
+    # codes c = t + 1 as 2-bit codes with offset 1: the GEMV's weight (c - 1) * s is exactly the reference's t * s
+    layout = im.IntLayout(bits=2, mode="sym", k=k, n=n, group_size=None, offset=1)
     s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
-    z1 = jnp.ones((1, n), jnp.uint8)
+    if mode == "w16" and config.variant.endswith("+postscale"):
+        # the XLA path's weight round(t * s) is t * round(s) (t in {-1, 0, 1}): the GEMV sums x * t exactly per step
+        # and scales by round(s), the same weights with the float32 roundings of the sum moved
+        w_round = weight_rounding(w_dtype)
+        s_r = (s2 if w_round is None else s2.astype(w_round)).astype(x.dtype).astype(jnp.float32)
+        return im.int_matmul(x, data, s_r, None, layout=layout, config=config, interpret=interpret)
     if mode == "w16":
-        return im.int_matmul(x, data, s2, z1, layout=layout, config=config, w_dtype=w_dtype, interpret=interpret)
+        return im.int_matmul(x, data, s2, None, layout=layout, config=config, w_dtype=w_dtype, interpret=interpret)
+    if config.variant.endswith("+xq"):  # one launch: the quantization inside, the scales after the K loop
+        cfg = config.replace(variant="split-gemv")
+        return im.int_gemv_a8(x, data, s2, None, layout=layout, config=cfg, max_abs_weight=1, interpret=interpret)
     q, sx = quantize_activations(x)
     # the int8 activations as float32 times t in {-1, 0, 1}: exact products and sums (|sum| <= 127 K < 2**24), so the
     # "+postscale" form (no per-weight multiply by the unit scale) gives the int32 dot's values
     cfg = config.replace(variant=f"{config.variant}+postscale")
     ones = jnp.ones((1, n), jnp.float32)
-    acc = im.int_matmul(q.astype(jnp.float32), data, ones, z1, layout=layout, config=cfg, interpret=interpret)
+    acc = im.int_matmul(q.astype(jnp.float32), data, ones, None, layout=layout, config=cfg, interpret=interpret)
     return (acc * sx[:, None] * s2).astype(x.dtype)

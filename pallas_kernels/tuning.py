@@ -205,14 +205,16 @@ _GEMV_K_PER_UNIT = {
 }
 
 
-def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> BlockConfig:
+def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, one_launch: bool = False) -> BlockConfig:
     """The ``variant="gemv"`` config for ``M <= 8`` (memory bound) of the kernels in ``_GEMV_K_PER_UNIT``.
 
     ``BN=128`` columns per program, ``BM`` = ``M`` rounded up to a power of two, a K step of about
     ``32 / BM`` packed rows (at least 8; 8 warps and twice that from ``BM=4``), so the per-row float32
     accumulators stay near 32 registers per thread (100-134 registers in all for sm_90, no spills, compiled on
     the CPU), and split-K until about four programs per SM. 3-bit weights: a 128-row step (four chunks, 32 code
-    tiles; 48 registers at ``BM=1``). Not yet measured on a GPU.
+    tiles; 48 registers at ``BM=1``). ``one_launch`` (the W1.58A8 ``"split-gemv+xq"`` kernel): no split-K; the
+    column tile halves down to 16 wide until there are two programs per SM, and the K step grows as it narrows
+    (the same tile size per trip). Not yet measured on a GPU.
     """
     sms = sms or _num_sms()
     per = _GEMV_K_PER_UNIT[kernel]
@@ -225,9 +227,13 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> 
     pk = max(8, (32 if warps == 4 else 64) // bm // (2 if per == 4 else 1)) if per < 32 else 4
     bk = pk * per
     tiles = cdiv(m, bm) * cdiv(n, bn)
-    nsteps = cdiv(k, bk)
     split = 1
-    while tiles * split < 4 * sms and split * 2 <= min(16, nsteps // 4):
+    if one_launch:
+        while cdiv(m, bm) * cdiv(n, bn) < 2 * sms and bn > 16:
+            bn //= 2
+        bk = bk * 128 // bn
+    nsteps = cdiv(k, bk)
+    while not one_launch and tiles * split < 4 * sms and split * 2 <= min(16, nsteps // 4):
         split *= 2
     # 3-bit: each row's activations as one contiguous tile split in registers (sm_90, M=1: 5 exposed global loads
     # per K-loop trip instead of 36, 1053 instructions instead of 1104; benchmarks/kernel_sass.py); not yet timed

@@ -584,3 +584,119 @@ def test_dequant_kernel_compiles_sm90_with_vector_stores():
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)", tt.sass(tt.ir_text(call.ir)))
     assert ops.count("STG.E.128") > 0 and not any(o.startswith("I2F") for o in ops)
     assert len(ops) * 128 / (128 * 128) <= 10  # thread instructions per weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a static code offset (ternary's 2-bit codes t + 1 read with offset 1), and the int8-activation GEMV
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits,offset", [(4, 3), (2, 1)])
+def test_sym_code_offset_reaches_every_kernel(bits, offset):
+    """``IntLayout.offset``: ``W = (c - offset) * s``. The reference against float64 NumPy, then every kernel form
+    (dot variants, GEMVs, the dequantization kernel) returns the reference's weights bit for bit from one-hot
+    activations (each output is one weight); the ``+postscale`` forms within one output rounding of float64."""
+    from pallas_kernels.int4_matmul import dequantize_reference, int_dequantize
+
+    k, n = 256, 64
+    rng = np.random.default_rng(bits + offset)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.IntScheme(bits=bits, group_size=64))
+    layout = IntLayout(bits=bits, mode="sym", k=k, n=n, group_size=64, offset=offset)
+    c = np_unpack_rows(np.asarray(q.data), bits, k).astype(np.float64)
+    w64 = (c - offset) * np_group_rows(np.asarray(q.scale, np.float64), 64, k, n)
+    np.testing.assert_array_equal(np.asarray(dequantize_reference(q.data, q.scale, None, layout), np.float64), w64)
+    eye = jnp.eye(k, dtype=jnp.bfloat16)
+    want = np.asarray(int_matmul_reference(eye, q.data, q.scale, None, layout), np.float32)
+    configs = [BlockConfig(64, 32, 64, 2, variant=v) for v in ("strided", "interleave", "split")]
+    configs += [BlockConfig(8, 32, 64, 2, variant=v) for v in ("gemv", "split-gemv")]
+    for cfg in configs:
+        got = int_matmul(eye, q.data, q.scale, None, layout=layout, config=cfg, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want, err_msg=cfg.variant)
+    deq = int_dequantize(
+        q.data, q.scale, None, layout=layout, out_dtype=jnp.bfloat16, block_k=64, block_n=64, interpret=True
+    )
+    np.testing.assert_array_equal(np.asarray(deq, np.float32), want)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    for cfg in (
+        BlockConfig(16, 32, 64, 2, variant="split+postscale"),
+        BlockConfig(4, 32, 64, 2, variant="gemv+postscale"),
+    ):
+        got = int_matmul(jnp.asarray(x, jnp.bfloat16), q.data, q.scale, None, layout=layout, config=cfg, interpret=True)
+        ref = round_to(x.astype(np.float64), jnp.bfloat16) @ w64
+        assert rel_err(got, ref) < BOUND[jnp.bfloat16], cfg.variant
+
+
+def test_code_offset_is_checked():
+    with pytest.raises(ValueError, match="offset"):
+        IntLayout(bits=4, mode="zeropoint", k=64, n=64, offset=1)  # a zero point already says the offset
+    with pytest.raises(ValueError, match="offset"):
+        IntLayout(bits=2, mode="sym", k=64, n=64, offset=4)  # not a 2-bit code
+    lay = IntLayout(bits=8, mode="sym", k=64, n=32, offset=100)
+    codes = jnp.zeros((64, 32), jnp.int8)  # signed int8 storage has no offset: refused, not misread
+    with pytest.raises(ValueError, match="uint8"):
+        int_matmul(jnp.ones((1, 64), jnp.bfloat16), codes, jnp.ones((32,)), None, layout=lay, config=BlockConfig())
+
+
+def _np_gemv_a8(x, c, z, s, dtype):
+    """Float32 ``((sum_k q (c - z)) * s_x) * s`` from float64 exact integer sums, rounded to ``dtype``."""
+    xf = np.asarray(jnp.asarray(x, dtype), np.float32)
+    amax = np.abs(xf).max(axis=1, keepdims=True)
+    sx = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    xq = np.clip(np.round(xf / sx), -127, 127).astype(np.float64)
+    acc = (xq @ (c - z)).astype(np.float32)  # exact integers
+    return np.asarray(jnp.asarray(acc * sx * np.asarray(s, np.float32)[None, :], dtype), np.float32)
+
+
+@pytest.mark.parametrize(
+    "bits,mode,m,k,n,dt",
+    [
+        (4, "sym", 1, 256, 96, jnp.bfloat16),
+        (4, "zeropoint", 3, 300, 80, jnp.float16),  # ragged K (a partial K step) and N
+        (8, "sym", 5, 120, 64, jnp.float32),  # signed int8 storage; ragged M in an 8-row block
+        (2, "zeropoint", 2, 200, 48, jnp.bfloat16),
+    ],
+)
+def test_int_gemv_a8_is_the_int8_product_in_one_launch(bits, mode, m, k, n, dt):
+    """``int_gemv_a8``: int8 per-token activations quantized inside the kernel times per-column integer weights,
+    bit for bit the exact integer product scaled ``(acc * s_x) * s`` (ties ``x / s_x = 2.5`` included, an
+    all-zero row), and one Triton kernel with nothing before or after it when lowered for CUDA."""
+    from pallas_kernels.int4_matmul import int_gemv_a8
+
+    rng = np.random.default_rng(bits * 7 + m)
+    scheme = jq.IntScheme(bits=bits, group_size=None, symmetric=mode == "sym")
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), scheme)
+    layout = IntLayout(bits=bits, mode=mode, k=k, n=n)
+    x = rng.standard_normal((m, k)).astype(np.float32) * 2
+    x[0, :4] = [127.0, 2.5, -3.5, 0.5]  # s_x = 1: exact ties
+    if m > 2:
+        x[1] = 0.0
+    if bits == 8:
+        c, z = np.asarray(q.data).astype(np.float64), 0.0
+    else:
+        c = np_unpack_rows(np.asarray(q.data), bits, k).astype(np.float64)
+        z = 2.0 ** (bits - 1) if mode == "sym" else np.asarray(q.zero, np.float64).reshape(1, n)
+    zero = None if mode == "sym" else q.zero
+    cfg = BlockConfig(block_m=8 if m > 4 else 4, block_n=16, block_k=64, split_k=1, variant="split-gemv")
+    got = int_gemv_a8(jnp.asarray(x, dt), q.data, q.scale, zero, layout=layout, config=cfg, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), _np_gemv_a8(x, c, z, q.scale, dt))
+    fn = functools.partial(int_gemv_a8, layout=layout, config=cfg)
+    text = tt.export_cuda(fn, shape_struct((m, k), dt), q.data, q.scale, zero)
+    assert len(tt.triton_calls(text)) == 1 and "stablehlo.reduce" not in text  # no pre-pass, no partial-sum pass
+
+
+def test_int_gemv_a8_refuses_what_it_cannot_do_exactly():
+    from pallas_kernels.int4_matmul import int_gemv_a8
+
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    codes = jnp.zeros((128, 64), jnp.uint8)
+    cfg = BlockConfig(block_m=1, block_n=16, block_k=64, split_k=1, variant="split-gemv")
+    lay = IntLayout(bits=4, mode="sym", k=256, n=64)
+    with pytest.raises(ValueError, match="group_size"):
+        int_gemv_a8(x, codes, jnp.ones((2, 64)), None, layout=IntLayout(4, "sym", 256, 64, 128), config=cfg)
+    with pytest.raises(ValueError, match="split_k=1"):
+        int_gemv_a8(x, codes, jnp.ones((64,)), None, layout=lay, config=cfg.replace(split_k=2))
+    with pytest.raises(ValueError, match="split_k=1"):
+        int_gemv_a8(x, codes, jnp.ones((64,)), None, layout=lay, config=cfg.replace(variant="gemv"))
+    with pytest.raises(ValueError, match="scale"):
+        int_gemv_a8(x, codes, jnp.ones((3,)), None, layout=lay, config=cfg)
+    big = IntLayout(bits=8, mode="sym", k=2048, n=64)  # 127 * 128 * 2048 > 2**24: sums not exact in float32
+    with pytest.raises(ValueError, match="exact"):
+        int_gemv_a8(jnp.ones((1, 2048)), jnp.zeros((2048, 64), jnp.int8), jnp.ones((64,)), None, layout=big, config=cfg)

@@ -278,16 +278,101 @@ def test_gemv_lowers_and_compiles_sm90(mode, m):
 
 
 @pytest.mark.parametrize("x_dt,w_dtype", [(jnp.bfloat16, None), (jnp.float16, "bfloat16"), (jnp.float32, None)])
-@pytest.mark.parametrize("gran,variant", [("channel", ""), ("channel", "split"), ("tensor", "")])
+@pytest.mark.parametrize(
+    "gran,variant",
+    [("channel", ""), ("channel", "split"), ("tensor", ""), ("channel", "split-gemv"), ("channel", "gemv+postscale")],
+)
 def test_w16_weights_bit_identical_to_the_xla_path(x_dt, w_dtype, gran, variant):
     """One-hot activation rows return the dequantized weights themselves (exact float32 sums): the kernel's
-    ``t * round(s)`` in the activation dtype must equal the XLA path's ``round(t * s)`` bit for bit."""
+    ``t * round(s)`` in the activation dtype must equal the XLA path's ``round(t * s)`` bit for bit (the
+    ``+postscale`` GEMV scales the exact sum of ``x * t`` by the rounded ``s``)."""
     k, n = 256, 64
     rng = np.random.default_rng(5)
     q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)) * 0.37, jnp.float32), jq.TernaryScheme(gran))
     pk = "k" if gran == "channel" else "n"
     eye = jnp.eye(k, dtype=x_dt)
     want = ternary_matmul_reference(eye, q.data, q.scale, k=k, n=n, packing=pk, w_dtype=w_dtype)
-    cfg = BlockConfig(64, 32, 128, 2, variant=variant)
+    cfg = BlockConfig(8 if "gemv" in variant else 64, 32, 128, 2, variant=variant)
     got = ternary_matmul(eye, q.data, q.scale, k=k, n=n, packing=pk, config=cfg, w_dtype=w_dtype, interpret=True)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize(
+    "m,k,n,dt",
+    [(1, 512, 96, jnp.bfloat16), (5, 300, 80, jnp.float32), (8, 256, 64, jnp.float16)],  # ragged K, N; ragged M
+)
+def test_one_launch_w158a8_gemv_is_the_pre_pass_path(m, k, n, dt):
+    """``split-gemv+xq``: the activation quantization inside the GEMV and no split-K give, bit for bit, the GEMV
+    after the XLA pre-pass and the reference (exact ties, an all-zero row, a maximum in the last ragged K step),
+    and lower to one Triton kernel with no XLA reduction before or after it."""
+    from pallas_kernels import _triton_tools as tt
+    from pallas_kernels import tuning
+
+    rng = np.random.default_rng(m + k + 3)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
+    xn = rng.standard_normal((m, k)).astype(np.float32) * 3
+    xn[0, :8] = [127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.5, -127.0]  # s_x = 1: the quotients are these ties
+    if m > 2:
+        xn[1] = 0.0
+        xn[2, k - 1] = 50.0
+    x = jnp.asarray(xn, dt)
+    bm = tuning.gemv_config("ternary_a8", m, k, n, sms=2, one_launch=True).block_m
+    one = BlockConfig(bm, 16, 128, 1, variant="split-gemv+xq")
+    got = ternary_matmul(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8", config=one, interpret=True)
+    pre = ternary_matmul(
+        x, q.data, q.scale, k=k, n=n, packing="k", mode="a8", config=one.replace(variant="gemv"), interpret=True
+    )
+    want = ternary_matmul_reference(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(pre, np.float32))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    fn = functools.partial(ternary_matmul, k=k, n=n, packing="k", mode="a8", config=one)
+    text = tt.export_cuda(fn, shape_struct((m, k), dt), q.data, q.scale)
+    assert len(tt.triton_calls(text)) == 1 and "stablehlo.reduce" not in text
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 256, 96), (6, 300, 80)])
+def test_w16_postscale_gemv_matches_float64(m, k, n):
+    rng = np.random.default_rng(m + n)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
+    t = np_ternary(q, k, n, "channel")
+    s = np.asarray(q.scale, np.float64)
+    xn = rng.standard_normal((m, k)).astype(np.float32)
+    for variant in ("gemv+postscale", "split-gemv+postscale"):
+        cfg = BlockConfig(8, 32, 64, 2, variant=variant)
+        y = ternary_matmul(jnp.asarray(xn), q.data, q.scale, k=k, n=n, packing="k", config=cfg, interpret=True)
+        assert rel_err(y, xn.astype(np.float64) @ (t * s[None, :])) < 1e-5, variant
+
+
+def test_gemv_variants_refuse_what_they_cannot_do():
+    gemv = BlockConfig(1, 16, 128, 1, variant="split-gemv+xq")
+    assert supported(8192, 8192, "k", gemv, jnp.bfloat16, "a8") is None
+    assert "split_k" in supported(8192, 8192, "k", gemv.replace(split_k=2), jnp.bfloat16, "a8")
+    assert "W1.58A8" in supported(8192, 8192, "k", gemv, jnp.bfloat16, "w16")
+    post = BlockConfig(1, 128, 64, 4, variant="gemv+postscale")
+    assert supported(8192, 8192, "k", post, jnp.bfloat16, "w16") is None
+    assert "W1.58A16" in supported(8192, 8192, "k", post, jnp.bfloat16, "a8")
+    # the float32 sums of int8 x ternary products are exact integers only below 2**24
+    assert "exact" in supported(140000, 64, "k", BlockConfig(1, 128, 64, 4, variant="gemv"), jnp.bfloat16, "a8")
+
+
+def test_one_launch_config_fills_the_gpu_without_split_k():
+    from pallas_kernels import tuning
+
+    cfg = tuning.gemv_config("ternary_a8", 1, 8192, 8192, sms=132, one_launch=True)
+    assert cfg.split_k == 1 and cfg.block_n == 16 and 8192 // cfg.block_n >= 2 * 132
+    assert cfg.block_k * cfg.block_n == tuning.gemv_config("ternary_a8", 1, 8192, 8192, sms=132).block_k * 128
+    assert supported(8192, 8192, "k", cfg.replace(variant="split-gemv+xq"), jnp.bfloat16, "a8") is None
+
+
+@requires_triton
+def test_one_launch_gemv_compiles_sm90_without_spills():
+    from pallas_kernels import tuning
+
+    k, n = 8192, 8192
+    cfg = tuning.gemv_config("ternary_a8", 1, k, n, sms=132, one_launch=True).replace(variant="split-gemv+xq")
+    fn = functools.partial(ternary_matmul, k=k, n=n, packing="k", mode="a8", config=cfg)
+    calls = cuda_lowering(
+        fn, shape_struct((1, k), jnp.bfloat16), shape_struct((k // 4, n), jnp.uint8), shape_struct((n,), jnp.float32)
+    )
+    (report,) = assert_compiles(calls, archs=(90,))
+    assert report.spill_bytes == 0, report
