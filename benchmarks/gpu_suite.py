@@ -365,10 +365,14 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("int8_w8a16", (1, 128, 32, 16, 4, 4, "split-gemv+postscale")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "split-gemv+postscale")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "split-gemv")),
-    # ternary GEMVs at M=1 (sm_90, 8192^2, static): W1.58A8 in one launch (activation quantization inside, no
-    # split-K; 355 instructions per 8192 weights) against the split-K GEMV after the XLA pre-pass (299, three
-    # launches more); W1.58A16 with exact t weights and the rounded scale per step (302 vs 487 for "split-gemv")
-    ("ternary_w158a8", (1, 16, 512, 1, 4, 4, "split-gemv+xq")),
+    # ternary GEMVs at M=1 (sm_90, 8192^2, static instructions per weight): W1.58A8 as an integer GEMV (inline PTX
+    # code spreading + dp4a: 2.02, below the memory floor; 2.66 in one launch with the activation quantization
+    # inside and no split-K), the float GEMVs (4.67 after the XLA pre-pass, 4.77 in one launch) and W1.58A16 with
+    # exact t weights and the rounded scale per step (4.72 vs 7.61 for "split-gemv"). dp4a's first on-device
+    # check: adopt only if its output equals the XLA path's (bit-identical in the interpreter)
+    ("ternary_w158a8", (1, 128, 64, 16, 4, 4, "dp4a-gemv")),
+    ("ternary_w158a8", (1, 32, 512, 1, 4, 4, "dp4a-gemv+xq")),
+    ("ternary_w158a8", (1, 32, 512, 1, 4, 4, "split-gemv+xq")),
     ("ternary_w158a8", (1, 128, 64, 16, 4, 4, "split-gemv")),
     ("ternary", (1, 128, 64, 16, 4, 4, "split-gemv+postscale")),
     # first on-device checks of the inline-PTX variants (M <= 16)

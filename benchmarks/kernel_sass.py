@@ -92,8 +92,7 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
     tname = TUNING_NAME[name]
     cfg = tuning.get_config(tname, m, k, n, device)
     if "gemv" in variants.get(tname, "") and tname in tuning._GEMV_K_PER_UNIT:
-        one = variants[tname].endswith("+xq")  # one launch: no split-K, narrower tiles
-        cfg = dataclasses.replace(tuning.gemv_config(tname, m, k, n, one_launch=one), variant=variants[tname])
+        cfg = tuning.gemv_config(tname, m, k, n, variant=variants[tname])
     elif tname in variants:
         cfg = dataclasses.replace(cfg, variant=variants[tname])
     row: dict[str, Any] = {"kernel": name, "m": m, "k": k, "n": n, "config": cfg}

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._ptx import div_rn, int8_values
+
 __all__ = [
     "BlockConfig",
     "and_masks",
@@ -208,6 +210,21 @@ def exact_field(word: jax.Array, off: int, bits: int, sub) -> jax.Array:
     return f - (sub.astype(jnp.float32) + float(2**e))
 
 
+def divide_rn(a, b) -> jax.Array:
+    """``a / b`` correctly rounded in XLA code (activation quantization pre-passes and references), also when ``b``
+    broadcasts. XLA rewrites a division by a broadcast value into a product with its reciprocal (1 ulp off for
+    many inputs; on XLA:CPU ``amax / 127.0`` was, for one in five random rows of a test), and a 1-ulp change of a
+    scale flips rounding decisions. The divisor is made a full array behind an optimization barrier, tied to ``a``
+    so that ``vmap`` batches it (``jaxquant.core.numerics.true_divide``, which this package may not import, does the
+    same); inside kernels :func:`pallas_kernels._ptx.div_rn` computes the same quotients."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    shape = jnp.broadcast_shapes(a.shape, b.shape)
+    dtype = jnp.result_type(a, b)
+    a = jnp.broadcast_to(a.astype(dtype), shape)
+    tie = jax.lax.stop_gradient(a) * jnp.zeros((), dtype)
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b.astype(dtype), shape) + tie)
+
+
 def rounded_mul(a: jax.Array, b) -> jax.Array:
     """``a * b`` rounded on its own, also when an addition follows (``rounded_mul(c, s) + z``).
 
@@ -270,3 +287,19 @@ def split_k_call(
         name=name,
     )(*operands)
     return out.sum(axis=0).astype(out_dtype) if split > 1 else out
+
+
+def row_int8_quantizer(xt_ref, row, pk: int, steps: int, interpret: bool):
+    """For row ``row`` of GEMV activations stored ``(Mp, K/chunk, chunk)`` (zero-padded; ``steps`` steps of ``pk``
+    units): its int8 scale ``s_x`` ``(1, 1)`` (the maximum of ``|x|`` over all of K, divided by 127 with correct
+    rounding; 1 for an all-zero row) and the quantizer of one tile, ``clip(round(x / s_x), -127, 127)`` as float32
+    (:func:`pallas_kernels._ptx.int8_values`), bit-identical to the XLA pre-pass
+    ``pallas_kernels.ternary_matmul.quantize_activations`` (zero padding changes no maximum)."""
+
+    def amax_step(t, amax):
+        xt = jnp.abs(xt_ref[row, pl.ds(t * pk, pk), :].astype(jnp.float32))
+        return jnp.maximum(amax, jnp.max(jnp.max(xt, axis=1, keepdims=True), axis=0, keepdims=True))
+
+    amax = jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((1, 1), jnp.float32))
+    sx = jnp.where(amax > 0, div_rn(amax, jnp.full((1, 1), 127.0, jnp.float32), interpret=interpret), 1.0)
+    return sx, lambda xt: int8_values(xt, sx, interpret=interpret)

@@ -2,7 +2,8 @@
 
 Pallas' Triton backend passes PTX through ``jax.experimental.pallas.triton.elementwise_inline_asm``; the
 Pallas interpreter cannot run it. Every program here is therefore a plain string of a small PTX subset (``mov``,
-``and``, ``or``, ``xor``, ``shl``, ``shr``, ``prmt``, ``lop3`` on ``.b32``; ``sub.u32``) that :func:`emulate`
+``and``, ``or``, ``xor``, ``shl``, ``shr``, ``prmt``, ``lop3`` on ``.b32``; ``sub.u32``, ``mul.lo.u32``,
+``mad.lo.u32``; ``dp4a.u32.s32``) that :func:`emulate`
 executes instruction by instruction with NumPy or ``jax.numpy`` integer operations, following the PTX ISA's
 definitions (``prmt`` in its default mode: each selector nibble picks one of the 8 bytes of ``{b, a}``, its top
 bit replicating that byte's sign bit instead). On a GPU the string goes to ``ptxas``; in interpret mode
@@ -14,6 +15,9 @@ little-endian vector bitcast, visible in the LLVM IR the CPU compiles).
 ``nf4_lookup_asm`` is the NF4 table lookup with byte permutes: four codes per instruction instead of a select
 tree per code (15 selects of float32 constants per weight). ``ternary_field_asm`` turns four packed 2-bit
 ternary codes into four int8 values in one register (SWAR arithmetic), the operand layout of the int8 dot.
+:data:`CODE_QUAD_ASM` spreads the four 2-bit codes of one byte (four consecutive K rows of one column) to the four
+bytes of a word, and :data:`DP4A_ASM` multiplies such a word with four int8 activations and accumulates (one
+``dp4a`` per four weights and activation row): the ternary W1.58A8 GEMV's integer inner product.
 
 :func:`div_rn` is float32 division correctly rounded (``div.rn.f32``, IEEE 754 round to nearest even, no
 flush to zero), which is what XLA's GPU compiler emits for a float32 divide; Pallas-Triton lowers ``/`` to
@@ -31,9 +35,13 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CODE_QUAD_ASM",
     "DIV_RN_ASM",
+    "DP4A_ASM",
     "RINT_ASM",
+    "code_quads",
     "div_rn",
+    "dp4a",
     "emulate",
     "inline_asm",
     "nf4_lookup",
@@ -111,7 +119,15 @@ def nf4_lookup_asm(code_vals: Sequence[float], high: bool, dtype: str = "float32
     return "\n".join(lines)
 
 
-_INSTR = re.compile(r"^([a-z0-9]+)\.([bu]32)\s+(.+)$")
+_INSTR = re.compile(r"^([a-z0-9]+)((?:\.[a-z0-9]+)+)\s+(.+)$")
+#: the type suffix each supported opcode takes (anything else is refused)
+_SUFFIX = {
+    **dict.fromkeys(("mov", "and", "or", "xor", "shl", "shr", "prmt", "lop3"), ".b32"),
+    "sub": ".u32",
+    "mul": ".lo.u32",
+    "mad": ".lo.u32",
+    "dp4a": ".u32.s32",
+}
 
 
 def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[Any]:
@@ -121,6 +137,13 @@ def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[A
     immediates (hex or decimal). ``xp`` is ``numpy`` or ``jax.numpy`` (inside a jitted or interpreted kernel).
     Raises ``ValueError`` on anything outside the subset, so a program change cannot silently escape the tests.
     """
+    if xp is np:
+        with np.errstate(over="ignore"):  # integer arithmetic wraps modulo 2**32, as on the GPU
+            return _emulate(asm, inputs, n_out, xp)
+    return _emulate(asm, inputs, n_out, xp)
+
+
+def _emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any) -> list[Any]:
     u32 = xp.uint32
     regs: dict[str, Any] = {f"${n_out + i}": xp.asarray(v).astype(u32) for i, v in enumerate(inputs)}
 
@@ -139,7 +162,7 @@ def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[A
         if not m:
             raise ValueError(f"emulate: unsupported instruction {ins!r}")
         op, ops = m.group(1), [o.strip() for o in m.group(3).split(",")]
-        if (m.group(2) == "u32") != (op == "sub"):
+        if op in _SUFFIX and m.group(2) != _SUFFIX[op]:
             raise ValueError(f"emulate: unsupported instruction type {ins!r}")
         d, src = ops[0], [val(o) for o in ops[1:]]
         if op == "mov":
@@ -152,6 +175,17 @@ def emulate(asm: str, inputs: Sequence[Any], n_out: int, xp: Any = np) -> list[A
             out = src[0] ^ src[1]
         elif op == "sub":  # modulo 2**32
             out = src[0] - src[1]
+        elif op == "mul":  # the low 32 bits of the product
+            out = src[0] * src[1]
+        elif op == "mad":
+            out = src[0] * src[1] + src[2]
+        elif op == "dp4a":  # c + sum of the 4 byte products, a's bytes unsigned, b's signed, modulo 2**32
+            a, b, out = src
+            for i in range(4):
+                ua = (a >> u32(8 * i)) & u32(0xFF)
+                ub = (b >> u32(8 * i)) & u32(0xFF)
+                # a signed byte ub - 256 (ub >= 128): the product minus 256 * ua, in wrapping uint32 arithmetic
+                out = out + ua * ub - xp.where(ub >= u32(0x80), ua << u32(8), u32(0))
         elif op == "shl":
             out = src[0] << src[1]
         elif op == "shr":
@@ -244,6 +278,58 @@ def ternary_field_asm(j: int) -> str:
         "}",
     ]
     return "\n".join(lines)
+
+
+#: the four 2-bit codes of a byte ``$1`` (0..255; code ``j`` in bits ``2j..2j+1``) to byte ``j`` of ``$0``, in five
+#: instructions: ``(b & 0x33) * 0x1001`` puts codes 0 and 2 in bytes 0 and 2, ``(b & 0xCC) * 0x40040`` codes 1 and 3
+#: in bytes 1 and 3 (the copies the products also leave, and the one carry their sum can make, land in bits the
+#: final mask clears)
+CODE_QUAD_ASM = """{
+.reg .b32 t, u;
+and.b32 t, $1, 0x33;
+and.b32 u, $1, 0xCC;
+mul.lo.u32 t, t, 0x1001;
+mad.lo.u32 t, u, 0x40040, t;
+and.b32 $0, t, 0x03030303;
+}"""
+#: ``$0 = $3 + sum_i a_i * b_i`` over the four bytes, ``a = $1`` unsigned (codes), ``b = $2`` signed (int8 activations)
+DP4A_ASM = "dp4a.u32.s32 $0, $1, $2, $3;"
+
+
+def code_quads(p: Any, *, interpret: bool) -> Any:
+    """Int32 words holding in byte ``j`` the 2-bit code ``j`` of each byte of the int32 tile ``p`` (values 0..255):
+    :data:`CODE_QUAD_ASM`."""
+    return _int32_asm(CODE_QUAD_ASM, p, interpret=interpret)
+
+
+def dp4a(a: Any, b: Any, c: Any, *, interpret: bool) -> Any:
+    """``c + sum_i a_i * b_i`` over the four bytes of int32 tiles of one shape (``a``'s bytes unsigned, ``b``'s
+    signed, int32 wrapping): :data:`DP4A_ASM`."""
+    return _int32_asm(DP4A_ASM, a, b, c, interpret=interpret)
+
+
+def _int32_asm(asm: str, *args: Any, interpret: bool) -> Any:
+    """One int32 result per element of int32 tiles of one shape (``pack=1``); :func:`emulate` in interpret mode."""
+    import jax
+    import jax.numpy as jnp
+
+    args = [jnp.asarray(a) for a in args]
+    if any(a.shape != args[0].shape or a.dtype != jnp.int32 for a in args):
+        raise ValueError(f"int32 tiles of one shape needed, got {[(a.shape, a.dtype.name) for a in args]}")
+    if interpret:
+        words = [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args]
+        (out,) = emulate(asm, words, 1, xp=jnp)
+        return jax.lax.bitcast_convert_type(out, jnp.int32)
+    from jax.experimental.pallas import triton as plgpu
+
+    (out,) = plgpu.elementwise_inline_asm(
+        asm,
+        args=args,
+        constraints=",".join(["=r"] + ["r"] * len(args)),
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)],
+    )
+    return out
 
 
 def ternary_field(p: Any, j: int, *, interpret: bool) -> Any:

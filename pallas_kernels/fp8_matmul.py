@@ -42,6 +42,7 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
+    divide_rn,
     largest_divisor_at_most,
     load,
     split_k_call,
@@ -70,13 +71,13 @@ def fmax(dtype) -> float:
 def row_scales(x: jax.Array, w_dtype) -> jax.Array:
     """Per-row activation scales ``max_k |x[m, k]| / FMAX`` (float32 ``(M,)``; 1 for all-zero rows)."""
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
-    return jnp.where(amax > 0, amax / np.float32(fmax(w_dtype)), 1.0)
+    return jnp.where(amax > 0, divide_rn(amax, np.float32(fmax(w_dtype))), 1.0)
 
 
 def quantize_rows(x: jax.Array, sx: jax.Array, w_dtype) -> jax.Array:
-    """``fp8(clip(x / s_x))`` per row (saturating)."""
+    """``fp8(clip(x / s_x))`` per row (saturating; the division correctly rounded, as the scheme's)."""
     f = np.float32(fmax(w_dtype))
-    return jnp.clip(x.astype(jnp.float32) / sx[:, None], -f, f).astype(w_dtype)
+    return jnp.clip(divide_rn(x.astype(jnp.float32), sx[:, None]), -f, f).astype(w_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "w_dtype", "w_layout"))

@@ -81,13 +81,13 @@ from pallas_kernels._common import (
     largest_divisor_at_most,
     load,
     rounded_mul,
+    row_int8_quantizer,
     row_slice,
     split_cols,
     split_k_call,
     store,
     weight_rounding,
 )
-from pallas_kernels._ptx import div_rn, int8_values
 
 __all__ = [
     "IntLayout",
@@ -503,7 +503,7 @@ def _gemv_kernel(
     sym_int8 = w_ref.dtype == jnp.int8
     scale_steps = post and not xq  # "+xq": one group, its scale applied after the loop with s_x
     if xq:
-        quantizers = [_row_quantizer(xt_ref, m0 + mi, pk, steps, interpret) for mi in range(bm)]
+        quantizers = [row_int8_quantizer(xt_ref, m0 + mi, pk, steps, interpret) for mi in range(bm)]
 
     def x_tile(mi, u0):  # row mi's (pk, chunk) activation tile of the step as float32 (int8 values with xq)
         xt = xt_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32)
@@ -553,22 +553,6 @@ def _gemv_kernel(
             store(o_ref.at[sk, pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row, nmask)
         else:
             store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), nmask)
-
-
-def _row_quantizer(xt_ref, row, pk: int, steps: int, interpret: bool):
-    """Row ``row`` of the split-GEMV activations ``(Mp, K/chunk, chunk)``: its int8 scale ``s_x`` ``(1, 1)`` (the
-    maximum of ``|x|`` over all of K, divided by 127 with correct rounding; 1 for an all-zero row) and the quantizer
-    of one tile, ``clip(round(x / s_x), -127, 127)`` as float32 (:func:`pallas_kernels._ptx.int8_values`),
-    bit-identical to the XLA pre-pass ``pallas_kernels.ternary_matmul.quantize_activations`` (zero padding changes
-    no maximum)."""
-
-    def amax_step(t, amax):
-        xt = jnp.abs(xt_ref[row, pl.ds(t * pk, pk), :].astype(jnp.float32))
-        return jnp.maximum(amax, jnp.max(jnp.max(xt, axis=1, keepdims=True), axis=0, keepdims=True))
-
-    amax = jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((1, 1), jnp.float32))
-    sx = jnp.where(amax > 0, div_rn(amax, jnp.full((1, 1), 127.0, jnp.float32), interpret=interpret), 1.0)
-    return sx, lambda xt: int8_values(xt, sx, interpret=interpret)
 
 
 def _gemv_activations(x: jax.Array, mp: int, kp: int, bk: int, per: int) -> jax.Array:

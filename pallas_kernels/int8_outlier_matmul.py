@@ -41,6 +41,7 @@ from pallas_kernels._common import (
     and_masks,
     cdiv,
     compiler_params,
+    divide_rn,
     largest_divisor_at_most,
     load,
     split_k_call,
@@ -68,7 +69,8 @@ OUTLIER_CHUNK = 16
 def quantize_activations(x: jax.Array, threshold: float | None, per_row: bool = True):
     """The LLM.int8 activation split: ``(x_q int8, s_x float32 (M,), is_outlier bool (K,))``.
 
-    Plain ``/`` division (the scheme uses a correctly rounded division; results may differ by one code).
+    Both divisions correctly rounded (:func:`~pallas_kernels._common.divide_rn`), as the scheme's XLA path and the
+    one-launch :func:`prepass` divide.
     """
     x2 = x.astype(jnp.float32)
     if threshold is None:
@@ -77,8 +79,8 @@ def quantize_activations(x: jax.Array, threshold: float | None, per_row: bool = 
         is_out = jnp.max(jnp.abs(x2), axis=0) > threshold
     x_r = jnp.where(is_out[None, :], 0.0, x2)
     amax = jnp.max(jnp.abs(x_r), axis=1 if per_row else None, keepdims=True)
-    s = jnp.where(amax > 0, amax / 127.0, 1.0)
-    xq = jnp.clip(jnp.round(x_r / s), -127, 127).astype(jnp.int8)
+    s = jnp.where(amax > 0, divide_rn(amax, jnp.float32(127.0)), 1.0)
+    xq = jnp.clip(jnp.round(divide_rn(x_r, s)), -127, 127).astype(jnp.int8)
     return xq, jnp.broadcast_to(s.reshape(-1), (x2.shape[0],)), is_out
 
 

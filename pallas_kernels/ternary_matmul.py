@@ -52,11 +52,20 @@ weights): the products and sums (``|sum| <= 127 K < 2**24``, checked) are exact,
 
 ``"split-gemv+xq"`` (W1.58A8, one launch): :func:`pallas_kernels.int4_matmul.int_gemv_a8`, the split GEMV with the
 activation quantization inside (bit-identical to :func:`quantize_activations`, as ``+xq`` above) and no split-K,
-``s_x * s`` applied after the K loop: no pre-pass and no partial-sum pass. With ``split_k=1`` the GPU is filled by
-narrow column tiles (``tuning.gemv_config(..., one_launch=True)``: 16 wide, 512 programs at N=8192); each program
-reads its rows twice (the maxima first) and quantizes each activation tile it loads, which at M=1 costs little
-against the ``BN`` weights each activation meets (sm_90, 8192², M=1: 355 instructions per 8192 weights, against
-298 for the split-K ``gemv`` that needs the XLA pre-pass and the partial-sum pass; static counts).
+``s_x * s`` applied after the K loop: no pre-pass and no partial-sum pass. Without split-K the GPU is filled by
+narrow column tiles (``tuning.gemv_config``: 32 wide, 256 programs at N=8192); each program reads its rows twice
+(the maxima first) and quantizes each activation tile it loads, which at M=1 costs little against the ``BN``
+weights each activation meets.
+
+``"dp4a-gemv"`` / ``"dp4a-gemv+xq"`` (W1.58A8, M <= 8; one launch with ``+xq``): an integer GEMV. A packed byte
+holds four consecutive K rows of one column, so inline PTX spreads its four codes ``c = t + 1`` to the four bytes
+of a word (:data:`pallas_kernels._ptx.CODE_QUAD_ASM`, five instructions) and one ``dp4a`` per word and activation
+row multiplies them with the row's four int8 activations of those K rows (packed in one word) and accumulates in
+int32; a second ``dp4a`` against ``0x01010101`` per activation word sums the row's activations, and
+``sum_k t q = sum_k c q - sum_k q``. Exact, so bit-identical to the reference for any K. sm_90, 8192², M=1 (static
+counts): 2.02 instructions per weight, below the 2-bit weights' memory floor (4.0 against 5.7 us at an H100's copy
+bandwidth); the float GEMVs above need 4.7, the ``split+ptx`` dot 3.3. The PTX runs through
+:func:`pallas_kernels._ptx.emulate` in interpret mode, so no table or heuristic selects it before a GPU has.
 ``packing="n"`` has no GEMV path and uses the dot kernel with 16-row tiles.
 """
 
@@ -72,17 +81,19 @@ from pallas_kernels._common import (
     BlockConfig,
     and_masks,
     cdiv,
+    divide_rn,
     exact_int,
     interleave_cols,
     largest_divisor_at_most,
     load,
+    row_int8_quantizer,
     row_slice,
     split_cols,
     split_k_call,
     store,
     weight_rounding,
 )
-from pallas_kernels._ptx import div_rn, quantize_int8, ternary_field
+from pallas_kernels._ptx import code_quads, div_rn, dp4a, quantize_int8, ternary_field
 
 __all__ = [
     "VARIANTS",
@@ -95,11 +106,13 @@ __all__ = [
 
 
 def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token absmax int8 quantization: ``(q int8 (M, K), s_x float32 (M,))``; all-zero rows get ``s_x=1``."""
+    """Per-token absmax int8 quantization: ``(q int8 (M, K), s_x float32 (M,))``; all-zero rows get ``s_x=1``.
+    Both divisions correctly rounded (:func:`~pallas_kernels._common.divide_rn`), as in ``jaxquant.nn``'s BitNet
+    layers and the kernels' in-kernel quantization."""
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=1)
-    sx = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(xf / sx[:, None]), -127, 127).astype(jnp.int8)
+    sx = jnp.where(amax > 0, divide_rn(amax, jnp.float32(127.0)), 1.0)
+    q = jnp.clip(jnp.round(divide_rn(xf, sx[:, None])), -127, 127).astype(jnp.int8)
     return q, sx
 
 
@@ -142,8 +155,9 @@ def ternary_matmul_reference(x, data, scale, *, k: int, n: int, packing: str, mo
 #: bit-identical to the XLA pre-pass: one launch less, each program reading its rows' K columns once more for the
 #: row maxima)
 #: ``"gemv"``, ``"split-gemv"`` (M <= 8, through the integer GEMV), ``"split-gemv+xq"`` (W1.58A8 in one launch)
-#: W1.58A16 only: ``"gemv+postscale"``, ``"split-gemv+postscale"`` (exact ``t`` weights, each step's sum scaled once)
-_GEMV = ("gemv", "split-gemv", "split-gemv+xq", "gemv+postscale", "split-gemv+postscale")
+#: W1.58A16 only: ``"gemv+postscale"``, ``"split-gemv+postscale"`` (exact ``t`` weights, each step's sum scaled once);
+#: W1.58A8 only: ``"dp4a-gemv"`` / ``"dp4a-gemv+xq"`` (integer GEMV, one ``dp4a`` per four weights and row)
+_GEMV = ("gemv", "split-gemv", "split-gemv+xq", "gemv+postscale", "split-gemv+postscale", "dp4a-gemv", "dp4a-gemv+xq")
 VARIANTS = ("", "split", "split+ptx", "split+xq", "split+ptx+xq", *_GEMV)
 
 
@@ -161,7 +175,7 @@ def supported(k: int, n: int, packing: str, cfg: BlockConfig, x_dtype, mode: str
         return f"activation dtype {jnp.dtype(x_dtype).name}"
     if cfg.variant not in VARIANTS:
         return f"variant {cfg.variant!r} (ternary kernels: {', '.join(repr(v) for v in VARIANTS)})"
-    if ("+ptx" in cfg.variant or "+xq" in cfg.variant) and (mode != "a8" or packing != "k"):
+    if ("+ptx" in cfg.variant or "+xq" in cfg.variant or "dp4a" in cfg.variant) and (mode != "a8" or packing != "k"):
         return f"variant {cfg.variant!r} is W1.58A8 with codes packed along K only"
     if cfg.variant in _GEMV:
         if cfg.block_m > 8 or cfg.block_n < 16 or cfg.block_k < 32:
@@ -382,6 +396,8 @@ def _ternary_gemv(x, data, scale, *, k: int, n: int, mode: str, config: BlockCon
         return im.int_matmul(x, data, s_r, None, layout=layout, config=config, interpret=interpret)
     if mode == "w16":
         return im.int_matmul(x, data, s2, None, layout=layout, config=config, w_dtype=w_dtype, interpret=interpret)
+    if config.variant.startswith("dp4a"):
+        return _dp4a_gemv(x, data, scale, k=k, n=n, config=config, interpret=interpret)
     if config.variant.endswith("+xq"):  # one launch: the quantization inside, the scales after the K loop
         cfg = config.replace(variant="split-gemv")
         return im.int_gemv_a8(x, data, s2, None, layout=layout, config=cfg, max_abs_weight=1, interpret=interpret)
@@ -392,3 +408,106 @@ def _ternary_gemv(x, data, scale, *, k: int, n: int, mode: str, config: BlockCon
     ones = jnp.ones((1, n), jnp.float32)
     acc = im.int_matmul(q.astype(jnp.float32), data, ones, None, layout=layout, config=cfg, interpret=interpret)
     return (acc * sx[:, None] * s2).astype(x.dtype)
+
+
+def _dp4a_kernel(*refs, bm: int, bn: int, pk: int, steps: int, units: int, n: int, xq: bool, interpret: bool):
+    """``"dp4a-gemv"``: per K step, the ``(pk, BN)`` packed byte tile becomes words of four codes (K rows ``4r..4r+3``
+    of a column, :func:`~pallas_kernels._ptx.code_quads`), and each row's int8 activations of those K rows, packed in
+    one word, meet them in one ``dp4a`` per word: ``acc += sum_j c_j q_j`` with codes ``c = t + 1``. A second
+    ``dp4a`` per activation word against ``0x01010101`` sums the row's ``q``; ``sum_k t q = acc - sum_k q``, exact in
+    int32. ``xq``: the activations come as floats ``(Mp, K/4, 4)`` and are quantized per row here; else as the
+    pre-pass's int8 codes packed four per int32, transposed ``(K/4, Mp)`` (one pipelined tile per step)."""
+    if xq:
+        x_ref, w_ref, s_ref, o_ref = refs
+    else:
+        x_ref, w_ref, o_ref = refs
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = i * bm, j * bn
+    nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
+    ones = jnp.full((pk, 1), 0x01010101, jnp.int32)
+    if xq:
+        quantizers = [row_int8_quantizer(x_ref, m0 + mi, pk, steps, interpret) for mi in range(bm)]
+
+    def words(u0):  # each row's int8 activations of the step, four per int32 (byte j = K row 4r + j): (pk, 1) each
+        if not xq:  # one (pk, BM) tile of the transposed words, split into its columns in registers
+            return split_cols(x_ref[pl.ds(u0, pk), pl.ds(m0, bm)], bm)
+        out = []
+        for mi in range(bm):
+            q = quantizers[mi][1](x_ref[m0 + mi, pl.ds(u0, pk), :].astype(jnp.float32)).astype(jnp.int32) & 0xFF
+            cols = split_cols(q, 4)
+            out.append(cols[0] | (cols[1] << 8) | (cols[2] << 16) | (cols[3] << 24))
+        return out
+
+    def body(t_, carry):
+        accs, sums = list(carry[0]), list(carry[1])
+        u0 = (sk * steps + t_) * pk
+        wmask = and_masks(nmask, (u0 + jnp.arange(pk) < units)[:, None] if units % pk else None)
+        quads = code_quads(load(w_ref.at[pl.ds(u0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32), interpret=interpret)
+        for mi, xw in enumerate(words(u0)):
+            accs[mi] = dp4a(quads, jnp.broadcast_to(xw, (pk, bn)), accs[mi], interpret=interpret)
+            sums[mi] = dp4a(ones, xw, sums[mi], interpret=interpret)
+        return tuple(accs), tuple(sums)
+
+    init = (
+        tuple(jnp.zeros((pk, bn), jnp.int32) for _ in range(bm)),
+        tuple(jnp.zeros((pk, 1), jnp.int32) for _ in range(bm)),
+    )
+    accs, sums = jax.lax.fori_loop(0, steps, body, init)
+    if xq:
+        s = load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask)
+    for mi in range(bm):
+        tot = jnp.sum(accs[mi], axis=0, keepdims=True) - jnp.sum(sums[mi], axis=0, keepdims=True)  # (1, BN) int32
+        row = tot.astype(jnp.float32)
+        if xq:  # as the reference: the exact int32 sum in float32, times s_x, times s
+            row = row * quantizers[mi][0] * s
+        if len(o_ref.shape) == 3:
+            store(o_ref.at[sk, pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row, nmask)
+        else:
+            store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), nmask)
+
+
+def _dp4a_gemv(x, data, scale, *, k: int, n: int, config: BlockConfig, interpret: bool):
+    """W1.58A8 through :func:`_dp4a_kernel` (see the module docstring)."""
+    if data.shape != (cdiv(k, 4), n) or jnp.dtype(data.dtype) != jnp.dtype(jnp.uint8):
+        raise ValueError(f"ternary_matmul: dp4a needs uint8 codes {(cdiv(k, 4), n)}, got {data.dtype} {data.shape}")
+    m = x.shape[0]
+    bm, pk = config.block_m, config.block_k // 4
+    mp = cdiv(m, bm) * bm
+    units = cdiv(k, 4)
+    nsteps = cdiv(units, pk)
+    xq = config.variant.endswith("+xq")
+    split = 1 if xq else largest_divisor_at_most(nsteps, config.split_k)
+    kp = nsteps * pk * 4
+    s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
+    if xq:
+        xin = jnp.pad(x, ((0, mp - m), (0, kp - k))).reshape(mp, kp // 4, 4)
+        operands = [xin, data, s2]
+    else:
+        q, sx = quantize_activations(x)
+        qp = jnp.pad(q, ((0, mp - m), (0, kp - k))).reshape(mp, kp // 4, 4)
+        operands = [jax.lax.bitcast_convert_type(qp, jnp.int32).T, data]  # (K/4, Mp); byte j of a word: K row 4r + j
+    kernel = functools.partial(
+        _dp4a_kernel,
+        bm=bm,
+        bn=config.block_n,
+        pk=pk,
+        steps=nsteps // split,
+        units=units,
+        n=n,
+        xq=xq,
+        interpret=interpret,
+    )
+    out = split_k_call(
+        kernel,
+        operands,
+        rows=mp,
+        n=n,
+        split=split,
+        out_dtype=x.dtype if xq else jnp.float32,
+        config=config,
+        interpret=interpret,
+        name="ternary_dp4a_gemv",
+    )[:m]
+    if xq:
+        return out
+    return (out * sx[:, None] * s2).astype(x.dtype)

@@ -205,39 +205,46 @@ _GEMV_K_PER_UNIT = {
 }
 
 
-def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, one_launch: bool = False) -> BlockConfig:
-    """The ``variant="gemv"`` config for ``M <= 8`` (memory bound) of the kernels in ``_GEMV_K_PER_UNIT``.
+def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, variant: str | None = None) -> BlockConfig:
+    """The config of a GEMV ``variant`` (default ``"gemv"``; ``"split-gemv"`` for 3 bits) for ``M <= 8`` (memory
+    bound) of the kernels in ``_GEMV_K_PER_UNIT``.
 
     ``BN=128`` columns per program, ``BM`` = ``M`` rounded up to a power of two, a K step of about
     ``32 / BM`` packed rows (at least 8; 8 warps and twice that from ``BM=4``), so the per-row float32
     accumulators stay near 32 registers per thread (100-134 registers in all for sm_90, no spills, compiled on
     the CPU), and split-K until about four programs per SM. 3-bit weights: a 128-row step (four chunks, 32 code
-    tiles; 48 registers at ``BM=1``). ``one_launch`` (the W1.58A8 ``"split-gemv+xq"`` kernel): no split-K; the
-    column tile halves down to 16 wide until there are two programs per SM, and the K step grows as it narrows
-    (the same tile size per trip). Not yet measured on a GPU.
+    tiles; 48 registers at ``BM=1``). The ternary ``dp4a`` GEMV (int32 accumulators, a fourth of the registers):
+    16 packed rows per step and 4 warps at every ``BM`` (sm_90, 8192², per weight: 2.02 instructions at ``M=1``,
+    2.30 at 2, 2.81 at 4, against 2.8-16 for other steps and warp counts). ``"+xq"`` variants are one launch: no
+    split-K; the column tile halves down to 16 wide until there is a program per SM, and the K step grows as it
+    narrows (8192 weights per trip at 32 wide: ``dp4a-gemv+xq`` 2.66 instructions per weight against 3.11 with
+    half the step). Static counts (``benchmarks/kernel_sass.py``); not yet measured on a GPU.
     """
     sms = sms or _num_sms()
     per = _GEMV_K_PER_UNIT[kernel]
+    variant = variant or ("split-gemv" if per == 32 else "gemv")
+    # 3-bit: each row's activations as one contiguous tile split in registers (sm_90, M=1: 5 exposed global loads
+    # per K-loop trip instead of 36, 1053 instructions instead of 1104; benchmarks/kernel_sass.py); not yet timed
     bm = 1
     while bm < m:
         bm *= 2
     bn = 128
-    warps = 4 if bm <= 2 else 8
+    warps = 4 if bm <= 2 or variant.startswith("dp4a") else 8
     # 2-bit weights unpack four tiles per step: half the packed rows keeps registers in line (209 -> 89 at BM=1)
     pk = max(8, (32 if warps == 4 else 64) // bm // (2 if per == 4 else 1)) if per < 32 else 4
+    if variant.startswith("dp4a"):
+        pk = 16
     bk = pk * per
-    tiles = cdiv(m, bm) * cdiv(n, bn)
-    split = 1
+    one_launch = variant.endswith("+xq")
     if one_launch:
-        while cdiv(m, bm) * cdiv(n, bn) < 2 * sms and bn > 16:
+        while cdiv(m, bm) * cdiv(n, bn) < sms and bn > 16:
             bn //= 2
-        bk = bk * 128 // bn
+        bk = bk * 256 // bn
+    tiles = cdiv(m, bm) * cdiv(n, bn)
     nsteps = cdiv(k, bk)
+    split = 1
     while not one_launch and tiles * split < 4 * sms and split * 2 <= min(16, nsteps // 4):
         split *= 2
-    # 3-bit: each row's activations as one contiguous tile split in registers (sm_90, M=1: 5 exposed global loads
-    # per K-loop trip instead of 36, 1053 instructions instead of 1104; benchmarks/kernel_sass.py); not yet timed
-    variant = "split-gemv" if per == 32 else "gemv"
     return BlockConfig(
         block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=4, variant=variant
     )

@@ -316,7 +316,7 @@ def test_one_launch_w158a8_gemv_is_the_pre_pass_path(m, k, n, dt):
         xn[1] = 0.0
         xn[2, k - 1] = 50.0
     x = jnp.asarray(xn, dt)
-    bm = tuning.gemv_config("ternary_a8", m, k, n, sms=2, one_launch=True).block_m
+    bm = tuning.gemv_config("ternary_a8", m, k, n, sms=2, variant="split-gemv+xq").block_m
     one = BlockConfig(bm, 16, 128, 1, variant="split-gemv+xq")
     got = ternary_matmul(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8", config=one, interpret=True)
     pre = ternary_matmul(
@@ -358,21 +358,62 @@ def test_gemv_variants_refuse_what_they_cannot_do():
 def test_one_launch_config_fills_the_gpu_without_split_k():
     from pallas_kernels import tuning
 
-    cfg = tuning.gemv_config("ternary_a8", 1, 8192, 8192, sms=132, one_launch=True)
-    assert cfg.split_k == 1 and cfg.block_n == 16 and 8192 // cfg.block_n >= 2 * 132
-    assert cfg.block_k * cfg.block_n == tuning.gemv_config("ternary_a8", 1, 8192, 8192, sms=132).block_k * 128
-    assert supported(8192, 8192, "k", cfg.replace(variant="split-gemv+xq"), jnp.bfloat16, "a8") is None
+    for variant in ("split-gemv+xq", "dp4a-gemv+xq"):
+        cfg = tuning.gemv_config("ternary_a8", 1, 8192, 8192, sms=132, variant=variant)
+        assert cfg.split_k == 1 and cfg.block_n == 32 and 8192 // cfg.block_n >= 132 and cfg.variant == variant
+        assert supported(8192, 8192, "k", cfg, jnp.bfloat16, "a8") is None
+    assert tuning.gemv_config("ternary_a8", 1, 8192, 8192, sms=132, variant="dp4a-gemv").split_k > 1
 
 
 @requires_triton
-def test_one_launch_gemv_compiles_sm90_without_spills():
+@pytest.mark.parametrize("variant", ["split-gemv+xq", "dp4a-gemv+xq", "dp4a-gemv"])
+def test_gemvs_compile_sm90_without_spills(variant):
     from pallas_kernels import tuning
 
     k, n = 8192, 8192
-    cfg = tuning.gemv_config("ternary_a8", 1, k, n, sms=132, one_launch=True).replace(variant="split-gemv+xq")
+    cfg = tuning.gemv_config("ternary_a8", 1, k, n, sms=132, variant=variant)
     fn = functools.partial(ternary_matmul, k=k, n=n, packing="k", mode="a8", config=cfg)
-    calls = cuda_lowering(
-        fn, shape_struct((1, k), jnp.bfloat16), shape_struct((k // 4, n), jnp.uint8), shape_struct((n,), jnp.float32)
-    )
-    (report,) = assert_compiles(calls, archs=(90,))
-    assert report.spill_bytes == 0, report
+    args = shape_struct((1, k), jnp.bfloat16), shape_struct((k // 4, n), jnp.uint8), shape_struct((n,), jnp.float32)
+    reports = assert_compiles(cuda_lowering(fn, *args), archs=(90,))
+    assert all(r.spill_bytes == 0 for r in reports), reports
+
+
+@pytest.mark.parametrize(
+    "m,k,n,dt,variant,bm,split",
+    [
+        (1, 512, 96, jnp.bfloat16, "dp4a-gemv", 1, 2),
+        (3, 300, 80, jnp.float32, "dp4a-gemv", 4, 1),  # ragged M, K (a partial byte) and N
+        (8, 256, 64, jnp.float16, "dp4a-gemv", 8, 2),
+        (1, 300, 80, jnp.bfloat16, "dp4a-gemv+xq", 1, 1),
+        (5, 512, 64, jnp.float32, "dp4a-gemv+xq", 8, 1),
+    ],
+)
+def test_dp4a_gemv_is_bit_identical_to_the_reference(m, k, n, dt, variant, bm, split):
+    """The integer GEMV (inline PTX code spreading and ``dp4a``, run by the emulator) gives the reference's int32
+    product scaled as it scales it, bit for bit: exact ties, an all-zero row, a maximum in the last ragged K
+    rows; ``+xq`` in one Triton kernel with no XLA reduction around it."""
+    from pallas_kernels import _triton_tools as tt
+
+    rng = np.random.default_rng(m * 31 + k)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
+    xn = rng.standard_normal((m, k)).astype(np.float32) * 3
+    xn[0, :8] = [127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.5, -127.0]
+    if m > 2:
+        xn[1] = 0.0
+        xn[2, k - 1] = 50.0
+    x = jnp.asarray(xn, dt)
+    cfg = BlockConfig(bm, 32, 64, split, variant=variant)
+    got = ternary_matmul(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8", config=cfg, interpret=True)
+    want = ternary_matmul_reference(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    if variant.endswith("+xq"):
+        fn = functools.partial(ternary_matmul, k=k, n=n, packing="k", mode="a8", config=cfg)
+        text = tt.export_cuda(fn, shape_struct((m, k), dt), q.data, q.scale)
+        assert len(tt.triton_calls(text)) == 1 and "stablehlo.reduce" not in text
+
+
+def test_dp4a_gemv_is_w158a8_only():
+    cfg = BlockConfig(1, 128, 64, 4, variant="dp4a-gemv")
+    assert supported(8192, 8192, "k", cfg, jnp.bfloat16, "a8") is None
+    assert "W1.58A8" in supported(8192, 8192, "k", cfg, jnp.bfloat16, "w16")
+    assert "W1.58A8" in supported(8192, 8192, "n", cfg, jnp.bfloat16, "a8")
