@@ -417,3 +417,34 @@ def test_dp4a_gemv_is_w158a8_only():
     assert supported(8192, 8192, "k", cfg, jnp.bfloat16, "a8") is None
     assert "W1.58A8" in supported(8192, 8192, "k", cfg, jnp.bfloat16, "w16")
     assert "W1.58A8" in supported(8192, 8192, "n", cfg, jnp.bfloat16, "a8")
+
+
+def test_w158a8_gemvs_bit_identical_on_real_smollm2_layers(monkeypatch):
+    """Real data: SmolLM2-135M's layer-5 MLP weights, ternary-quantized per channel, and activations from real
+    text (the token embeddings of the evaluation text, and the MLP's own hidden activations from them): through
+    ``jq.ops.qdot_ternary_a8`` in interpret mode, the integer and one-launch GEMVs equal jaxquant's XLA path bit for
+    bit."""
+    from jaxquant.eval import assets
+    from jaxquant.models import load_gguf
+    from pallas_kernels import tuning
+
+    _, params, tok = load_gguf(assets.model_path())
+    text = open(assets.wiki_path(), encoding="utf-8", errors="ignore").read()[:2000]
+    x0 = jnp.asarray(params["embed"]["embedding"], jnp.float32)[jnp.asarray(tok.encode(text)[:4])]
+    mlp = params["layers"][5]["mlp"]
+    g, u, d = (jnp.asarray(mlp[n]["kernel"], jnp.float32) for n in ("gate_proj", "up_proj", "down_proj"))
+    h = jax.nn.silu(x0 @ g) * (x0 @ u)
+    monkeypatch.setattr(tuning, "device_key", lambda kind=None: "real-probe")
+    for w, x in ((g, x0), (d, h)):
+        q = jq.quantize(w, jq.TernaryScheme("channel"))
+        for m, variant in ((4, "dp4a-gemv"), (1, "dp4a-gemv+xq"), (1, "split-gemv+xq")):
+            xb = x[:m].astype(jnp.bfloat16)
+            with jq.ops.kernel_mode("off"):
+                want = np.asarray(jq.ops.qdot_ternary_a8(xb, q), np.float32)
+            cfg = tuning.gemv_config("ternary_a8", m, *w.shape, sms=132, variant=variant)
+            monkeypatch.setitem(tuning.TABLE, "real-probe", {"ternary_a8": [(1 << 62, cfg)]})
+            jax.clear_caches()
+            with jq.ops.kernel_mode("interpret"):
+                assert "pallas_call" in str(jax.make_jaxpr(jq.ops.qdot_ternary_a8)(xb, q))
+                got = np.asarray(jq.ops.qdot_ternary_a8(xb, q), np.float32)
+            np.testing.assert_array_equal(got, want, err_msg=f"{w.shape} {variant}")
