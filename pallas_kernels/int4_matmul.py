@@ -367,10 +367,11 @@ def _group_rows(s_ref, z_ref, g, n0: int, bn: int, nmask, native: bool, int_zero
     return s, (None if z is None else z.astype(jnp.float32)), zi
 
 
-def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w_round, cdtype):
+def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w_round, cdtype, exact_product=False):
     """Dequantized weights of one code tile ``c`` (int32), in the activation dtype, exactly as the XLA path rounds
     them: ``s`` the group scale row (float32, or the activation dtype when ``native``), ``z`` the float32 zero
-    point / minimum row, ``zi`` the integer zero point (``native`` zero-point mode)."""
+    point / minimum row, ``zi`` the integer zero point (``native`` zero-point mode); ``exact_product``: see
+    :func:`_exact_product`."""
     if native:  # packed bf16/f16 arithmetic, two weights per instruction; identical weights
         return exact_int(c, _code_offset(layout) if layout.mode == "sym" else zi, cdtype) * s
     # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
@@ -378,7 +379,16 @@ def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w
         f = c.astype(jnp.float32)
     else:
         f = exact_int(c, z if layout.mode == "zeropoint" else _code_offset(layout))
-    return _scaled_weight(f, s, z, layout, w_round, cdtype)
+    return _scaled_weight(f, s, z, layout, w_round, cdtype, exact_product)
+
+
+def _exact_product(s_dtype) -> bool:
+    """Whether every ``code * scale`` is exact in float32: a code has at most 8 significant bits and a float16 /
+    bfloat16 scale at most 11, so their product fits float32's 24 (IntScheme stores float16 scales by default).
+    Then the min-max weight ``round(c * s) + z`` is ``c * s + z`` rounded once, and a fused multiply-add computes
+    it exactly as well: the kernels skip :func:`~pallas_kernels._common.rounded_mul` (three instructions more per
+    weight than the ``FFMA``) and keep it for float32 scales."""
+    return jnp.dtype(s_dtype).itemsize <= 2
 
 
 def _code_offset(layout: IntLayout) -> int:
@@ -389,10 +399,14 @@ def _code_offset(layout: IntLayout) -> int:
     return (1 << (layout.bits - 1)) if layout.offset is None else layout.offset
 
 
-def _scaled_weight(f, s, z, layout: IntLayout, w_round, cdtype):
+def _scaled_weight(f, s, z, layout: IntLayout, w_round, cdtype, exact_product=False):
     """The XLA path's weight from the exact float32 ``f = c - offset``: ``f * s`` (sym, zero point) or
-    ``round(f * s) + z`` (minmax; ``f = c``), rounded to ``w_round`` (if given), then to ``cdtype``."""
-    w = rounded_mul(f, s) + z if layout.mode == "minmax" else f * s
+    ``round(f * s) + z`` (minmax; ``f = c``; the product rounded on its own unless ``exact_product``), rounded to
+    ``w_round`` (if given), then to ``cdtype``."""
+    if layout.mode == "minmax":
+        w = (f * s if exact_product else rounded_mul(f, s)) + z
+    else:
+        w = f * s
     if w_round is not None:
         w = w.astype(w_round)
     return w.astype(cdtype)
@@ -426,6 +440,7 @@ def _kernel(
         wmask = and_masks(nmask, (r0 + jnp.arange(pk) < layout.packed_rows)[:, None] if k_ragged else None)
         p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
         s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, nmask, native, post or native)
+        exact = _exact_product(s_ref.dtype)
         tiles = []
         for c in _code_tiles(p, layout):
             if post:  # integer offsets only: exact in bf16/f16 (|c - z| <= 255); the scale comes after the dot
@@ -438,7 +453,7 @@ def _kernel(
                     off = _code_offset(layout) if layout.mode == "sym" else zi
                     tiles.append((c - off).astype(cdtype))
                 continue
-            tiles.append(_weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, cdtype))
+            tiles.append(_weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, cdtype, exact))
         if per == 1 or base == "interleave":
             w = tiles[0] if per == 1 else interleave_rows(tiles)
             xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
@@ -502,6 +517,7 @@ def _gemv_kernel(
     cdtype = xt_ref.dtype
     sym_int8 = w_ref.dtype == jnp.int8
     scale_steps = post and not xq  # "+xq": one group, its scale applied after the loop with s_x
+    exact = _exact_product(s_ref.dtype)
     if xq:
         quantizers = [row_int8_quantizer(xt_ref, m0 + mi, pk, steps, interpret) for mi in range(bm)]
 
@@ -526,7 +542,7 @@ def _gemv_kernel(
             # the exact integers c - offset in float32 (|c - z| <= 255)
             w = v.astype(jnp.float32) if sym_int8 else exact_field(v, off, layout.bits, sub)
             if not post:  # the XLA path's weights (its float32 operations, then its roundings), in float32
-                w = _scaled_weight(w, s, z, layout, w_round, cdtype).astype(jnp.float32)
+                w = _scaled_weight(w, s, z, layout, w_round, cdtype, exact).astype(jnp.float32)
             for mi in range(bm):
                 if split_x:
                     xc = xs[mi][jj]
@@ -793,7 +809,7 @@ def _dequant_kernel(*refs, layout: IntLayout, bk: int, bn: int, gs: int, w_round
     s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, None, native, native)
     sym_int8 = w_ref.dtype == jnp.int8
     for jj, c in enumerate(_code_tiles(_load_packed(w_ref, kb * pk, pk, n0, bn, None, layout), layout)):
-        tile = _weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, out_dtype)
+        tile = _weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, out_dtype, _exact_product(s_ref.dtype))
         rows = pl.ds(k0, bk) if per == 1 else pl.ds(k0 + jj, pk, stride=per)  # code jj: rows k0 + jj + per*r
         o_ref[rows, pl.ds(n0, bn)] = tile
 

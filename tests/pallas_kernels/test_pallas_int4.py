@@ -553,20 +553,26 @@ def test_dequant_dot_falls_back_or_fails_loudly():
 
 @requires_triton
 @pytest.mark.parametrize("bits", [4, 3])
-def test_minmax_weights_are_not_contracted_into_an_fma_sm90(bits):
+@pytest.mark.parametrize("s_dtype", [jnp.float32, jnp.float16])
+def test_minmax_weights_are_not_contracted_into_an_fma_sm90(bits, s_dtype):
     """min-max weights ``c * s + min``: the XLA path rounds the product first (on every backend), and Triton would
-    contract the expression into one ``FFMA`` (one rounding: another weight in the last bit). The dequantization
-    kernel's sm_90 code has ``FMUL`` + ``FADD`` per weight and no ``FFMA``."""
+    contract the expression into one ``FFMA`` (one rounding: another weight in the last bit). With float32 scales
+    the dequantization kernel's sm_90 code has ``FMUL`` + ``FADD`` per weight and no ``FFMA``. With float16 scales
+    every product is exact (8-bit codes times 11-bit significands), so the ``FFMA`` is the same weight and the
+    kernel keeps it (no ``FSEL`` of the NaN select that blocks the contraction)."""
     import re
 
     from pallas_kernels.int4_matmul import int_dequantize
 
     lay = IntLayout(bits=bits, mode="minmax", k=1024, n=1024, group_size=128)
     fn = functools.partial(int_dequantize, layout=lay, out_dtype=jnp.bfloat16)
-    stat = shape_struct((8, 1024), jnp.float32)
+    stat = shape_struct((8, 1024), s_dtype)
     call = cuda_lowering(fn, shape_struct((lay.packed_rows, 1024), lay.storage_dtype), stat, stat)[0]
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)", tt.sass(tt.ir_text(call.ir)))
-    assert "FFMA" not in ops and ops.count("FMUL") >= 128 and ops.count("FADD") >= 128
+    if s_dtype == jnp.float32:
+        assert "FFMA" not in ops and ops.count("FMUL") >= 128 and ops.count("FADD") >= 128
+    else:
+        assert ops.count("FFMA") >= 128 and "FSEL" not in ops
 
 
 @requires_triton
