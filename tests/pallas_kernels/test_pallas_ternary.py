@@ -368,14 +368,22 @@ def test_one_launch_config_fills_the_gpu_without_split_k():
 @requires_triton
 @pytest.mark.parametrize("variant", ["split-gemv+xq", "dp4a-gemv+xq", "dp4a-gemv"])
 def test_gemvs_compile_sm90_without_spills(variant):
+    """The GEMVs at the sweep's shape compile for sm_90 without spills; the integer one also for sm_80 (``dp4a``
+    exists since sm_61) and its code holds the ``IDP.4A`` instructions the PTX asks for."""
     from pallas_kernels import tuning
 
     k, n = 8192, 8192
     cfg = tuning.gemv_config("ternary_a8", 1, k, n, sms=132, variant=variant)
     fn = functools.partial(ternary_matmul, k=k, n=n, packing="k", mode="a8", config=cfg)
     args = shape_struct((1, k), jnp.bfloat16), shape_struct((k // 4, n), jnp.uint8), shape_struct((n,), jnp.float32)
-    reports = assert_compiles(cuda_lowering(fn, *args), archs=(90,))
+    calls = cuda_lowering(fn, *args)
+    reports = assert_compiles(calls, archs=(90, 80) if variant.startswith("dp4a") else (90,))
     assert all(r.spill_bytes == 0 for r in reports), reports
+    if variant.startswith("dp4a"):
+        from pallas_kernels import _triton_tools as tt
+
+        call = next(c for c in calls if c.name == "ternary_dp4a_gemv")
+        assert "IDP.4A" in tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages)
 
 
 @pytest.mark.parametrize(
