@@ -7,7 +7,8 @@ Kernels follow Flax's convention, ``(in_features, out_features)``; ``y = x @ W +
 * :class:`QLinear` — weight-only, any scheme; the matmul is :func:`jaxquant.qdot` (kernels on GPU).
 * :class:`Int8OutlierLinear` — LLM.int8() (Dettmers et al. 2022) and its two naive W8A8 baselines.
 * :class:`Fp8Linear` — W8A8 fp8 with dynamic, static or delayed (amax history) activation scaling.
-* :class:`BitLinear` — BitNet b1.58 inference: ternary absmean weights, int8 per-token absmax activations.
+* :class:`BitLinear` — BitNet b1.58 inference: ternary absmean weights, int8 per-token absmax activations; the
+  product is :func:`jaxquant.ops.qdot_ternary_a8` (the W1.58A8 kernels on GPU).
 * :class:`LoRA` — a trainable low-rank update over any (quantized, frozen) base layer.
 
 Runtime state (amax history, outlier statistics) lives in :class:`Stat` variables. It is carried between
@@ -37,7 +38,7 @@ from jaxquant.core.formats import fp8_dtype, fp8_max
 from jaxquant.core.layout import dot_codes
 from jaxquant.core.numerics import true_divide
 from jaxquant.core.qarray import QArray, Scheme
-from jaxquant.ops import qdot
+from jaxquant.ops import qdot, qdot_ternary_a8
 from jaxquant.schemes import FP8Scheme, LLMInt8Scheme, TernaryScheme
 
 __all__ = [
@@ -509,10 +510,8 @@ class BitLinear(nnx.Module):
         lead, x2 = _flatten_rows(x, self.in_features, "BitLinear")
         if self.norm_eps is not None:
             x2 = rms_normalize(x2, self.norm_eps)
-        xq, sx = absmax_int8(x2)
-        q = variable_value(self.kernel)
-        acc = jnp.dot(xq, ternary_codes(q), preferred_element_type=jnp.int32)
-        y = acc.astype(jnp.float32) * sx * q.scale
+        # (Q8(x) @ T)_int32 * s_x * s_w with Q8 = absmax_int8: the W1.58A8 Pallas kernel on GPU, XLA elsewhere
+        y = qdot_ternary_a8(x2, variable_value(self.kernel))
         return _add_bias(y.reshape(*lead, -1).astype(x.dtype), self.bias)
 
 

@@ -272,6 +272,30 @@ def test_bitlinear_matches_reference_exactly(granularity) -> None:
     assert np.all(np.abs(y - _f64(x) @ w_hat) <= (sx / 2) @ np.abs(w_hat).sum(0, keepdims=True) + 1e-6)
 
 
+@pytest.mark.parametrize(
+    "granularity,packing,norm_eps", [("tensor", "2bit", None), ("channel", "2bit", 1e-5), ("channel", "base3", None)]
+)
+def test_bitlinear_is_the_absmax_int8_product_through_the_w158a8_entry_point(granularity, packing, norm_eps) -> None:
+    """``BitLinear`` computes through ``jq.ops.qdot_ternary_a8`` (so the W1.58A8 kernels run on GPU): off the GPU
+    it equals, bit for bit, the product spelled out with this module's ``absmax_int8`` and ``ternary_codes``; in
+    interpret mode it dispatches to a Pallas kernel and agrees up to float32 rounding (split-K scales partial sums)."""
+    w, x = _w(), jnp.asarray(_x(), jnp.bfloat16)
+    q = jq.quantize(jnp.asarray(w), jq.TernaryScheme(granularity=granularity, packing=packing))
+    layer = BitLinear(q, norm_eps=norm_eps)
+    from jaxquant.nn.layers import absmax_int8, rms_normalize
+
+    x2 = x.astype(jnp.float32) if norm_eps is None else rms_normalize(x, norm_eps)
+    xq, sx = absmax_int8(x2)
+    acc = jnp.dot(xq, ternary_codes(q), preferred_element_type=jnp.int32)
+    want = (acc.astype(jnp.float32) * sx * q.scale).astype(x.dtype)
+    np.testing.assert_array_equal(np.asarray(layer(x), np.float32), np.asarray(want, np.float32))
+    if packing == "2bit":
+        with jq.ops.kernel_mode("interpret"):
+            assert "pallas_call" in str(jax.make_jaxpr(lambda v: layer(v))(x))
+            got = layer(x)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+
+
 # ------------------------------------------------------------------------------------------------- LoRA
 def _lora(bias: bool = False) -> LoRA:
     b = jnp.asarray(np.linspace(-1, 1, N), jnp.float32) if bias else None
