@@ -253,6 +253,31 @@ def test_fp8_errors() -> None:
         Fp8Linear(w)(jnp.ones((2, 5)))
 
 
+@pytest.mark.parametrize("fmt,layout,dt", [("e4m3", "kn", jnp.bfloat16), ("e5m2", "nk", jnp.float32)])
+def test_fp8linear_per_token_dynamic_goes_through_the_w8a8_entry_point(fmt, layout, dt) -> None:
+    """``act_mode="dynamic"``, ``act_granularity="token"`` are ``jq.ops.qdot_fp8_w8a8``'s own scales, so the layer
+    computes through it (the fused fp8 Pallas kernel on GPU): off the GPU bit for bit the per-token product the
+    other modes spell out (``true_divide`` scales, the codes' dot in float32); in interpret mode a kernel runs."""
+    from jaxquant.core.formats import fp8_dtype, fp8_max
+    from jaxquant.core.layout import dot_codes
+    from jaxquant.core.numerics import true_divide
+
+    q = jq.quantize(jnp.asarray(_w()), jq.FP8Scheme(fmt=fmt, granularity="channel", layout=layout))
+    layer = Fp8Linear(q, fmt=fmt, act_granularity="token")
+    x = jnp.asarray(_x(3) * 3, dt).reshape(2, -1, K)
+    x2 = x.reshape(-1, K).astype(jnp.float32)
+    amax, fmax = jnp.max(jnp.abs(x2), axis=1, keepdims=True), fp8_max(fmt)
+    sx = jnp.where(amax > 0, true_divide(amax, jnp.float32(fmax)), 1.0)
+    xq = jnp.clip(true_divide(x2, sx), -fmax, fmax).astype(fp8_dtype(fmt))
+    acc = dot_codes(xq.astype(jnp.float32), q.data.astype(jnp.float32), layout, jnp.float32)
+    want = (acc * sx * q.scale).reshape(*x.shape[:-1], -1).astype(dt)
+    np.testing.assert_array_equal(np.asarray(layer(x), np.float32), np.asarray(want, np.float32))
+    with jq.ops.kernel_mode("interpret"):
+        assert "pallas_call" in str(jax.make_jaxpr(lambda v: layer(v))(x))
+        got = layer(x)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------------- BitLinear
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_bitlinear_matches_reference_exactly(granularity) -> None:
