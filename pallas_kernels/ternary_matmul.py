@@ -150,14 +150,15 @@ def ternary_matmul_reference(x, data, scale, *, k: int, n: int, packing: str, mo
     return (acc.astype(jnp.float32) * sx[:, None] * s[None, :]).astype(x.dtype)
 
 
-#: ``""`` (strided activation loads), ``"split"`` (one contiguous activation tile split in registers), ``"gemv"``;
+#: GEMVs (M <= 8, ``packing="k"``): ``"gemv"``, ``"split-gemv"`` (through the integer GEMV); W1.58A16 only
+#: ``"gemv+postscale"``, ``"split-gemv+postscale"`` (exact ``t`` weights, each step's sum scaled once); W1.58A8 only
+#: ``"split-gemv+xq"`` (one launch), ``"dp4a-gemv"`` / ``"dp4a-gemv+xq"`` (integer GEMV, one ``dp4a`` per four
+#: weights and row)
+_GEMV = ("gemv", "split-gemv", "split-gemv+xq", "gemv+postscale", "split-gemv+postscale", "dp4a-gemv", "dp4a-gemv+xq")
+#: dot kernels: ``""`` (strided activation loads), ``"split"`` (one contiguous activation tile split in registers);
 #: W1.58A8 only: ``"+ptx"`` (int8 weights by inline PTX), ``"+xq"`` (the activation quantization inside the kernel,
 #: bit-identical to the XLA pre-pass: one launch less, each program reading its rows' K columns once more for the
-#: row maxima)
-#: ``"gemv"``, ``"split-gemv"`` (M <= 8, through the integer GEMV), ``"split-gemv+xq"`` (W1.58A8 in one launch)
-#: W1.58A16 only: ``"gemv+postscale"``, ``"split-gemv+postscale"`` (exact ``t`` weights, each step's sum scaled once);
-#: W1.58A8 only: ``"dp4a-gemv"`` / ``"dp4a-gemv+xq"`` (integer GEMV, one ``dp4a`` per four weights and row)
-_GEMV = ("gemv", "split-gemv", "split-gemv+xq", "gemv+postscale", "split-gemv+postscale", "dp4a-gemv", "dp4a-gemv+xq")
+#: row maxima); then the GEMVs
 VARIANTS = ("", "split", "split+ptx", "split+xq", "split+ptx+xq", *_GEMV)
 
 
