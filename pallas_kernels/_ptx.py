@@ -309,7 +309,7 @@ def dp4a(a: Any, b: Any, c: Any, *, interpret: bool) -> Any:
 
 
 def _int32_asm(asm: str, *args: Any, interpret: bool) -> Any:
-    """One int32 result per element of int32 tiles of one shape (``pack=1``); :func:`emulate` in interpret mode."""
+    """One int32 result per element of int32 tiles of one shape; :func:`emulate` in interpret mode."""
     import jax
     import jax.numpy as jnp
 
@@ -320,16 +320,7 @@ def _int32_asm(asm: str, *args: Any, interpret: bool) -> Any:
         words = [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args]
         (out,) = emulate(asm, words, 1, xp=jnp)
         return jax.lax.bitcast_convert_type(out, jnp.int32)
-    from jax.experimental.pallas import triton as plgpu
-
-    (out,) = plgpu.elementwise_inline_asm(
-        asm,
-        args=args,
-        constraints=",".join(["=r"] + ["r"] * len(args)),
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)],
-    )
-    return out
+    return _asm32(asm, args, jnp.int32)
 
 
 def ternary_field(p: Any, j: int, *, interpret: bool) -> Any:
@@ -359,7 +350,7 @@ def div_rn(a: Any, b: Any, *, interpret: bool) -> Any:
         raise ValueError(f"div_rn: operands of one shape needed, got {a.shape} and {b.shape}")
     if interpret:  # the barrier keeps XLA from turning a division by a broadcast constant into a reciprocal product
         return a / jax.lax.optimization_barrier(b)
-    return _f32_asm(DIV_RN_ASM, a, b)
+    return _asm32(DIV_RN_ASM, [a, b], jnp.float32)
 
 
 def rint(a: Any, *, interpret: bool) -> Any:
@@ -369,7 +360,7 @@ def rint(a: Any, *, interpret: bool) -> Any:
     import jax.numpy as jnp
 
     a = jnp.asarray(a, jnp.float32)
-    return jnp.round(a) if interpret else _f32_asm(RINT_ASM, a)
+    return jnp.round(a) if interpret else _asm32(RINT_ASM, [a], jnp.float32)
 
 
 def quantize_int8(x: Any, scale: Any, *, interpret: bool) -> Any:
@@ -390,9 +381,10 @@ def int8_values(x: Any, scale: Any, *, interpret: bool) -> Any:
     return jnp.clip(rint(v, interpret=interpret), -127.0, 127.0)
 
 
-def _f32_asm(asm: str, *args: Any) -> Any:
+def _asm32(asm: str, args: Sequence[Any], out_dtype: Any) -> Any:
+    """``elementwise_inline_asm`` with one 32-bit register per operand and result (``pack=1``) on tiles of one
+    shape: the GPU path of :func:`div_rn`, :func:`rint` (float32) and :func:`dp4a`, :func:`code_quads` (int32)."""
     import jax
-    import jax.numpy as jnp
     from jax.experimental.pallas import triton as plgpu
 
     (out,) = plgpu.elementwise_inline_asm(
@@ -400,6 +392,6 @@ def _f32_asm(asm: str, *args: Any) -> Any:
         args=list(args),
         constraints=",".join(["=r"] + ["r"] * len(args)),
         pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)],
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, out_dtype)],
     )
     return out
