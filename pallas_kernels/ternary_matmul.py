@@ -321,11 +321,10 @@ def ternary_matmul(
     why = supported(k, n, packing, config, x.dtype, mode)
     if why:
         raise ValueError(f"ternary_matmul: unsupported: {why}")
+    s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)  # the column scales as a (1, N) row
     if config.variant in _GEMV:
         if packing == "k":
-            return _ternary_gemv(
-                x, data, scale, k=k, n=n, mode=mode, config=config, w_dtype=w_dtype, interpret=interpret
-            )
+            return _ternary_gemv(x, data, s2, k=k, n=n, mode=mode, config=config, w_dtype=w_dtype, interpret=interpret)
         config = config.replace(block_m=16, block_n=64, block_k=128, variant="")  # no GEMV path for "n"
     m = x.shape[0]
     bm, bn = config.block_m, config.block_n
@@ -333,7 +332,6 @@ def ternary_matmul(
     nsteps = cdiv(k, bk)
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
-    s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
     xq = config.variant.endswith("+xq") and packing == "k"
     if mode == "a8" and not xq:
         xin, sx = quantize_activations(x)
@@ -380,15 +378,14 @@ def ternary_matmul(
     )
 
 
-def _ternary_gemv(x, data, scale, *, k: int, n: int, mode: str, config: BlockConfig, w_dtype, interpret: bool):
-    """``packing="k"`` through the 2-bit integer GEMV kernel (see the module docstring)."""
+def _ternary_gemv(x, data, s2, *, k: int, n: int, mode: str, config: BlockConfig, w_dtype, interpret: bool):
+    """``packing="k"`` through the 2-bit integer GEMV kernel (see the module docstring); ``s2``: ``(1, N)`` float32."""
     from pallas_kernels import int4_matmul as im
 
     if data.shape != (cdiv(k, 4), n):
         raise ValueError(f"ternary_matmul: packed data must be {(cdiv(k, 4), n)}, got {data.shape}")
     # codes c = t + 1 as 2-bit codes with offset 1: the GEMV's weight (c - 1) * s is exactly the reference's t * s
     layout = im.IntLayout(bits=2, mode="sym", k=k, n=n, group_size=None, offset=1)
-    s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
     if mode == "w16" and config.variant.endswith("+postscale"):
         # the XLA path's weight round(t * s) is t * round(s) (t in {-1, 0, 1}): the GEMV sums x * t exactly per step
         # and scales by round(s), the same weights with the float32 roundings of the sum moved
@@ -398,7 +395,7 @@ def _ternary_gemv(x, data, scale, *, k: int, n: int, mode: str, config: BlockCon
     if mode == "w16":
         return im.int_matmul(x, data, s2, None, layout=layout, config=config, w_dtype=w_dtype, interpret=interpret)
     if config.variant.startswith("dp4a"):
-        return _dp4a_gemv(x, data, scale, k=k, n=n, config=config, interpret=interpret)
+        return _dp4a_gemv(x, data, s2, k=k, n=n, config=config, interpret=interpret)
     if config.variant.endswith("+xq"):  # one launch: the quantization inside, the scales after the K loop
         cfg = config.replace(variant="split-gemv")
         return im.int_gemv_a8(x, data, s2, None, layout=layout, config=cfg, max_abs_weight=1, interpret=interpret)
@@ -467,8 +464,8 @@ def _dp4a_kernel(*refs, bm: int, bn: int, pk: int, steps: int, units: int, n: in
             store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), nmask)
 
 
-def _dp4a_gemv(x, data, scale, *, k: int, n: int, config: BlockConfig, interpret: bool):
-    """W1.58A8 through :func:`_dp4a_kernel` (see the module docstring)."""
+def _dp4a_gemv(x, data, s2, *, k: int, n: int, config: BlockConfig, interpret: bool):
+    """W1.58A8 through :func:`_dp4a_kernel` (see the module docstring); ``s2``: ``(1, N)`` float32."""
     if data.shape != (cdiv(k, 4), n) or jnp.dtype(data.dtype) != jnp.dtype(jnp.uint8):
         raise ValueError(f"ternary_matmul: dp4a needs uint8 codes {(cdiv(k, 4), n)}, got {data.dtype} {data.shape}")
     m = x.shape[0]
@@ -479,7 +476,6 @@ def _dp4a_gemv(x, data, scale, *, k: int, n: int, config: BlockConfig, interpret
     xq = config.variant.endswith("+xq")
     split = 1 if xq else largest_divisor_at_most(nsteps, config.split_k)
     kp = nsteps * pk * 4
-    s2 = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,)).reshape(1, n)
     if xq:
         xin = jnp.pad(x, ((0, mp - m), (0, kp - k))).reshape(mp, kp // 4, 4)
         operands = [xin, data, s2]

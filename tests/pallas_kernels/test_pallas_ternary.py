@@ -31,6 +31,20 @@ def np_ternary(q, k, n, gran):
     return flat.reshape(k, n).astype(np.float64) - 1
 
 
+def _a8_case(m, k, n, dt, seed):
+    """Per-channel ternary weights and ``(M, K)`` activations for the W1.58A8 quantization edge cases: row 0 has
+    ``s_x = 1`` and the quotients are exact ties (2.5, -3.5, ...), row 1 is all zero and row 2's maximum sits in
+    the last (possibly ragged) K column."""
+    rng = np.random.default_rng(seed)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
+    xn = rng.standard_normal((m, k)).astype(np.float32) * 3
+    xn[0, :8] = [127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.5, -127.0]
+    if m > 2:
+        xn[1] = 0.0
+        xn[2, k - 1] = 50.0
+    return q, jnp.asarray(xn, dt)
+
+
 @pytest.mark.parametrize(
     "m,k,n,gran,mode,split,bk,variant",
     [
@@ -197,14 +211,7 @@ def test_in_kernel_activation_quantization_is_the_xla_pre_pass(m, k, n, dt, vari
     """``+xq`` quantizes the activations inside the kernel (row maxima over all of K, correctly rounded divisions,
     ties to even): bit-identical to ``split`` with the XLA pre-pass and to the reference, including exact ties
     (``x / s_x`` = 2.5, -3.5, ...), an all-zero row and a row whose maximum sits in the last ragged K block."""
-    rng = np.random.default_rng(m + k)
-    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
-    xn = rng.standard_normal((m, k)).astype(np.float32) * 3
-    xn[0, :8] = [127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.5, -127.0]  # s_x = 1: the quotients are these ties
-    if m > 2:
-        xn[1] = 0.0
-        xn[2, k - 1] = 50.0
-    x = jnp.asarray(xn, dt)
+    q, x = _a8_case(m, k, n, dt, seed=m + k)
 
     def run(variant):
         cfg = BlockConfig(16, 32, 128, split, variant=variant)
@@ -308,14 +315,7 @@ def test_one_launch_w158a8_gemv_is_the_pre_pass_path(m, k, n, dt):
     from pallas_kernels import _triton_tools as tt
     from pallas_kernels import tuning
 
-    rng = np.random.default_rng(m + k + 3)
-    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
-    xn = rng.standard_normal((m, k)).astype(np.float32) * 3
-    xn[0, :8] = [127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.5, -127.0]  # s_x = 1: the quotients are these ties
-    if m > 2:
-        xn[1] = 0.0
-        xn[2, k - 1] = 50.0
-    x = jnp.asarray(xn, dt)
+    q, x = _a8_case(m, k, n, dt, seed=m + k + 3)
     bm = tuning.gemv_config("ternary_a8", m, k, n, sms=2, variant="split-gemv+xq").block_m
     one = BlockConfig(bm, 16, 128, 1, variant="split-gemv+xq")
     got = ternary_matmul(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8", config=one, interpret=True)
@@ -402,14 +402,7 @@ def test_dp4a_gemv_is_bit_identical_to_the_reference(m, k, n, dt, variant, bm, s
     rows; ``+xq`` in one Triton kernel with no XLA reduction around it."""
     from pallas_kernels import _triton_tools as tt
 
-    rng = np.random.default_rng(m * 31 + k)
-    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.TernaryScheme("channel"))
-    xn = rng.standard_normal((m, k)).astype(np.float32) * 3
-    xn[0, :8] = [127.0, 2.5, -3.5, 0.5, -0.5, 126.5, 1.5, -127.0]
-    if m > 2:
-        xn[1] = 0.0
-        xn[2, k - 1] = 50.0
-    x = jnp.asarray(xn, dt)
+    q, x = _a8_case(m, k, n, dt, seed=m * 31 + k)
     cfg = BlockConfig(bm, 32, 64, split, variant=variant)
     got = ternary_matmul(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8", config=cfg, interpret=True)
     want = ternary_matmul_reference(x, q.data, q.scale, k=k, n=n, packing="k", mode="a8")
