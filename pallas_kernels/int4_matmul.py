@@ -618,17 +618,7 @@ def int_matmul(
     why = supported(layout, config, x.dtype)
     if why:
         raise ValueError(f"int_matmul: unsupported: {why}")
-    scale = jnp.broadcast_to(scale, (layout.n,)).reshape(1, -1) if scale.ndim < 2 else scale
-    if scale.shape != (layout.groups, layout.n):
-        raise ValueError(f"int_matmul: scale must be {(layout.groups, layout.n)}, got {scale.shape}")
-    operands = [x, packed, scale]
-    if layout.mode != "sym":
-        if zero is None:
-            raise ValueError(f"int_matmul: mode={layout.mode!r} needs zero")
-        zero = jnp.broadcast_to(zero, (layout.n,)).reshape(1, -1) if zero.ndim < 2 else zero
-        if zero.shape != scale.shape:
-            raise ValueError(f"int_matmul: zero must be {scale.shape}, got {zero.shape}")
-        operands.append(zero)
+    operands = [x, packed, *_stat_operands(scale, zero, layout, "int_matmul")]
     m = x.shape[0]
     bk = _effective_block_k(layout, config)
     bm, bn = config.block_m, config.block_n
@@ -666,6 +656,29 @@ def int_matmul(
         interpret=interpret,
         name=f"int{layout.bits}_matmul",
     )
+
+
+def _stat_operands(scale, zero, layout: IntLayout, fn: str) -> list[jax.Array]:
+    """The ``scale`` (and, unless ``mode="sym"``, ``zero``) kernel operands as ``(G, N)`` rows; a per-column ``(N,)``
+    or per-tensor ``()`` value becomes one row. Raises ``ValueError`` naming ``fn`` for a missing zero or a shape
+    that does not fit the layout."""
+    shape = (layout.groups, layout.n)
+
+    def rows(v, what):
+        v = jnp.asarray(v)
+        if v.ndim < 2:
+            if v.shape not in ((), (layout.n,)):
+                raise ValueError(f"{fn}: {what} must be {shape}, ({layout.n},) or (), got {v.shape}")
+            v = jnp.broadcast_to(v, (layout.n,)).reshape(1, -1)
+        if v.shape != shape:
+            raise ValueError(f"{fn}: {what} must be {shape}, got {v.shape}")
+        return v
+
+    if layout.mode == "sym":
+        return [rows(scale, "scale")]
+    if zero is None:
+        raise ValueError(f"{fn}: mode={layout.mode!r} needs zero")
+    return [rows(scale, "scale"), rows(zero, "zero")]
 
 
 def _check_packed(packed: jax.Array, layout: IntLayout, fn: str) -> None:
@@ -777,17 +790,7 @@ def int_gemv_a8(
     if 127 * bound * layout.k >= 2**24:
         raise ValueError(f"int_gemv_a8: K={layout.k}: sums up to 127*{bound}*K are not exact in float32")
 
-    def row(v, what):
-        v = jnp.asarray(v)
-        if v.shape not in ((), (layout.n,), (1, layout.n)):
-            raise ValueError(f"int_gemv_a8: {what} must be (), ({layout.n},) or (1, {layout.n}), got {v.shape}")
-        return jnp.broadcast_to(v.reshape(-1), (layout.n,)).reshape(1, layout.n)
-
-    operands = [packed, row(scale, "scale")]
-    if layout.mode == "zeropoint":
-        if zero is None:
-            raise ValueError("int_gemv_a8: mode='zeropoint' needs zero")
-        operands.append(row(zero, "zero"))
+    operands = [packed, *_stat_operands(scale, zero, layout, "int_gemv_a8")]
     bk = _effective_block_k(layout, config)
     return _int_gemv(x, operands, layout, config, bk, cdiv(layout.k, bk), None, interpret, xq=True)
 
