@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from jaxquant.core.api import dequantize
 from jaxquant.core.qarray import QArray
+from jaxquant.core.validate import is_concrete
 
 __all__ = [
     "explain_qdot",
@@ -412,12 +413,21 @@ def _check_2d(x, w: QArray, kind: str, fn: str) -> None:
         raise ValueError(f"{fn}: x {tuple(x.shape)} and QArray {w.shape} do not contract")
 
 
-def qdot_fp8_w8a8(x: jax.Array, w: QArray) -> jax.Array:
-    """fp8 W8A8: activations quantized per row (token) to the weight's fp8 format on the fly.
+def qdot_fp8_w8a8(x: jax.Array, w: QArray, x_scale: jax.Array | float | None = None) -> jax.Array:
+    """fp8 W8A8: activations quantized to the weight's fp8 format on the fly.
 
-    ``s_x[m] = max_k |x[m, k]| / FMAX``, ``q = fp8(clip(x / s_x))``, ``y = (q @ w)_fp32 * s_x * s_w``: an
-    approximation of ``x @ dequantize(w)`` (activation rounding to fp8), not the same function as ``qdot``.
-    On GPU one fused Pallas kernel (the activation quantization happens per tile); elsewhere XLA.
+    ``q = fp8(clip(x / s_x, -FMAX, FMAX))``, ``y = (q @ w)_fp32 * s_x * s_w``: an approximation of
+    ``x @ dequantize(w)`` (activation rounding to fp8), not the same function as ``qdot``. On GPU one fused Pallas
+    kernel (the activation quantization happens per tile); elsewhere XLA.
+
+    Args:
+      x: activations ``(..., K)``.
+      w: an fp8 QArray ``(K, N)`` (:class:`~jaxquant.FP8Scheme`, any granularity and layout).
+      x_scale: the activation scales ``s_x``. ``None`` (default): per row (token), ``max_k |x[m, k]| / FMAX``
+        (1 for an all-zero row). Else float32 scales to use as given: a scalar (per tensor, e.g. the dynamic
+        per-tensor, calibrated static or delayed scale of :class:`~jaxquant.nn.Fp8Linear`) or one per row,
+        shape ``x.shape[:-1]``; positive and finite (checked when concrete). Values beyond ``s_x * FMAX``
+        saturate.
     """
     from pallas_kernels import fp8_matmul as km
 
@@ -425,6 +435,14 @@ def qdot_fp8_w8a8(x: jax.Array, w: QArray) -> jax.Array:
     _check_2d(x, w, "fp8", "qdot_fp8_w8a8")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    sx = None
+    if x_scale is not None:
+        sx = jnp.asarray(x_scale, jnp.float32)
+        if sx.shape not in ((), lead):
+            raise ValueError(f"qdot_fp8_w8a8: x_scale must be a scalar or of shape {lead}, got {sx.shape}")
+        if is_concrete(sx) and not bool(jnp.all(jnp.isfinite(sx) & (sx > 0))):
+            raise ValueError("qdot_fp8_w8a8: x_scale must be positive and finite")
+        sx = sx.reshape(-1) if sx.ndim else sx
     k, n = w.shape
     interpret = _interpret()
     y = None
@@ -434,12 +452,19 @@ def qdot_fp8_w8a8(x: jax.Array, w: QArray) -> jax.Array:
         cfg = tuning.get_config("fp8_w8a8", x2.shape[0], k, n)
         if km.supported(w.data.dtype, cfg, x.dtype) is None and not _check_limit("fp8_w8a8", x2.shape[0], interpret):
             y = km.fp8_matmul(
-                x2, w.data, w.scale, mode="w8a8", config=cfg, w_layout=w.scheme.layout, interpret=interpret
+                x2,
+                w.data,
+                w.scale,
+                mode="w8a8",
+                config=cfg,
+                w_layout=w.scheme.layout,
+                x_scale=sx,
+                interpret=interpret,
             )
     if y is None:
         if _mode == "on":
             raise ValueError("qdot_fp8_w8a8: kernel mode 'on' but the kernel cannot run this call")
-        y = km.fp8_matmul_reference(x2, w.data, w.scale, mode="w8a8", w_layout=w.scheme.layout)
+        y = km.fp8_matmul_reference(x2, w.data, w.scale, mode="w8a8", w_layout=w.scheme.layout, x_scale=sx)
     return y.reshape(*lead, n)
 
 

@@ -13,7 +13,9 @@ Weights (jaxquant ``FP8Scheme``): ``w`` ``(K, N)`` in ``float8_e4m3fn`` or ``flo
     s_x[m] = max_k |x[m, k]| / FMAX   (XLA pre-pass: one read of x)      q[m, k] = fp8(clip(x[m, k] / s_x[m]))
     y[m, n] = (sum_k q[m, k] w[k, n]) * s_x[m] * s_w[n]                  (fp8 x fp8 dot, float32 accumulation)
 
-where ``q`` is computed per tile inside the kernel and never written to memory.
+where ``q`` is computed per tile inside the kernel and never written to memory. ``x_scale=`` replaces the per-row
+scales by given ones (one per tensor, e.g. a calibrated static or a delayed scale, or one per row); the clip then
+saturates whatever exceeds ``s_x * FMAX``.
 
 ``config.variant="gemv"`` (small ``M``, memory bound, ``block_m <= 8``): no dot; each program keeps one float32
 ``(BK, BN)`` accumulator per activation row and adds ``x * float32(w)`` elementwise (fp8 x fp8 products are
@@ -51,7 +53,7 @@ from pallas_kernels._common import (
 )
 from pallas_kernels._triton_ext import DEFAULT_IMPRECISE_ACC, fp8_dot
 
-__all__ = ["VARIANTS", "fmax", "fp8_matmul", "fp8_matmul_reference", "row_scales", "supported"]
+__all__ = ["VARIANTS", "activation_scales", "fmax", "fp8_matmul", "fp8_matmul_reference", "row_scales", "supported"]
 
 _FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
@@ -80,13 +82,33 @@ def quantize_rows(x: jax.Array, sx: jax.Array, w_dtype) -> jax.Array:
     return jnp.clip(divide_rn(x.astype(jnp.float32), sx[:, None]), -f, f).astype(w_dtype)
 
 
+def activation_scales(x: jax.Array, x_scale: jax.Array | None, w_dtype, fn: str) -> jax.Array:
+    """The float32 ``(M,)`` activation scales of a W8A8 call: :func:`row_scales` of ``x``, or ``x_scale`` (a scalar,
+    one scale for every row, or ``(M,)``) broadcast to the rows."""
+    if x_scale is None:
+        return row_scales(x, w_dtype)
+    sx = jnp.asarray(x_scale, jnp.float32)
+    if sx.shape not in ((), (x.shape[0],)):
+        raise ValueError(f"{fn}: x_scale must be a scalar or one scale per row {(x.shape[0],)}, got {sx.shape}")
+    return jnp.broadcast_to(sx, (x.shape[0],))
+
+
 @functools.partial(jax.jit, static_argnames=("mode", "w_dtype", "w_layout"))
 def fp8_matmul_reference(
-    x, w, sw, *, mode: str = "w8a16", w_dtype: str | None = None, w_layout: str = "kn"
+    x,
+    w,
+    sw,
+    *,
+    mode: str = "w8a16",
+    w_dtype: str | None = None,
+    w_layout: str = "kn",
+    x_scale: jax.Array | None = None,
 ) -> jax.Array:
     """XLA reference of :func:`fp8_matmul` (``w`` ``(K, N)``, or ``(N, K)`` with ``w_layout="nk"``)."""
     if w_layout not in ("kn", "nk"):
         raise ValueError(f"fp8_matmul_reference: w_layout must be 'kn' or 'nk', got {w_layout!r}")
+    if x_scale is not None and mode != "w8a8":
+        raise ValueError("fp8_matmul_reference: x_scale is for mode 'w8a8' (activation scales)")
     w = w.T if w_layout == "nk" else w
     sw = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (w.shape[1],))
     if mode == "w8a16":
@@ -95,7 +117,7 @@ def fp8_matmul_reference(
             wd = wd.astype(w_dtype)
         wd = wd.astype(x.dtype)
         return jnp.dot(x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
-    sx = row_scales(x, w.dtype)
+    sx = activation_scales(x, x_scale, w.dtype, "fp8_matmul_reference")
     q = quantize_rows(x, sx, w.dtype)
     acc = jnp.dot(q, w, preferred_element_type=jnp.float32)
     return (acc * sx[:, None] * sw[None, :]).astype(x.dtype)
@@ -224,7 +246,7 @@ def _gemv_kernel(xt_ref, w_ref, sw_ref, o_ref, *, k, n, bm, bn, bk, steps, cdtyp
             store(o_ref.at[pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row.astype(o_ref.dtype), nmask)
 
 
-def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, w_nk, interpret):
+def _fp8_gemv(x, w, sw2, sx, *, mode, config: BlockConfig, w_round, w_nk, interpret):
     m, k = x.shape
     n = w.shape[0] if w_nk else w.shape[1]
     bm, bn, bk = config.block_m, config.block_n, k_step(k, config)
@@ -233,7 +255,6 @@ def _fp8_gemv(x, w, sw2, *, mode, config: BlockConfig, w_round, w_nk, interpret)
     steps = nsteps // split
     mp = cdiv(m, bm) * bm
     if mode == "w8a8":
-        sx = row_scales(x, w.dtype)
         xin = quantize_rows(x, sx, w.dtype).astype(jnp.float32)  # exact in float32
     else:
         xin = x
@@ -279,6 +300,7 @@ def fp8_matmul(
     config: BlockConfig,
     w_dtype: str | None = None,
     w_layout: str = "kn",
+    x_scale: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """fp8 matmul (see module docstring); returns ``(M, N)`` in ``x.dtype``.
@@ -291,6 +313,9 @@ def fp8_matmul(
         ``x.dtype`` (the QArray's original dtype); ``None`` or float32 skips that rounding.
       w_layout: ``"kn"`` or ``"nk"`` (K-major, ``FP8Scheme(layout="nk")``: every variant reads the weight tiles as
         stored, the layout fp8 ``wgmma`` reads; ``"prequant"`` then needs no transposed copy per call).
+      x_scale: ``"w8a8"`` only: float32 activation scales to use instead of the per-row ``max |x| / FMAX``: a
+        scalar (per tensor: a dynamic per-tensor, calibrated static or delayed scale) or ``(M,)``; they must be
+        positive and finite, and ``x / s_x`` saturates at ``+-FMAX`` (a static scale below the data's amax).
     """
     if w_layout not in ("kn", "nk"):
         raise ValueError(f"fp8_matmul: w_layout must be 'kn' or 'nk', got {w_layout!r}")
@@ -301,6 +326,8 @@ def fp8_matmul(
         raise ValueError(f"fp8_matmul: x {x.shape} and w {w.shape} ({w_layout}) do not contract")
     if mode not in ("w8a16", "w8a8"):
         raise ValueError(f"fp8_matmul: mode must be 'w8a16' or 'w8a8', got {mode!r}")
+    if x_scale is not None and mode != "w8a8":
+        raise ValueError("fp8_matmul: x_scale is for mode 'w8a8' (activation scales)")
     why = supported(w.dtype, config, x.dtype)
     if why:
         raise ValueError(f"fp8_matmul: unsupported: {why}")
@@ -315,12 +342,13 @@ def fp8_matmul(
         k = kp
     sw2 = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,)).reshape(1, n)
     operands = [x, w, sw2]
+    sx = None
     if mode == "w8a8":
-        sx = row_scales(x, w.dtype)
+        sx = activation_scales(x, x_scale, w.dtype, "fp8_matmul")
         operands.append(sx.reshape(m, 1))
     w_round = weight_rounding(w_dtype)
     if config.variant == "gemv":
-        return _fp8_gemv(x, w, sw2, mode=mode, config=config, w_round=w_round, w_nk=w_nk, interpret=interpret)
+        return _fp8_gemv(x, w, sw2, sx, mode=mode, config=config, w_round=w_round, w_nk=w_nk, interpret=interpret)
     prequant = config.variant.startswith("prequant")
     if prequant:  # XLA pre-pass: the fp8 activations once (the reference's values), the weight K-major
         operands[0] = quantize_rows(x, sx, w.dtype)

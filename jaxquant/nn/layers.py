@@ -35,7 +35,6 @@ from flax import nnx
 from jaxquant.core import packing
 from jaxquant.core.api import quantize
 from jaxquant.core.formats import fp8_dtype, fp8_max
-from jaxquant.core.layout import dot_codes
 from jaxquant.core.numerics import true_divide
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.ops import qdot, qdot_fp8_w8a8, qdot_ternary_a8
@@ -334,12 +333,11 @@ class Fp8Linear(nnx.Module):
       current call's amax being pushed into the history *after* use; the first call (empty history) uses its
       own amax, i.e. behaves as dynamic. The history is :class:`Stat` state (see the module docstring).
 
-    ``y = (X_q @ W_q) * s_x * s_w + b``. The product runs with fp8 operands where the backend has fp8 dots
-    (GPU) and otherwise as an exact emulation: fp8 values and their pairwise products are exactly representable
-    in float32 (at most 2 x 4 significant bits for e4m3), so upcasting and a float32 dot gives the same
-    products, accumulated in float32. Per-token dynamic scales (``act_granularity="token"``) are
-    :func:`jaxquant.ops.qdot_fp8_w8a8`'s, so that mode computes through it: the fused fp8 Pallas kernel on GPU (the
-    activation quantization inside it, its division Pallas' approximate one), the same XLA product elsewhere.
+    ``y = (X_q @ W_q) * s_x * s_w + b``. Every mode computes through :func:`jaxquant.ops.qdot_fp8_w8a8` (per-token
+    dynamic scales are its own; the others are handed to it as ``x_scale``): on GPU the fused fp8 Pallas kernel
+    (the activation quantization per tile, its division Pallas' approximate one), elsewhere XLA, where fp8 values
+    and their pairwise products are exactly representable in float32 (at most 2 x 4 significant bits for e4m3):
+    the products are exact, accumulated in float32.
 
     Error bound (dynamic/delayed with amax >= max|X|, no saturation): each operand has relative rounding error
     at most ``2^-(m+1)`` (``m`` = 3 mantissa bits for e4m3, 2 for e5m2) above the subnormal range, so
@@ -428,18 +426,12 @@ class Fp8Linear(nnx.Module):
         lead, x2 = _flatten_rows(x, self.in_features, "Fp8Linear")
         w = variable_value(self.kernel)
         if self.act_mode == "dynamic" and self.act_granularity == "token":
-            # per-token dynamic scales are qdot_fp8_w8a8's own: the fused Pallas kernel on GPU, XLA elsewhere
-            y = qdot_fp8_w8a8(x.reshape(-1, self.in_features), w)
-            return _add_bias(y.reshape(*lead, -1).astype(x.dtype), self.bias)
-        amax = self._act_amax(x2)
-        fmax = fp8_max(self.fmt)
-        sx = jnp.where(amax > 0, true_divide(amax, jnp.float32(fmax)), 1.0)
-        xq = jnp.clip(true_divide(x2, sx), -fmax, fmax).astype(fp8_dtype(self.fmt))
-        if jax.default_backend() == "gpu":
-            acc = dot_codes(xq, w.data, w.scheme.layout, jnp.float32)
+            sx = None  # per-token dynamic scales are qdot_fp8_w8a8's own
         else:
-            acc = dot_codes(xq.astype(jnp.float32), w.data.astype(jnp.float32), w.scheme.layout, jnp.float32)
-        y = acc * sx * w.scale
+            amax = self._act_amax(x2)
+            sx = jnp.where(amax > 0, true_divide(amax, jnp.float32(fp8_max(self.fmt))), 1.0)
+        # the fused fp8 Pallas kernel on GPU (activation quantization per tile), the same XLA product elsewhere
+        y = qdot_fp8_w8a8(x.reshape(-1, self.in_features), w, x_scale=sx)
         return _add_bias(y.reshape(*lead, -1).astype(x.dtype), self.bias)
 
 

@@ -278,6 +278,30 @@ def test_fp8linear_per_token_dynamic_goes_through_the_w8a8_entry_point(fmt, layo
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("mode,layout", [("dynamic", "kn"), ("static", "nk"), ("delayed", "kn")])
+def test_fp8linear_per_tensor_modes_reach_the_kernel(mode, layout) -> None:
+    """Per-tensor scales (dynamic, calibrated static, delayed) go to ``qdot_fp8_w8a8`` as ``x_scale``: in interpret
+    mode a Pallas kernel computes the layer, with the same scale (a static amax below the data's saturates alike)
+    and the same delayed history update as the XLA path."""
+    q = jq.quantize(jnp.asarray(_w()), jq.FP8Scheme(granularity="channel", layout=layout))
+    kw = {"act_amax": 1.0} if mode == "static" else {}
+    layers = [Fp8Linear(q, act_mode=mode, **kw) for _ in range(2)]
+    xs = [jnp.asarray(_x(s) * (1 + s), jnp.bfloat16) for s in range(3)]
+    with jq.ops.kernel_mode("interpret"):
+        graphdef, state = nnx.split(layers[0])  # a pure apply: the delayed history is not updated by tracing
+        assert "pallas_call" in str(jax.make_jaxpr(lambda s, v: nnx.merge(graphdef, s)(v))(state, xs[0]))
+        got = [layers[0](x) for x in xs]
+    with jq.ops.kernel_mode("off"):
+        want = [layers[1](x) for x in xs]
+    for g, w_ in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w_, np.float32), rtol=2e-2, atol=2e-2)
+    if mode == "delayed":
+        np.testing.assert_array_equal(np.asarray(layers[0].amax_history[...]), np.asarray(layers[1].amax_history[...]))
+    if mode == "static":  # the reference with the calibrated amax, saturating
+        ref = _fp8_reference(np.asarray(xs[2], np.float32), _w(), "e4m3", 1.0)
+        np.testing.assert_allclose(_f64(got[2]), ref, rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------------- BitLinear
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_bitlinear_matches_reference_exactly(granularity) -> None:

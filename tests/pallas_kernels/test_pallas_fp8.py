@@ -300,3 +300,47 @@ def test_kmajor_storage_small_m_has_no_byte_loads_sm90():
         kn, nk = profile(mode, "kn"), profile(mode, "nk")
         assert kn.count("LDS.U8") >= 32 and nk.count("LDS.U8") == 0, mode
         assert nk.instructions < kn.instructions, (mode, nk.instructions, kn.instructions)
+
+
+@pytest.mark.parametrize("variant,m", [("", 20), ("gemv", 3), ("prequant", 20)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_given_activation_scales_saturate_as_float64(variant, m, per_row):
+    """``x_scale=``: given scales (a per-tensor static / delayed scale, or one per row) replace the row absmax; a
+    scale below ``amax / FMAX`` saturates the large activations at ``+-FMAX`` in the kernel as in float64."""
+    rng = np.random.default_rng(m + per_row)
+    k, n = 256, 80
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), jq.FP8Scheme("e4m3", "channel"))
+    xn = (rng.standard_normal((m, k)) * 4).astype(np.float32)
+    f = fmax(q.data.dtype)
+    sx = (rng.uniform(0.5, 1.5, m) if per_row else np.full(m, 1.0)).astype(np.float32) * np.float32(6.0 / f)
+    assert (np.abs(xn) > 6.0 * 1.5).any()  # some activations do saturate
+    cfg = BlockConfig(8 if variant == "gemv" else 16, 32, 64, 2, variant=variant)
+    x_scale = jnp.asarray(sx) if per_row else jnp.float32(sx[0])
+    y = fp8_matmul(jnp.asarray(xn), q.data, q.scale, mode="w8a8", config=cfg, x_scale=x_scale, interpret=True)
+    y0 = fp8_matmul_reference(jnp.asarray(xn), q.data, q.scale, mode="w8a8", x_scale=x_scale)
+    xq = np.clip(xn / sx[:, None], -f, f).astype(q.data.dtype).astype(np.float64)
+    ref = (xq @ np.asarray(q.data).astype(np.float64)) * sx[:, None] * np.asarray(q.scale, np.float64)[None, :]
+    assert rel_err(y, ref) < 1e-5 and rel_err(y0, ref) < 1e-5
+    # the row absmax scales give a different (unsaturated) result: the given scales were used
+    assert rel_err(fp8_matmul_reference(jnp.asarray(xn), q.data, q.scale, mode="w8a8"), ref) > 1e-3
+
+
+def test_given_activation_scales_are_checked():
+    rng = np.random.default_rng(13)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((64, 32)), jnp.float32), jq.FP8Scheme("e4m3", "channel"))
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+    cfg = BlockConfig(16, 32, 32)
+    with pytest.raises(ValueError, match="one scale per row"):
+        fp8_matmul(x[0], q.data, q.scale, mode="w8a8", config=cfg, x_scale=jnp.ones(2), interpret=True)
+    with pytest.raises(ValueError, match="mode 'w8a8'"):
+        fp8_matmul(x[0], q.data, q.scale, mode="w8a16", config=cfg, x_scale=jnp.float32(1), interpret=True)
+    with pytest.raises(ValueError, match="shape"):
+        jq.ops.qdot_fp8_w8a8(x, q, x_scale=jnp.ones(6))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            jq.ops.qdot_fp8_w8a8(x, q, x_scale=bad)
+    # one scale per row over the leading axes, and under jit (no concrete check there)
+    sx = jnp.asarray(rng.uniform(0.01, 0.02, (2, 3)), jnp.float32)
+    y = jax.jit(jq.ops.qdot_fp8_w8a8)(x, q, sx)
+    want = fp8_matmul_reference(x.reshape(6, 64), q.data, q.scale, mode="w8a8", x_scale=sx.reshape(6))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want).reshape(2, 3, 32))
