@@ -57,6 +57,7 @@ PLAN = [
     ("fp8_w8a16", "1,16", "8192x8192", 15),
     ("ternary", "1,16", "8192x8192", 15),
     ("int3_g128", "1,4", "8192x8192", 10),  # GEMV only (M <= 8)
+    ("int6_g128_asym", "1,4", "8192x8192", 10),  # the same dense-stream GEMV, 6 words per chunk
 ]
 MAIN_KERNELS = [p[0] for p in PLAN[:5]]
 EXTRA_KERNELS = [p[0] for p in PLAN[5:]]

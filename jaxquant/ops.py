@@ -127,7 +127,7 @@ def explain_qdot(x: jax.Array, w: QArray) -> str:
     return f"xla: {why}"
 
 
-_INT_KERNEL = {4: "int4", 8: "int8w", 3: "int3w", 2: "int2w"}
+_INT_KERNEL = {4: "int4", 8: "int8w", 2: "int2w", 3: "int3w", 5: "int5w", 6: "int6w", 7: "int7w"}
 
 
 def _routed_dequant_applies(x, w: QArray) -> bool:

@@ -1,12 +1,13 @@
-"""Weight-only integer matmul (W4A16, W8A16, W3A16, W2A16): ``y = x @ dequant(W)`` with the dequantization fused.
+"""Weight-only integer matmul (W2A16 .. W8A16): ``y = x @ dequant(W)`` with the dequantization fused.
 
 Weights come in jaxquant's ``IntScheme`` storage, read as is (no conversion): for a ``(K, N)`` kernel,
 
 * ``bits=4``: ``uint8 (ceil(K/2), N)``, row ``2r`` in the low nibble of packed row ``r``, row ``2r+1`` high;
 * ``bits=2``: ``uint8 (ceil(K/4), N)``, row ``4r+j`` in bits ``2j..2j+1`` of packed row ``r``;
-* ``bits=3``: ``uint32 (3*ceil(K/32), N)``, a dense bit stream: the 32 rows ``32u + j`` of chunk ``u`` occupy
-  stream bits ``[3j, 3j+3)`` of the three little-endian words in packed rows ``3u, 3u+1, 3u+2`` (codes 10 and
-  21 straddle two words); GEMV and dequantization kernels only (see ``variant="gemv"``);
+* ``bits=3, 5, 6, 7``: ``uint32 (bits*ceil(K/32), N)``, a dense bit stream: the 32 rows ``32u + j`` of chunk ``u``
+  occupy stream bits ``[bits*j, bits*(j+1))`` of the ``bits`` little-endian words in packed rows
+  ``bits*u .. bits*u + bits-1`` (some codes straddle two words: 3 bits codes 10 and 21; 5 and 6 bits four codes,
+  7 bits six); GEMV and dequantization kernels only (see ``variant="gemv"``);
 * ``bits=8``: ``int8 (K, N)`` (symmetric, signed codes) or ``uint8 (K, N)``;
 * ``scale`` ``(G, N)`` (float16/bfloat16/float32), one row per group of ``group_size`` consecutive K rows (the
   last group may be shorter); per-channel ``(1, N)`` with ``group_size >= K``;
@@ -41,9 +42,9 @@ one ``PRMT``/``LOP3`` pair and one packed ``HADD2`` per two weights instead of o
 rate conversion on sm_90): 363 instead of 642 instructions per K-loop trip for the sm_90 W4A16 tile of the
 benchmarks (``python benchmarks/kernel_sass.py``).
 
-* ``variant="gemv"`` (small ``M``, memory bound): no tensor-core dot. Each program owns ``BM`` (1..8) rows and a
-  wide ``BN`` column tile and keeps one float32 ``(BK/chunk, BN)`` accumulator per row in registers (``chunk``: K
-  rows per packed unit, 8/bits bytes or 32 for 3 bits): every K step unpacks the packed tile with shifts/masks into
+* ``variant="gemv"`` (small ``M``, memory bound): no tensor-core dot. Each program owns ``BM`` (1..8) rows and a wide
+  ``BN`` column tile and keeps one float32 ``(BK/chunk, BN)`` accumulator per row in registers (``chunk``: K rows per
+  packed unit, 8/bits bytes or 32 for dense widths): every K step unpacks the packed tile with shifts/masks into
   ``chunk`` code tiles, dequantizes them (one scale row per step), multiplies each elementwise by the matching
   activations broadcast along N, and adds; the accumulator is reduced over K once, at the end. The activations are
   reordered once by XLA (a ``(K, M)`` copy, tiny at small ``M``) so that each code position's activations are a
@@ -51,11 +52,12 @@ benchmarks (``python benchmarks/kernel_sass.py``).
   chunk)`` tile of the zero-padded ``x`` and splits it into the positions' columns in registers (one pipelined load
   instead of one small load per position; the same products in the same order). ``"gemv+postscale"`` /
   ``"split-gemv+postscale"`` (sym, zero point): exact integer weights, each step's partial sums scaled once by the
-  group scale (not bit-identical to the XLA path, as for the dots). 3-bit weights are read through a free row-major
-  reshape of the storage to ``(ceil(K/32), 3N)``: the three words of a chunk are three contiguous column tiles of
-  one row (masked loads; no strided or out-of-bounds reads), and the two straddling codes take one extra shift and
-  OR. Only the GEMV reads 3-bit weights: a tensor-core dot per code position would contract ``BK/32`` rows, and mma
-  needs 16, i.e. K steps of 512 rows, longer than a 128-row group.
+  group scale (not bit-identical to the XLA path, as for the dots). Dense (3/5/6/7-bit) weights are read through a
+  free row-major reshape of the storage to ``(ceil(K/32), bits*N)``: the ``bits`` words of a chunk are contiguous
+  column tiles of one row (masked loads; no strided or out-of-bounds reads), and each straddling code takes one extra
+  shift and OR. Only the GEMV reads dense weights: a tensor-core dot per code position would contract ``BK/32`` rows,
+  and mma needs 16, i.e. K steps of 512 rows, longer than a 128-row group. 3 bits is GPTQ's narrow width; 5 and 6 bits
+  are among the automatic mixed-bits search's candidates.
 
 ``split_k > 1`` writes float32 partial sums that XLA adds (deterministic, a second small pass; fills the GPU
 when ``M`` is small).
@@ -108,7 +110,7 @@ class IntLayout:
     """Static description of the packed weight (hashable: a static jit argument).
 
     Attributes:
-      bits: 2, 3, 4 or 8.
+      bits: 2 to 8 (3, 5, 6, 7: the dense ``uint32`` stream).
       mode: ``"sym"``, ``"zeropoint"`` or ``"minmax"`` (see module docstring).
       k, n: logical weight shape ``(K, N)``.
       group_size: K rows per scale row; ``None`` for one scale row (per channel / per tensor).
@@ -125,8 +127,8 @@ class IntLayout:
     offset: int | None = None
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"IntLayout.bits must be 2, 3, 4 or 8, got {self.bits!r}")
+        if isinstance(self.bits, bool) or self.bits not in range(2, 9):
+            raise ValueError(f"IntLayout.bits must be an int in 2..8, got {self.bits!r}")
         if self.mode not in _MODES:
             raise ValueError(f"IntLayout.mode must be one of {_MODES}, got {self.mode!r}")
         if self.k <= 0 or self.n <= 0:
@@ -139,17 +141,18 @@ class IntLayout:
 
     @property
     def dense(self) -> bool:
-        """3-bit codes: a dense bit stream of 32 codes in 3 ``uint32`` words (not whole codes per byte)."""
-        return self.bits == 3
+        """3-, 5-, 6- and 7-bit codes: a dense bit stream of 32 codes in ``bits`` ``uint32`` words (not whole codes
+        per byte)."""
+        return self.bits not in (2, 4, 8)
 
     @property
     def chunk(self) -> int:
-        """K rows per packed unit: ``8 // bits`` per byte, or 32 per three-word chunk (3 bits)."""
+        """K rows per packed unit: ``8 // bits`` per byte, or 32 per ``bits``-word chunk (dense)."""
         return 32 if self.dense else 8 // self.bits
 
     @property
     def words(self) -> int:
-        """Packed rows per unit: 1, or 3 words per 32-row chunk (3 bits)."""
+        """Packed rows per unit: 1, or ``bits`` words per 32-row chunk (dense)."""
         return self.bits if self.dense else 1
 
     @property
@@ -324,9 +327,9 @@ def _field_int(v, off: int, bits: int):
 
 def _code_fields(p, layout: IntLayout) -> list:
     """Where each of the ``chunk`` codes of a packed tile sits: ``(value, bit offset)`` pairs, code ``j`` = K row
-    ``chunk*r + j``. 2/4/8 bits: ``p`` is the int32 byte tile, code ``j`` at bits ``bits*j``. 3 bits: ``p`` is the list
-    of the chunks' uint32 word tiles and code ``j`` is stream bits ``[3j, 3j+3)``; the two codes that straddle two
-    words are assembled at offset 0 (``word >> off`` OR-ed with the next word's low bits)."""
+    ``chunk*r + j``. 2/4/8 bits: ``p`` is the int32 byte tile, code ``j`` at bits ``bits*j``. Dense (3/5/6/7 bits):
+    ``p`` is the list of the chunks' ``bits`` uint32 word tiles and code ``j`` is stream bits ``[bits*j, bits*(j+1))``;
+    codes that straddle two words are assembled at offset 0 (``word >> off`` OR-ed with the next word's low bits)."""
     if not layout.dense:
         return [(p, layout.bits * jj) for jj in range(layout.chunk)]
     bits, out = layout.bits, []
@@ -342,9 +345,9 @@ def _code_fields(p, layout: IntLayout) -> list:
 def _load_packed(w_ref, u0, pu: int, n0, bn: int, mask, layout: IntLayout):
     """The packed tile of units ``u0 .. u0+pu`` and columns ``n0 ..`` as :func:`_code_fields` takes it.
 
-    2/4/8 bits: one ``(pu, BN)`` load of ``w_ref`` (the storage as is), as int32. 3 bits: ``w_ref`` is the storage
-    reshaped to ``(units, 3N)`` and word ``i`` of the chunks is the column tile ``i*N + n0 ..`` (``mask`` applies to
-    each): a list of three uint32 tiles."""
+    2/4/8 bits: one ``(pu, BN)`` load of ``w_ref`` (the storage as is), as int32. Dense: ``w_ref`` is the storage
+    reshaped to ``(units, bits*N)`` and word ``i`` of the chunks is the column tile ``i*N + n0 ..`` (``mask`` applies
+    to each): a list of ``bits`` uint32 tiles."""
     if not layout.dense:
         return load(w_ref.at[pl.ds(u0, pu), pl.ds(n0, bn)], mask).astype(jnp.int32)
     n = layout.n
@@ -352,8 +355,8 @@ def _load_packed(w_ref, u0, pu: int, n0, bn: int, mask, layout: IntLayout):
 
 
 def _kernel_weight(packed: jax.Array, layout: IntLayout) -> jax.Array:
-    """The packed storage as the kernels read it: as is, or (3 bits) the row-major reshape ``(units, 3N)`` (free in
-    XLA: the same bytes), so a chunk's three words are one row."""
+    """The packed storage as the kernels read it: as is, or (dense widths) the row-major reshape ``(units, bits*N)``
+    (free in XLA: the same bytes), so a chunk's ``bits`` words are one row."""
     return packed.reshape(layout.units, layout.words * layout.n) if layout.dense else packed
 
 
@@ -367,19 +370,21 @@ def _group_rows(s_ref, z_ref, g, n0: int, bn: int, nmask, native: bool, int_zero
     return s, (None if z is None else z.astype(jnp.float32)), zi
 
 
-def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w_round, cdtype, exact_product=False):
+def _weight_tile(
+    c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w_round, cdtype, exact_product=False, zs=None
+):
     """Dequantized weights of one code tile ``c`` (int32), in the activation dtype, exactly as the XLA path rounds
     them: ``s`` the group scale row (float32, or the activation dtype when ``native``), ``z`` the float32 zero
     point / minimum row, ``zi`` the integer zero point (``native`` zero-point mode); ``exact_product``: see
-    :func:`_exact_product`."""
+    :func:`_exact_product`; ``zs``: the row :func:`_zero_scale` (zero points folded into the scale multiply)."""
     if native:  # packed bf16/f16 arithmetic, two weights per instruction; identical weights
         return exact_int(c, _code_offset(layout) if layout.mode == "sym" else zi, cdtype) * s
     # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
     if sym_int8:
         f = c.astype(jnp.float32)
     else:
-        f = exact_int(c, z if layout.mode == "zeropoint" else _code_offset(layout))
-    return _scaled_weight(f, s, z, layout, w_round, cdtype, exact_product)
+        f = exact_int(c, z if layout.mode == "zeropoint" and zs is None else _code_offset(layout))
+    return _scaled_weight(f, s, z, layout, w_round, cdtype, exact_product, zs)
 
 
 def _exact_product(s_dtype) -> bool:
@@ -399,12 +404,28 @@ def _code_offset(layout: IntLayout) -> int:
     return (1 << (layout.bits - 1)) if layout.offset is None else layout.offset
 
 
-def _scaled_weight(f, s, z, layout: IntLayout, w_round, cdtype, exact_product=False):
-    """The XLA path's weight from the exact float32 ``f = c - offset``: ``f * s`` (sym, zero point) or
-    ``round(f * s) + z`` (minmax; ``f = c``; the product rounded on its own unless ``exact_product``), rounded to
-    ``w_round`` (if given), then to ``cdtype``."""
+def _zero_scale(s, z, layout: IntLayout, exact_product: bool):
+    """``z * s`` (a float32 row) where zero-point weights can be computed as ``c * s - z * s``, else ``None``.
+
+    The XLA path's zero-point weight is ``(c - z) * s`` rounded once. With 16-bit scales (``exact_product``) both
+    ``c * s`` and ``z * s`` are exact in float32 (8-bit integers times at most 11 significant bits), so
+    ``c * s - z * s`` (a fused multiply-add or not) rounds the same exact value once: the same weight. The kernels
+    then extract every code with a constant offset instead of subtracting a per-code-position row ``z + 2**e``
+    (:func:`~pallas_kernels._common.exact_field`), which Triton moved into each position's layout through shared
+    memory: sm_90, 3-bit g128 zero point, M=1 GEMV, 45 barriers per K-loop trip, 5 with the fold."""
+    if layout.mode != "zeropoint" or not exact_product:
+        return None
+    return z * s
+
+
+def _scaled_weight(f, s, z, layout: IntLayout, w_round, cdtype, exact_product=False, zs=None):
+    """The XLA path's weight from the exact float32 ``f = c - offset``: ``f * s`` (sym, zero point), ``f * s - zs``
+    (zero point folded, ``f = c``, ``zs`` from :func:`_zero_scale`) or ``round(f * s) + z`` (minmax; ``f = c``; the
+    product rounded on its own unless ``exact_product``), rounded to ``w_round`` (if given), then to ``cdtype``."""
     if layout.mode == "minmax":
         w = (f * s if exact_product else rounded_mul(f, s)) + z
+    elif zs is not None:
+        w = f * s - zs
     else:
         w = f * s
     if w_round is not None:
@@ -537,12 +558,13 @@ def _gemv_kernel(
         if split_x:  # per row one contiguous (pk, chunk) tile of x, split into its chunk columns in registers
             xs = [split_cols(x_tile(mi, u0), layout.chunk) for mi in range(bm)]
         steps_acc = [None] * bm  # "+postscale": this step's sum of x * (c - offset), scaled once at the end
-        sub = z if layout.mode == "zeropoint" else _code_offset(layout)
+        zs = None if post else _zero_scale(s, z, layout, exact)
+        sub = z if layout.mode == "zeropoint" and zs is None else _code_offset(layout)
         for jj, (v, off) in enumerate(_code_fields(_load_packed(w_ref, u0, pk, n0, bn, wmask, layout), layout)):
             # the exact integers c - offset in float32 (|c - z| <= 255)
             w = v.astype(jnp.float32) if sym_int8 else exact_field(v, off, layout.bits, sub)
             if not post:  # the XLA path's weights (its float32 operations, then its roundings), in float32
-                w = _scaled_weight(w, s, z, layout, w_round, cdtype, exact).astype(jnp.float32)
+                w = _scaled_weight(w, s, z, layout, w_round, cdtype, exact, zs).astype(jnp.float32)
             for mi in range(bm):
                 if split_x:
                     xc = xs[mi][jj]
@@ -845,9 +867,9 @@ def int_dequantize(
 
     For large ``M``, where a fused matmul kernel loses to the dense tensor-core GEMM, ``jnp.dot(x, int_dequantize(
     ...))`` is the XLA path with a faster dequantization: the same weights, the same dot, the same result.
-    Grid ``(K / BK, N / BN)``: each program loads one packed ``(BK / chunk, BN)`` tile (three word tiles for 3 bits)
-    and its scale (and zero) row and stores each code's tile to its rows ``k0 + j + chunk * r`` with a strided
-    store.
+    Grid ``(K / BK, N / BN)``: each program loads one packed ``(BK / chunk, BN)`` tile (``bits`` word tiles for
+    dense widths) and its scale (and zero) row and stores each code's tile to its rows ``k0 + j + chunk * r`` with a
+    strided store.
 
     Raises ``ValueError`` for shapes :func:`dequantize_supported` rejects (callers use the XLA dequantization).
     """

@@ -128,8 +128,9 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     Small ``M`` is memory bound: narrow ``N`` tiles and split-K until about two programs per SM stream
     weights. Large ``M`` is compute bound: 128x128 tiles (wgmma on Hopper), 8 warps.
 
-    Kernel names: ``int4``, ``int8w``, ``int3w``, ``int2w`` (weight-only integer; 3-bit: GEMV only, so ``M > 8``
-    gets a config the kernel rejects and ``qdot`` takes the XLA path), ``nf4``, ``int8_outlier``,
+    Kernel names: ``int4``, ``int8w``, ``int2w``, and ``int3w``, ``int5w``, ``int6w``, ``int7w`` (weight-only
+    integer; the dense 3/5/6/7-bit widths: GEMV only, so ``M > 8`` gets a config the kernel rejects and ``qdot``
+    takes the XLA path), ``nf4``, ``int8_outlier``,
     ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``.
     """
     sms = sms or _num_sms()
@@ -189,14 +190,18 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
 #: kernels whose heuristic takes the GEMV up to this ``M``: only where a GPU measured it faster than the 16-row
 #: tensor-core kernel (fp8 W8A8 at M=1, H200 and H100); the dot kernel won for int8 W8A16, ternary and fp8
 #: W8A16 at every M <= 16, and the int4 dot kernel's sm_90 K loop needs fewer instructions than its GEMV (416
-#: "split" vs 688 per 8192 weights, benchmarks/kernel_sass.py). 3-bit weights have only the GEMV (up to M=8).
-_GEMV_HEURISTIC = {"fp8_w8a8": 1, "int3w": 8}
+#: "split" vs 688 per 8192 weights, benchmarks/kernel_sass.py). Dense 3/5/6/7-bit weights have only the GEMV (up
+#: to M=8).
+_GEMV_HEURISTIC = {"fp8_w8a8": 1, "int3w": 8, "int5w": 8, "int6w": 8, "int7w": 8}
 
-#: kernels with a ``variant="gemv"`` path, and their K rows per packed unit (a byte; 32 per three-word 3-bit chunk)
+#: kernels with a ``variant="gemv"`` path, and their K rows per packed unit (a byte; 32 per ``bits``-word dense chunk)
 _GEMV_K_PER_UNIT = {
     "int4": 2,
     "int8w": 1,
     "int3w": 32,
+    "int5w": 32,
+    "int6w": 32,
+    "int7w": 32,
     "int2w": 4,
     "fp8_w8a16": 1,
     "fp8_w8a8": 1,
@@ -206,19 +211,19 @@ _GEMV_K_PER_UNIT = {
 
 
 def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, variant: str | None = None) -> BlockConfig:
-    """The config of a GEMV ``variant`` (default ``"gemv"``; ``"split-gemv"`` for 3 bits) for ``M <= 8`` (memory
+    """The config of a GEMV ``variant`` (default ``"gemv"``; ``"split-gemv"`` for dense widths) for ``M <= 8`` (memory
     bound) of the kernels in ``_GEMV_K_PER_UNIT``.
 
-    ``BN=128`` columns per program, ``BM`` = ``M`` rounded up to a power of two, a K step of about
-    ``32 / BM`` packed rows (at least 8; 8 warps and twice that from ``BM=4``), so the per-row float32
-    accumulators stay near 32 registers per thread (100-134 registers in all for sm_90, no spills, compiled on
-    the CPU), and split-K until about four programs per SM. 3-bit weights: a 128-row step (four chunks, 32 code
-    tiles; 48 registers at ``BM=1``). The ternary ``dp4a`` GEMV (int32 accumulators, a fourth of the registers):
-    16 packed rows per step and 4 warps at every ``BM`` (sm_90, 8192², per weight: 2.02 instructions at ``M=1``,
-    2.30 at 2, 2.81 at 4, against 2.8-16 for other steps and warp counts). ``"+xq"`` variants are one launch: no
-    split-K; the column tile halves down to 16 wide until there is a program per SM, and the K step grows as it
-    narrows (8192 weights per trip at 32 wide: ``dp4a-gemv+xq`` 2.66 instructions per weight against 3.11 with
-    half the step). Static counts (``benchmarks/kernel_sass.py``); not yet measured on a GPU.
+    ``BN=128`` columns per program, ``BM`` = ``M`` rounded up to a power of two, a K step of about ``32 / BM``
+    packed rows (at least 8; 8 warps and twice that from ``BM=4``), so the per-row float32 accumulators stay near 32
+    registers per thread (100-134 registers in all for sm_90, no spills, compiled on the CPU), and split-K until
+    about four programs per SM. Dense 3/5/6/7-bit weights: a 128-row step (four chunks, 32 code tiles; 48 registers
+    at ``BM=1`` for 3 bits). The ternary ``dp4a`` GEMV (int32 accumulators, a fourth of the registers): 16 packed
+    rows per step and 4 warps at every ``BM`` (sm_90, 8192², per weight: 2.02 instructions at ``M=1``, 2.30 at 2,
+    2.81 at 4, against 2.8-16 for other steps and warp counts). ``"+xq"`` variants are one launch: no split-K; the
+    column tile halves down to 16 wide until there is a program per SM, and the K step grows as it narrows (8192
+    weights per trip at 32 wide: ``dp4a-gemv+xq`` 2.66 instructions per weight against 3.11 with half the step).
+    Static counts (``benchmarks/kernel_sass.py``); not yet measured on a GPU.
     """
     sms = sms or _num_sms()
     per = _GEMV_K_PER_UNIT[kernel]

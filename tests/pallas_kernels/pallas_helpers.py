@@ -47,17 +47,17 @@ def rel_err(a, b) -> float:
 
 
 def np_unpack_rows(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """Codes packed along axis 0 (``bits`` in 2, 4, 8: code ``i*per + j`` in bits ``j*bits`` of row ``i``; 3: a
-    dense stream, 32 codes in the little-endian bits of 3 uint32 rows, read here bit by bit)."""
+    """Codes packed along axis 0 (``bits`` in 2, 4, 8: code ``i*per + j`` in bits ``j*bits`` of row ``i``; 3, 5, 6,
+    7: a dense stream, 32 codes in the little-endian bits of ``bits`` uint32 rows, read here bit by bit)."""
     packed = np.asarray(packed)
     if bits == 8:
         return packed.astype(np.int64)[:k]
-    if bits == 3:
-        units, n = packed.shape[0] // 3, packed.shape[1]
-        # (units, 3 words, N) -> per column the 96-bit stream of a chunk, least significant bit first
-        w = packed.astype("<u4").reshape(units, 3, n).transpose(0, 2, 1)  # (units, N, 3)
-        stream = np.unpackbits(w.copy().view(np.uint8), axis=-1, bitorder="little")  # (units, N, 96)
-        codes = (stream.reshape(units, n, 32, 3) * np.array([1, 2, 4])).sum(-1)  # (units, N, 32)
+    if bits not in (2, 4):
+        units, n = packed.shape[0] // bits, packed.shape[1]
+        # (units, bits words, N) -> per column the (32 * bits)-bit stream of a chunk, least significant bit first
+        w = packed.astype("<u4").reshape(units, bits, n).transpose(0, 2, 1)  # (units, N, bits)
+        stream = np.unpackbits(w.copy().view(np.uint8), axis=-1, bitorder="little")  # (units, N, 32 * bits)
+        codes = (stream.reshape(units, n, 32, bits) * (1 << np.arange(bits))).sum(-1)  # (units, N, 32)
         return codes.transpose(0, 2, 1).reshape(units * 32, n).astype(np.int64)[:k]
     per = 8 // bits
     out = np.zeros((packed.shape[0] * per, *packed.shape[1:]), np.int64)

@@ -1,4 +1,4 @@
-"""int4/int8/int3/int2 weight-only kernel: interpret-mode numerics, CUDA lowering, cubin compilation."""
+"""Weight-only integer kernels (2 to 8 bits): interpret-mode numerics, CUDA lowering, cubin compilation."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pallas_helpers import (
 )
 
 import jaxquant as jq
+from jaxquant.ops import _INT_KERNEL
 from pallas_kernels import _triton_tools as tt
 from pallas_kernels._common import BlockConfig
 from pallas_kernels.int4_matmul import IntLayout, int_matmul, int_matmul_reference, supported
@@ -89,6 +90,11 @@ GEMV_CASES = [
     (3, 300, 64, 3, 128, False, "minmax", 4, 128, 1, jnp.float16),  # short last group
     (2, 384, 64, 3, None, True, "zeropoint", 2, 256, 3, jnp.bfloat16),  # per channel
     (4, 96, 48, 3, 32, True, "zeropoint", 4, 32, 1, jnp.float32),  # one chunk per step
+    # 5/6/7 bits (the mixed-bits search's widths): the same dense stream with 5/6/7 words per chunk
+    (1, 256, 128, 5, 128, True, "zeropoint", 1, 128, 2, jnp.bfloat16),
+    (5, 200, 80, 6, 64, False, "zeropoint", 8, 64, 2, jnp.float32),  # ragged K (a partial chunk), N and M
+    (3, 300, 64, 7, 128, False, "minmax", 4, 128, 1, jnp.float16),  # short last group
+    (2, 384, 64, 6, None, True, "zeropoint", 2, 256, 3, jnp.bfloat16),  # per channel
 ]  # 2-bit GEMV: see test_pallas_ternary.py::test_gemv_matches_float64
 
 
@@ -119,6 +125,8 @@ GEMV_VARIANT_CASES = [
     (2, 384, 64, 8, None, True, "zeropoint", 2, 32, jnp.float32),  # int8 storage
     (1, 256, 64, 8, 128, False, "zeropoint", 1, 32, jnp.bfloat16),  # uint8 codes with zero points
     (4, 320, 48, 2, 64, True, "zeropoint", 4, 64, jnp.float16),
+    (3, 200, 80, 5, 64, False, "zeropoint", 4, 64, jnp.bfloat16),
+    (1, 256, 64, 7, 128, True, "zeropoint", 1, 128, jnp.float16),
 ]
 
 
@@ -180,22 +188,24 @@ def test_heuristic_and_gemv_configs_are_supported():
     assert supported(IntLayout(4, "sym", 256, 64, 128), BlockConfig(block_m=16, variant="gemv"), jnp.bfloat16)
 
 
-def test_int3_is_gemv_only_and_routes_larger_m_to_xla():
-    """3-bit weights: the heuristic gives the GEMV up to M=8 (supported at g128, g64 and per channel); above it a
-    config the kernel rejects with its reason, so qdot takes the XLA path (same result); M=1 runs the kernel."""
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_dense_widths_are_gemv_only_and_route_larger_m_to_xla(bits):
+    """3/5/6/7-bit weights: the heuristic gives the GEMV up to M=8 (supported at g128, g64 and per channel); above
+    it a config the kernel rejects with its reason, so qdot takes the XLA path (same result); M=1 runs the kernel."""
     from pallas_kernels import tuning
 
+    name = _INT_KERNEL[bits]
     for g in (128, 64, None):
-        layout = IntLayout(bits=3, mode="sym", k=8192, n=8192, group_size=g)
+        layout = IntLayout(bits=bits, mode="sym", k=8192, n=8192, group_size=g)
         for m in (1, 2, 5, 8):
-            cfg = tuning.heuristic("int3w", m, 8192, 8192, sms=132)
+            cfg = tuning.heuristic(name, m, 8192, 8192, sms=132)
             assert cfg.variant == "split-gemv" and cfg.block_m >= m and cfg.split_k > 1
             assert supported(layout, cfg, jnp.bfloat16) is None, (g, m, cfg)
-        why = supported(layout, tuning.heuristic("int3w", 16, 8192, 8192, sms=132), jnp.bfloat16)
+        why = supported(layout, tuning.heuristic(name, 16, 8192, 8192, sms=132), jnp.bfloat16)
         assert why and "GEMV" in why
     rng = np.random.default_rng(5)
-    q = jq.quantize(jnp.asarray(rng.standard_normal((256, 96)), jnp.float32), jq.IntScheme(3, 128, symmetric=False))
-    for m, route in ((1, "kernel: int3w"), (16, "xla:")):
+    q = jq.quantize(jnp.asarray(rng.standard_normal((256, 96)), jnp.float32), jq.IntScheme(bits, 128, symmetric=False))
+    for m, route in ((1, f"kernel: {name}"), (16, "xla:")):
         x = jnp.asarray(rng.standard_normal((m, 256)), jnp.bfloat16)
         with jq.ops.kernel_mode("interpret"):
             assert jq.ops.explain_qdot(x, q).startswith(route)
@@ -227,8 +237,9 @@ def test_unsupported_cases_are_reported():
     assert supported(IntLayout(4, "sym", 256, 64, group_size=16), cfg, jnp.bfloat16)  # group too small
     assert supported(IntLayout(4, "sym", 256, 64, group_size=128), cfg, jnp.int8)  # activation dtype
     assert supported(IntLayout(4, "sym", 256, 64, group_size=128), cfg, jnp.bfloat16) is None
-    with pytest.raises(ValueError, match="bits"):
-        IntLayout(5, "sym", 256, 64)
+    for bad in (1, 9, True):
+        with pytest.raises(ValueError, match="bits"):
+            IntLayout(bad, "sym", 256, 64)
     lay3 = IntLayout(3, "sym", 256, 64, group_size=128)
     assert "GEMV" in supported(lay3, cfg, jnp.bfloat16)  # no tensor-core variant for 3 bits
     q3 = jq.quantize(jnp.ones((256, 64), jnp.float32), jq.IntScheme(3, 128))
@@ -250,6 +261,9 @@ LOWER_CASES = [  # (bits, mode, group, variant, m)
     (3, "zeropoint", 64, "gemv", 8),
     (3, "sym", 128, "split-gemv+postscale", 4),
     (8, "zeropoint", 128, "split-gemv+postscale", 1),
+    (5, "sym", 128, "gemv", 1),
+    (6, "zeropoint", 64, "gemv", 4),
+    (7, "minmax", 128, "split-gemv", 2),
 ]
 
 
@@ -259,7 +273,7 @@ def _lower(bits, mode, group, variant, m, k=512, n=256):
     if "gemv" in variant:  # "gemv": the config the tables and the heuristic use (split-gemv for 3 bits)
         from pallas_kernels import tuning
 
-        cfg = tuning.gemv_config({4: "int4", 8: "int8w", 3: "int3w", 2: "int2w"}[bits], m, k, n, sms=132)
+        cfg = tuning.gemv_config(_INT_KERNEL[bits], m, k, n, sms=132)
         cfg = cfg if variant == "gemv" else cfg.replace(variant=variant)
     g = layout.groups
     args = [
@@ -476,6 +490,34 @@ def test_weights_bit_identical_to_the_xla_path(x_dt, s_dt, w_dtype, bits, mode):
         np.testing.assert_array_equal(np.asarray(got, np.float32), want, err_msg=variant)
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize(
+    "mode,x_dt,s_dt",
+    [
+        ("sym", jnp.bfloat16, jnp.bfloat16),
+        ("zeropoint", jnp.float16, jnp.float16),
+        ("minmax", jnp.float32, jnp.float16),
+    ],
+)
+def test_dense_gemv_weights_bit_identical_to_the_xla_path(bits, mode, x_dt, s_dt):
+    """The dense widths' GEMVs (3 bits, and 5/6/7 bits, whose streams straddle four, four and six codes across two
+    words) with one-hot activation rows: every code position of every chunk comes back as the XLA path's weight,
+    bit for bit (a partial last chunk included: K = 200)."""
+    k, n = 200, 48
+    rng = np.random.default_rng(bits * 10 + len(mode))
+    scheme = jq.IntScheme(bits, 64, symmetric=mode == "sym", range="zeropoint" if mode == "sym" else mode)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), scheme)
+    layout = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=64)
+    scale = q.scale.astype(s_dt)
+    zero = None if mode == "sym" else (q.zero if mode == "zeropoint" else q.zero.astype(s_dt))
+    eye = jnp.eye(k, dtype=x_dt)
+    want = np.asarray(int_matmul_reference(eye, q.data, scale, zero, layout), np.float32)
+    for variant in ("gemv", "split-gemv"):
+        cfg = BlockConfig(block_m=8, block_n=16, block_k=64, split_k=2, variant=variant)
+        got = int_matmul(eye, q.data, scale, zero, layout=layout, config=cfg, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want, err_msg=variant)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # dequantization kernel (large M: dequantize once, then the dense dot)
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,15 +530,18 @@ DEQUANT_SCHEMES = [
     jq.IntScheme(3, 128),
     jq.IntScheme(3, 64, symmetric=False),
     jq.IntScheme(4, 128, scale_dtype="float32"),
+    jq.IntScheme(5, 128, symmetric=False),
+    jq.IntScheme(6, 64),
+    jq.IntScheme(7, 128, symmetric=False, range="minmax"),
 ]
 
 
-# every scheme with every activation dtype; 3 bits (32 strided stores per tile, slow to interpret) with one each
+# every scheme with every activation dtype; dense widths (32 strided stores per tile, slow to interpret) with one each
 DEQUANT_CASES = [
     (s, dt)
     for s in DEQUANT_SCHEMES
     for dt in (jnp.bfloat16, jnp.float16, jnp.float32)
-    if s.bits != 3 or dt == (jnp.bfloat16 if s.symmetric else jnp.float16)
+    if s.bits in (2, 4, 8) or dt == (jnp.bfloat16 if s.symmetric else jnp.float16)
 ]
 
 
@@ -510,7 +555,7 @@ DEQUANT_CASES = [
     ],
 )
 def test_qdot_dequant_dot_bit_identical_to_the_xla_path(scheme, dt):
-    """The Pallas dequantization returns exactly ``dequantize(w).astype(dt)`` (sym, zero point, min-max; 2/3/4/8
+    """The Pallas dequantization returns exactly ``dequantize(w).astype(dt)`` (sym, zero point, min-max; 2 to 8
     bits; float16 and float32 scales, including the packed-half-precision path), so ``qdot_dequant_dot`` equals
     the XLA path bit for bit."""
     from jaxquant.core.api import dequantize
