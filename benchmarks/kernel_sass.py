@@ -57,6 +57,7 @@ TUNING_NAME = {
     "int4_g128_asym": "int4",
     "int8_w8a16": "int8w",
     "int3_g128": "int3w",
+    "int3_g128_asym": "int3w",
     "int5_g128_asym": "int5w",
     "int6_g128_asym": "int6w",
     "nf4": "nf4",

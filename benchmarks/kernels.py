@@ -68,6 +68,12 @@ def _specs() -> dict[str, KernelSpec]:
         ),
         KernelSpec("int8_w8a16", lambda: jq.IntScheme(bits=8), "W8A16 int8 per-channel"),
         KernelSpec("int3_g128", lambda: jq.IntScheme(bits=3, group_size=128), "W3A16 int3 sym g128 (GEMV)", max_m=8),
+        KernelSpec(
+            "int3_g128_asym",
+            lambda: jq.IntScheme(bits=3, group_size=128, symmetric=False),
+            "W3A16 int3 asym g128 (GEMV; GPTQ's 3-bit scheme)",
+            max_m=8,
+        ),
         # 5 and 6 bits: the automatic mixed-bits search's other dense widths (asymmetric, as it quantizes)
         KernelSpec(
             "int5_g128_asym",
