@@ -6,13 +6,15 @@
     W_hat = s * q
 
 Codes ``q + 1`` in {0, 1, 2} are packed either 2 bits each (``packing="2bit"``, 4 per byte, what a GPU
-kernel wants) or base 3 (``packing="base3"``, 5 per byte = 1.6 bits). Scales are float32.
+kernel wants) or base 3 (``packing="base3"``, 5 per byte = 1.6 bits). Scales are float32. :func:`repack`
+converts between the two exactly (the GPU kernels read 2-bit codes; base 3 is the smaller storage).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ from jaxquant.core import packing
 from jaxquant.core.numerics import true_divide, true_mean
 from jaxquant.core.qarray import QArray, Scheme
 
-__all__ = ["TernaryScheme"]
+__all__ = ["TernaryScheme", "repack"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +74,31 @@ class TernaryScheme(Scheme):
         t = packing.unpack(q.data, 2, n) if self.packing == "2bit" else packing.unpack_trits(q.data, n)
         out = (t.astype(jnp.float32) - 1.0) * q.scale
         return out.reshape(q.shape).astype(q.dtype)
+
+
+def _repack_one(q: QArray, to: str) -> QArray:
+    s = q.scheme
+    if not isinstance(s, TernaryScheme) or s.packing == to:
+        return q
+    n = math.prod(q.shape) if s.granularity == "tensor" else q.shape[0]
+    t = packing.unpack(q.data, 2, n) if s.packing == "2bit" else packing.unpack_trits(q.data, n)
+    data = packing.pack(t, 2) if to == "2bit" else packing.pack_trits(t)
+    return dataclasses.replace(q, data=data, scheme=dataclasses.replace(s, packing=to))
+
+
+def repack(tree: Any, to: str) -> Any:
+    """Store every :class:`TernaryScheme` QArray in ``tree`` (a QArray or any pytree) with ``packing=to``.
+
+    Exact: the same codes and scale, so ``dequantize`` and every product give the same results; it equals quantizing
+    the original weights with ``packing=to``. Base 3 (1.6 bits per weight) is the smaller storage; the GPU kernels
+    read 2-bit codes (a base-3 weight takes the XLA path, which unpacks it on every call), so convert once after
+    loading: ``repack(params, "2bit")``. Other leaves are returned as they are. Raises ``ValueError`` for an
+    unknown packing.
+    """
+    if to not in ("2bit", "base3"):
+        raise ValueError(f"repack: to must be '2bit' or 'base3', got {to!r}")
+    return jax.tree.map(
+        lambda leaf: _repack_one(leaf, to) if isinstance(leaf, QArray) else leaf,
+        tree,
+        is_leaf=lambda leaf: isinstance(leaf, QArray),
+    )

@@ -79,6 +79,34 @@ def test_2bit_and_base3_dequantize_identically(gran):
     assert q3.nbytes < q2.nbytes
 
 
+@pytest.mark.parametrize("gran,shape", [("tensor", (101, 7)), ("channel", (101, 7)), ("channel", (64, 12))])
+def test_repack_is_exact_both_ways(gran, shape):
+    """``repack`` gives exactly the QArray that quantizing with the other packing gives (same codes, scale), both
+    ways, inside any pytree; other leaves and already-packed QArrays pass through."""
+    from jaxquant.schemes.ternary import repack
+
+    w = jax.random.normal(jax.random.key(1), shape)
+    q2 = jq.quantize(w, jq.TernaryScheme(gran, "2bit"))
+    q3 = jq.quantize(w, jq.TernaryScheme(gran, "base3"))
+    int4 = jq.quantize(w, jq.IntScheme(4, 32))
+    tree = {"a": q3, "b": [q2, int4], "c": jnp.ones(3)}
+    out = repack(tree, "2bit")
+    for got, want in ((out["a"], q2), (out["b"][0], q2), (repack(q2, "base3"), q3)):
+        assert got.scheme == want.scheme and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
+        np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(want.scale))
+    assert out["b"][1] is int4 and out["c"] is tree["c"]
+    np.testing.assert_array_equal(np.asarray(jq.dequantize(out["a"])), np.asarray(jq.dequantize(q3)))
+    np.testing.assert_array_equal(_codes(jax.jit(lambda q: repack(q, "2bit"))(q3)), _codes(q3))
+    with pytest.raises(ValueError, match="2bit"):
+        repack(q3, "base4")
+    if gran == "channel":  # the kernels read 2-bit codes: base 3 takes the XLA path, the repacked weight a kernel
+        x = jnp.ones((2, shape[0]), jnp.bfloat16)
+        with jq.ops.kernel_mode("interpret"):
+            assert jq.ops.explain_qdot(x, q3).startswith("xla")
+            assert jq.ops.explain_qdot(x, out["a"]).startswith("kernel: ternary")
+
+
 def test_all_zero_uses_eps():
     q = jq.quantize(jnp.zeros((8, 2)), jq.TernaryScheme())
     assert float(q.scale) == pytest.approx(1e-5)
