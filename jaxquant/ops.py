@@ -87,10 +87,10 @@ def qdot(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     Returns:
       ``(..., N)`` in ``x``'s dtype, accumulated in float32.
 
-    On a CUDA GPU, quantized weights with a fused Pallas kernel (int4/int8/int2 weight-only, NF4, LLM.int8,
-    fp8, ternary) run through it; otherwise schemes may provide their own matmul (``scheme._qdot(x, q)``,
-    e.g. LLM.int8's outlier split with an int8 x int8 -> int32 product), else the weight is dequantized and
-    multiplied (the XLA path).
+    On a CUDA GPU, quantized weights with a fused Pallas kernel (2- to 8-bit integer weight-only, the dense 3/5/6/7
+    bits as GEMVs for up to 8 rows; NF4, LLM.int8, fp8, ternary) run through it (:func:`explain_qdot` says which);
+    otherwise schemes may provide their own matmul (``scheme._qdot(x, q)``, e.g. LLM.int8's outlier split with an
+    int8 x int8 -> int32 product), else the weight is dequantized and multiplied (the XLA path).
     """
     x = jnp.asarray(x)
     if not isinstance(w, QArray):
@@ -116,15 +116,50 @@ def qdot(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     return jnp.dot(x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def explain_qdot(x: jax.Array, w: QArray) -> str:
-    """Which backend ``qdot(x, w)`` takes now, and why (for logs and benchmarks)."""
-    x = jnp.asarray(x) if not hasattr(x, "shape") else x
+def explain_qdot(x: jax.Array, w: QArray, device: str | None = None) -> str:
+    """Which backend ``qdot(x, w)`` takes, and why (for logs and benchmarks): ``"kernel: <name> <config>"`` or
+    ``"xla...: <reason>"``.
+
+    Args:
+      x: the activations (or anything with their ``shape`` and ``dtype``, e.g. ``jax.ShapeDtypeStruct``).
+      w: the QArray.
+      device: ``None``: this machine, now. A GPU's tuning key (``"h100"``, ``"h200"``; other names get the
+        heuristics) to explain from any machine what ``qdot`` does on that GPU in the current kernel mode
+        (``"auto"`` by default): its tuning table and M limits, the kernels' own limits. Nothing is compiled or run.
+    """
+    if not hasattr(x, "shape"):
+        x = jnp.asarray(x)
+    if device is None:
+        return _explain(x, w)
+    from pallas_kernels import tuning
+
+    global _assume_gpu
+    saved = _assume_gpu
+    try:
+        with tuning.as_device(device):
+            _assume_gpu = True
+            return _explain(x, w)
+    finally:
+        _assume_gpu = saved
+
+
+def _explain(x, w: QArray) -> str:
     plan, why = _plan(x, w)
     if plan is not None:
         return f"kernel: {why}"
     if _routed_dequant_applies(x, w):
         return f"xla with the Pallas dequantization (measured faster here): {why}"
     return f"xla: {why}"
+
+
+#: set by :func:`explain_qdot` with a ``device``: dispatch decisions as on a GPU (nothing is compiled or run)
+_assume_gpu = False
+
+
+def _gpu() -> bool:
+    from pallas_kernels._common import gpu_available
+
+    return _assume_gpu or gpu_available()
 
 
 _INT_KERNEL = {4: "int4", 8: "int8w", 2: "int2w", 3: "int3w", 5: "int5w", 6: "int6w", 7: "int7w"}
@@ -137,10 +172,9 @@ def _routed_dequant_applies(x, w: QArray) -> bool:
     if _mode != "auto" or kernel is None:
         return False
     from pallas_kernels import tuning
-    from pallas_kernels._common import gpu_available
 
     m = math.prod(x.shape[:-1])
-    return gpu_available() and tuning.use_dequant_dot(kernel, m)
+    return _gpu() and tuning.use_dequant_dot(kernel, m)
 
 
 def _dequant_kernel_name(w: QArray) -> str | None:
@@ -167,9 +201,7 @@ def _interpret() -> bool | None:
         return True
     if _mode == "on":  # forced: compile for the GPU (fails loudly where there is none)
         return False
-    from pallas_kernels._common import gpu_available
-
-    return False if gpu_available() else None
+    return False if _gpu() else None
 
 
 def _plan(x, w: QArray) -> tuple[Callable[[jax.Array], jax.Array] | None, str]:
@@ -365,7 +397,10 @@ def _ternary_adapter(x, w: QArray, m: int, interpret: bool, mode: str = "w16"):
     s = w.scheme
     k, n = w.shape
     if s.packing != "2bit":
-        return None, f"ternary packing {s.packing!r} (kernels read 2-bit packing)"
+        return None, (
+            f"ternary packing {s.packing!r} (kernels read 2-bit packing; "
+            "jaxquant.schemes.ternary.repack(w, '2bit') converts it exactly)"
+        )
     packing = "k" if s.granularity == "channel" else "n"
     name = "ternary" if mode == "w16" else "ternary_a8"
     why = _check_limit(name, m, interpret)

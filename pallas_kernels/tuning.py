@@ -10,7 +10,9 @@ and kernels without rows use :func:`heuristic`, sized for ~132 streaming multipr
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import jax
 
@@ -20,6 +22,7 @@ __all__ = [
     "DEQUANT_DOT",
     "LIMITS",
     "TABLE",
+    "as_device",
     "device_key",
     "gemv_config",
     "get_config",
@@ -100,8 +103,28 @@ DEQUANT_DOT: dict[str, dict[str, int]] = {}
 _ALIASES = (("H200", "h200"), ("H100", "h100"), ("H800", "h100"), ("A100", "a100"), ("L40", "l40"), ("L4", "l4"))
 
 
+_FORCED_DEVICE: str | None = None
+
+
+@contextlib.contextmanager
+def as_device(key: str) -> Iterator[None]:
+    """Within the block, :func:`device_key` (and so the tables, limits and :func:`get_config`) answers for the GPU
+    ``key`` (e.g. ``"h100"``) instead of the local device: to explain a GPU's dispatch from any machine."""
+    global _FORCED_DEVICE
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"as_device: key must be a non-empty device key such as 'h100', got {key!r}")
+    saved, _FORCED_DEVICE = _FORCED_DEVICE, key
+    try:
+        yield
+    finally:
+        _FORCED_DEVICE = saved
+
+
 def device_key(kind: str | None = None) -> str:
-    """Short key of a GPU (``"h100"``, ``"h200"``, ``"a100"``, ...) from ``jax.devices()[0].device_kind``."""
+    """Short key of a GPU (``"h100"``, ``"h200"``, ``"a100"``, ...) from ``jax.devices()[0].device_kind`` (or the
+    key of an enclosing :func:`as_device`)."""
+    if kind is None and _FORCED_DEVICE is not None:
+        return _FORCED_DEVICE
     if kind is None:
         try:
             kind = jax.devices()[0].device_kind

@@ -117,3 +117,33 @@ def test_qdot_inside_a_jitted_model(data):
     w2 = np.asarray(jq.dequantize(params["l2"]["kernel"]), np.float64)
     ref = np.maximum(np.asarray(x, np.float64) @ w1, 0) @ w2
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_explain_qdot_for_a_named_gpu_from_any_machine():
+    """``explain_qdot(..., device="h100")`` gives the route ``qdot`` takes on that GPU (its table, its M limits, the
+    kernels' own limits) without one: shapes only (``jax.eval_shape``), nothing compiled; the local answer after it
+    is unchanged, and kernel mode "off" is honoured."""
+    from pallas_kernels import tuning
+
+    w = jax.ShapeDtypeStruct((8192, 8192), jnp.float32)
+
+    def route(scheme, m, **kw):
+        q = jax.eval_shape(lambda v: jq.quantize(v, scheme), w)
+        return jq.ops.explain_qdot(jax.ShapeDtypeStruct((m, 8192), jnp.bfloat16), q, **kw)
+
+    int4 = jq.IntScheme(4, 128)
+    want = repr(tuning.TABLE["h100"]["int4"][0][1])
+    assert route(int4, 1, device="h100") == f"kernel: int4 {want}"
+    assert route(int4, 4096, device="h100").startswith("xla: M=4096 above the tuned limit 16 for int4 on h100")
+    assert route(jq.IntScheme(6, 128, symmetric=False), 1, device="h100").startswith("kernel: int6w")
+    assert "only as the GEMV" in route(jq.IntScheme(6, 128, symmetric=False), 16, device="h100")
+    assert "repack" in route(jq.TernaryScheme("channel", "base3"), 1, device="h100")
+    assert route(int4, 4096, device="b200").startswith("kernel: int4")  # no table, no limit: the heuristics
+    if jax.default_backend() == "cpu":
+        assert route(int4, 1) == "xla: kernel mode 'auto' on backend 'cpu'"
+    with jq.ops.kernel_mode("off"):
+        assert route(int4, 1, device="h100") == "xla: kernel mode 'off' on backend " + repr(jax.default_backend())
+    assert tuning.device_key() != "h100" or jax.default_backend() == "gpu"
+    with pytest.raises(ValueError, match="device key"):
+        with tuning.as_device(""):
+            pass
