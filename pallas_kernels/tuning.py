@@ -241,12 +241,13 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, var
     packed rows (at least 8; 8 warps and twice that from ``BM=4``), so the per-row float32 accumulators stay near 32
     registers per thread (100-134 registers in all for sm_90, no spills, compiled on the CPU), and split-K until
     about four programs per SM. Dense 3/5/6/7-bit weights: a 128-row step (four chunks, 32 code tiles; 48 registers
-    at ``BM=1`` for 3 bits). The ternary ``dp4a`` GEMV (int32 accumulators, a fourth of the registers): 16 packed
-    rows per step and 4 warps at every ``BM`` (sm_90, 8192², per weight: 2.02 instructions at ``M=1``, 2.30 at 2,
-    2.81 at 4, against 2.8-16 for other steps and warp counts). ``"+xq"`` variants are one launch: no split-K; the
-    column tile halves down to 16 wide until there is a program per SM, and the K step grows as it narrows (8192
-    weights per trip at 32 wide: ``dp4a-gemv+xq`` 2.66 instructions per weight against 3.11 with half the step).
-    Static counts (``benchmarks/kernel_sass.py``); not yet measured on a GPU.
+    at ``BM=1`` for 3 bits), 4 warps and ``BN = 256 / BM`` from ``BM=4``. The ternary ``dp4a`` GEMV (int32
+    accumulators, a fourth of the registers): 16 packed rows per step and 4 warps at every ``BM`` (sm_90, 8192², per
+    weight: 2.02 instructions at ``M=1``, 2.30 at 2, 2.81 at 4, against 2.8-16 for other steps and warp counts).
+    ``"+xq"`` variants are one launch: no split-K; the column tile halves down to 16 wide until there is a program
+    per SM, and the K step grows as it narrows (8192 weights per trip at 32 wide: ``dp4a-gemv+xq`` 2.66 instructions
+    per weight against 3.11 with half the step). Static counts (``benchmarks/kernel_sass.py``); not yet measured on
+    a GPU.
     """
     sms = sms or _num_sms()
     per = _GEMV_K_PER_UNIT[kernel]
@@ -258,6 +259,11 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, var
         bm *= 2
     bn = 128
     warps = 4 if bm <= 2 or variant.startswith("dp4a") else 8
+    if per == 32 and bm >= 4:
+        # dense widths: 8 warps moved each row's activation columns through shared memory and spilled at BM=8
+        # (sm_90, 3-bit g128 asym, 8192^2: 32 / 64 barriers per trip at BM=4 / 8, 240 bytes of spills at 8); 4 warps
+        # with a 64 / 32-column tile: 4 / 8 barriers, no spills, 6% fewer instructions per weight
+        warps, bn = 4, 256 // bm
     # 2-bit weights unpack four tiles per step: half the packed rows keeps registers in line (209 -> 89 at BM=1)
     pk = max(8, (32 if warps == 4 else 64) // bm // (2 if per == 4 else 1)) if per < 32 else 4
     if variant.startswith("dp4a"):

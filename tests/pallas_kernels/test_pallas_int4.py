@@ -470,6 +470,25 @@ def test_zero_point_gemv_has_no_per_position_layout_conversions_sm90():
 
 
 @requires_triton
+@pytest.mark.parametrize("m", [4, 8])
+def test_dense_gemv_configs_do_not_spill_sm90(m):
+    """The heuristic's dense-width GEMV for 4-8 rows (4 warps, a 256/BM-column tile): no register spills and few
+    barriers per K-loop trip (8 warps and 128 columns spilled 240 bytes at BM=8 and synchronised 32-64 times per
+    trip to move activation columns through shared memory)."""
+    from pallas_kernels import tuning
+
+    layout = IntLayout(bits=6, mode="zeropoint", k=8192, n=8192, group_size=128)
+    cfg = tuning.heuristic("int6w", m, 8192, 8192, sms=132)
+    args = [shape_struct((m, 8192), jnp.bfloat16), shape_struct((layout.packed_rows, 8192), jnp.uint32)]
+    stats = [shape_struct((64, 8192), jnp.float16), shape_struct((64, 8192), jnp.uint8)]
+    call = cuda_lowering(functools.partial(int_matmul, layout=layout, config=cfg), *args, *stats)[0]
+    text = tt.ir_text(call.ir)
+    report = tt.compile_cubin(text, 90, call.num_warps, call.num_stages)
+    assert report.ok and report.spill_bytes == 0, report
+    assert tt.loop_profile(tt.sass(text, 90, call.num_warps, call.num_stages)).count("BAR") <= 8
+
+
+@requires_triton
 def test_k_loop_bf16_scales_use_packed_bf16_math_sm90():
     """Scales stored in the activation dtype (here bf16; jaxquant's IntScheme stores float16 scales, so this is
     the float16-activation case of a default QArray): the default numerics dequantize with packed arithmetic
