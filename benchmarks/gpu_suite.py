@@ -56,7 +56,7 @@ PLAN = [
     ("int8_w8a16", "1,16", "8192x8192", 15),
     ("fp8_w8a16", "1,16", "8192x8192", 15),
     ("ternary", "1,16", "8192x8192", 15),
-    ("int3_g128", "1,4", "8192x8192", 10),  # GEMV only (M <= 8)
+    ("int3_g128_asym", "1,4,8", "8192x8192", 10),  # GEMV only (M <= 8); asym: GPTQ's 3-bit scheme
     ("int6_g128_asym", "1,4", "8192x8192", 10),  # the same dense-stream GEMV, 6 words per chunk
 ]
 MAIN_KERNELS = [p[0] for p in PLAN[:5]]
@@ -366,6 +366,12 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("int8_w8a16", (1, 128, 32, 16, 4, 4, "split-gemv+postscale")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "split-gemv+postscale")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "split-gemv")),
+    # the dense GEMV for 4-8 rows: the session-9 config (4 warps, 256/BM columns; no spills, 4-8 barriers per trip)
+    # against the one before (8 warps, 128 columns; 240 bytes of spills at BM=8, 32-64 barriers)
+    ("int3_g128_asym", (4, 64, 128, 8, 4, 4, "split-gemv", (4,))),
+    ("int3_g128_asym", (4, 128, 128, 16, 8, 4, "split-gemv", (4,))),
+    ("int3_g128_asym", (8, 32, 128, 4, 4, 4, "split-gemv", (8,))),
+    ("int3_g128_asym", (8, 128, 128, 16, 8, 4, "split-gemv", (8,))),
     # ternary GEMVs at M=1 (sm_90, 8192^2, static instructions per weight): W1.58A8 as an integer GEMV (inline PTX
     # code spreading + dp4a: 2.02, below the memory floor; 2.66 in one launch with the activation quantization
     # inside and no split-K), the float GEMVs (4.67 after the XLA pre-pass, 4.77 in one launch) and W1.58A16 with
