@@ -99,9 +99,7 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
     elif tname in variants:
         cfg = dataclasses.replace(cfg, variant=variants[tname])
     row: dict[str, Any] = {"kernel": name, "m": m, "k": k, "n": n, "config": cfg}
-    saved = tuning.device_key
     table = tuning.TABLE.get(device, {}).get(tname)
-    tuning.device_key = lambda kind=None: device
     if table is not None:
         tuning.TABLE[device][tname] = [(mx, cfg) for mx, _ in table]
     else:
@@ -111,7 +109,7 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
         op = jq.qdot if spec.direct is None else _direct_fn(spec, False)
         jax.clear_caches()  # qdot reads the block config when traced: no trace of an earlier config
-        with kernel_mode("on"):
+        with kernel_mode("on"), tuning.as_device(device):
             calls = tt.triton_calls(tt.export_cuda(op, x, q))
         if not calls:
             raise RuntimeError("no Triton kernel in the lowering")
@@ -125,7 +123,6 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
         return row
     finally:
-        tuning.device_key = saved
         if table is not None:
             tuning.TABLE[device][tname] = table
         else:
