@@ -18,7 +18,8 @@ floors for the whole matmul on an H100 SXM (132 SMs at the 1.98 GHz boost clock)
 It also prints two latency hints per trip: *exposed loads*, global loads into registers whose value is read in
 the same trip (not the ``LDGSTS`` copies the software pipeline issues stages ahead, nor register prefetches for
 the next trip; each makes every trip wait for the memory latency), and *BAR*, block-wide barriers (about two
-for the pipeline; more are layout conversions through shared memory).
+for the pipeline; more are layout conversions through shared memory); and ptxas' register count per thread with
+the bytes spilled to local memory (which should be 0).
 
 These are lower bounds from the instruction stream, not measurements: latency, occupancy, the split-K
 reduction and launch costs come on top. They rank kernel variants without a GPU (e.g. whether a change removes
@@ -117,7 +118,7 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         # trips of one program's K loop: K / BK steps over the split-K programs (the fp8 step may be smaller)
         split = call.grid[2] if len(call.grid) > 2 else 1
         trips = max(1, k // (cfg.block_k * split))
-        sass = tt.sass(tt.ir_text(call.ir), arch, call.num_warps, call.num_stages)
+        sass, cubin = tt.sass_and_report(tt.ir_text(call.ir), arch, call.num_warps, call.num_stages)
         prof = tt.k_loop_profile(sass, trips, DOT_MMA.get(tname, tt.MMA_OPCODES))
     except Exception as e:  # reported in the table
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
@@ -148,6 +149,8 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         conv_us=conv * lanes * trips / (SMS * CONV_PER_CLK * CLOCK_HZ) * 1e6,
         mem_us=wbytes / COPY_BPS * 1e6,
         top=", ".join(f"{op} {c}" for op, c in list(prof.counts.items())[:6]),
+        regs=cubin.n_regs,
+        spill=cubin.spill_bytes,
     )
     return row
 
@@ -155,23 +158,23 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
 def format_table(rows: list[dict]) -> str:
     head = (
         "| kernel | M | variant (tile, split, warps) | instr/trip | instr/weight | conv/weight | smem/weight "
-        "| exposed loads/trip | BAR/trip | issue floor µs | conv floor µs | memory floor µs | binding "
-        "| most frequent opcodes per trip |\n"
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+        "| exposed loads/trip | BAR/trip | registers (spill bytes) | issue floor µs | conv floor µs | memory floor µs "
+        "| binding | most frequent opcodes per trip |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     )
     out = [head]
     for r in rows:
         c = r["config"]
         cfg = f"{c.variant or 'default'} ({c.block_m}x{c.block_n}x{c.block_k}, {c.split_k}, {c.num_warps})"
         if "error" in r:
-            out.append(f"| {r['kernel']} | {r['m']} | {cfg} |" + " – |" * 10 + f" {r['error']} |")
+            out.append(f"| {r['kernel']} | {r['m']} | {cfg} |" + " – |" * 11 + f" {r['error']} |")
             continue
         floors = {"issue": r["issue_us"], "conversion": r["conv_us"], "memory": r["mem_us"]}
         trip = f"{r['trip_instr']}{' (unrolled)' if r.get('unrolled') else ''}"
         out.append(
             f"| {r['kernel']} | {r['m']} | {cfg} | {trip} | {r['instr_per_weight']:.2f} "
             f"| {r['conv_per_weight']:.2f} | {r['smem_per_weight']:.2f} | {r['exposed']} | {r['barriers']} "
-            f"| {r['issue_us']:.1f} | {r['conv_us']:.1f} "
+            f"| {r['regs']} ({r['spill']}) | {r['issue_us']:.1f} | {r['conv_us']:.1f} "
             f"| {r['mem_us']:.1f} | {max(floors, key=floors.get)} | {r['top']} |"
         )
     return "\n".join(out)

@@ -272,6 +272,13 @@ def sass(ttir: str, arch: int = 90, num_warps: int = 4, num_stages: int = 3, tim
     Raises ``RuntimeError`` when the kernel does not compile or ``triton`` (which bundles ``nvdisasm``) is
     not installed.
     """
+    return sass_and_report(ttir, arch, num_warps, num_stages, timeout)[0]
+
+
+def sass_and_report(
+    ttir: str, arch: int = 90, num_warps: int = 4, num_stages: int = 3, timeout: float = 120.0
+) -> tuple[str, CubinReport]:
+    """:func:`sass` and the compilation's :class:`CubinReport` (registers, spills, shared memory) from one compile."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         rep = compile_cubin(ttir, arch, num_warps, num_stages, timeout=timeout, cubin_path=path)
@@ -280,7 +287,7 @@ def sass(ttir: str, arch: int = 90, num_warps: int = 4, num_stages: int = 3, tim
         proc = subprocess.run([_nvdisasm(), "-c", path], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"sass: nvdisasm failed: {proc.stderr.strip()[-500:]}")
-    return proc.stdout
+    return proc.stdout, rep
 
 
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
