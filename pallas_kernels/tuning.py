@@ -42,12 +42,14 @@ _HOPPER_INT4 = [
     (1 << 62, BlockConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3, variant="interleave")),
 ]
 # NF4: the ``lut`` variant (a pointer gather per weight from global memory) measured 0.14x of bf16 on the H200;
-# the ``select`` bit-tree (15 selects on scalar constants, no memory traffic) is used instead, as a GEMV up to
-# M=8 (not yet measured: rows to confirm with benchmarks/gpu_quick.py).
+# the ``select`` bit-tree (15 selects on scalar constants, no memory traffic) is used instead. At M=1 the GEMV and
+# the 16-row dot kernel measured alike (H200 8192^2: 103.9 vs 102.8 us, benchmarks/results/h200-quick.md; H100:
+# GEMV 95.2 us at M=1, dot 98.2 us at M=16): the GEMV row stays. For M=2..8 the GEMV rows were never measured, and
+# their sm_90 K loops need 1.3-2.2x the dot kernel's instructions per weight (static issue floors at 8192^2: 51.6
+# us at BM=2, 88.6 us at BM=8, against 40.2 us for the dot at any M <= 16; benchmarks/results/sass-sm90-defaults.md):
+# the dot kernel from M=2.
 _HOPPER_NF4 = [
     (1, BlockConfig(1, 128, 64, split_k=16, num_warps=4, num_stages=4, variant="select-gemv")),
-    (2, BlockConfig(2, 128, 64, split_k=16, num_warps=4, num_stages=4, variant="select-gemv")),
-    (8, BlockConfig(8, 64, 64, split_k=16, num_warps=8, num_stages=4, variant="select-gemv")),
     (64, BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4, variant="select")),
 ]
 
