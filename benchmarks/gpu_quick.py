@@ -68,9 +68,7 @@ def _entry(spec: str) -> Callable:
 
 
 def gemv_cfg(kernel: str, m: int, k: int, n: int):
-    """The GEMV config the heuristic would pick (M > 8: 8-row blocks)."""
-    if kernel == "nf4":
-        return tuning.heuristic("nf4", min(m, 8), k, n)
+    """The kernel's GEMV config (``tuning.gemv_config``; M > 8: 8-row blocks)."""
     return tuning.gemv_config(kernel, min(m, 8), k, n)
 
 

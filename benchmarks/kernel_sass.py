@@ -95,7 +95,7 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
     spec = SPECS[name]
     tname = TUNING_NAME[name]
     cfg = tuning.get_config(tname, m, k, n, device)
-    if "gemv" in variants.get(tname, "") and tname in tuning._GEMV_K_PER_UNIT:
+    if "gemv" in variants.get(tname, "") and (tname in tuning._GEMV_K_PER_UNIT or tname == "nf4"):
         cfg = tuning.gemv_config(tname, m, k, n, variant=variants[tname])
     elif tname in variants:
         cfg = dataclasses.replace(cfg, variant=variants[tname])

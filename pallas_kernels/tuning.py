@@ -177,14 +177,12 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         if kernel == "int2w":
             bk = max(bk, 128)
     elif kernel == "nf4":
-        if m <= 8:
-            bm = 1 << (m - 1).bit_length()  # m rounded up to a power of two
-            bn, warps = (128, 4) if bm <= 2 else (64, 8)
-            # "-split": contiguous activation rows (sm_90 K loop: 11 exposed global loads per step instead of 67;
-            # 0 instead of 16 for the dot kernel; benchmarks/kernel_sass.py); not yet timed
-            bk, stages, variant = 64, 4, "select-split-gemv"
-        else:
-            variant = "select-split" if m <= 256 else "select-interleave"  # interleave: 128x128 tiles, 8 warps
+        # the 16-row dot kernel at every small M, not the GEMV (gemv_config): sm_90, 8192^2, static issue floor of
+        # "select-split" 38.2 us at any M <= 16 against 44.9 / 50.2 / 61.1 / 82.1 us for "select-split-gemv" at
+        # M = 1 / 2 / 4 / 8 (12 bytes of spills at M=2; benchmarks/kernel_sass.py --device a100); the H200 measured
+        # the non-split pair alike at M=1 (dot 102.8 vs GEMV 103.9 us). "-split": contiguous activation rows (0
+        # exposed global loads per K step instead of 16)
+        variant = "select-split" if m <= 256 else "select-interleave"  # interleave: 128x128 tiles, 8 warps
     elif kernel == "int8_outlier" and m > 256:
         # the int8 dot from a K-major (N, K) weight copy: sm_90 K loop of 61 instructions per trip with 2 IGMMA, no
         # byte transposes through shared memory (116 with 32 STS from the (K, N) weight; compiled on the CPU). Not
@@ -236,8 +234,8 @@ _GEMV_K_PER_UNIT = {
 
 
 def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, variant: str | None = None) -> BlockConfig:
-    """The config of a GEMV ``variant`` (default ``"gemv"``; ``"split-gemv"`` for dense widths) for ``M <= 8`` (memory
-    bound) of the kernels in ``_GEMV_K_PER_UNIT``.
+    """The config of a GEMV ``variant`` (default ``"gemv"``; ``"split-gemv"`` for dense widths, ``"select-split-gemv"``
+    for ``nf4``) for ``M <= 8`` (memory bound) of ``nf4`` and the kernels in ``_GEMV_K_PER_UNIT``.
 
     ``BN=128`` columns per program, ``BM`` = ``M`` rounded up to a power of two, a K step of about ``32 / BM``
     packed rows (at least 8; 8 warps and twice that from ``BM=4``), so the per-row float32 accumulators stay near 32
@@ -252,6 +250,15 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, var
     a GPU.
     """
     sms = sms or _num_sms()
+    if kernel == "nf4":  # one (BN, B/2) accumulator per row, one 64-value block per K step
+        bm = 1 << max(m - 1, 0).bit_length()  # m rounded up to a power of two
+        bn, warps = (128, 4) if bm <= 2 else (64, 8)
+        # "-split": contiguous activation rows (sm_90 K loop: 11 exposed global loads per step instead of 67)
+        cfg = BlockConfig(bm, bn, 64, split_k=1, num_warps=warps, num_stages=4, variant=variant or "select-split-gemv")
+        tiles, split = cdiv(m, bm) * cdiv(n, bn), 1
+        while tiles * split < 2 * sms and split * 2 <= min(16, cdiv(k, 64) // 2):
+            split *= 2
+        return cfg.replace(split_k=split)
     per = _GEMV_K_PER_UNIT[kernel]
     variant = variant or ("split-gemv" if per == 32 else "gemv")
     # 3-bit: each row's activations as one contiguous tile split in registers (sm_90, M=1: 5 exposed global loads

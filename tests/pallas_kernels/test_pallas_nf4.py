@@ -95,15 +95,24 @@ def test_select_tree_reads_both_nibbles_in_place():
     np.testing.assert_array_equal(_select_lut(byte, CODE_VALS, 0), NF4_VALUES[np.arange(256) & 15])
 
 
-def test_heuristic_small_m_is_select_gemv():
+def test_heuristic_small_m_is_the_select_dot_and_gemv_configs_stay_valid():
+    """Unmeasured devices take the 16-row ``select-split`` dot kernel at every small M (its sm_90 K loop has the
+    lower static issue floor at M = 1..8); ``gemv_config("nf4", ...)`` gives the GEMV for sweeps and benchmarks.
+    The H100/H200 table keeps its measured GEMV row at M=1 and the dot kernel from M=2."""
     from pallas_kernels import tuning
 
-    for m in (1, 2, 3, 8):
+    layout = NF4Layout(k=8192, n=8192)
+    for m in (1, 2, 3, 8, 16):
         cfg = tuning.heuristic("nf4", m, 8192, 8192, sms=132)
-        assert cfg.variant == "select-split-gemv" and cfg.block_m >= m
-        assert supported(NF4Layout(k=8192, n=8192), cfg, jnp.bfloat16) is None
-    assert tuning.heuristic("nf4", 16, 8192, 8192, sms=132).variant == "select-split"
-    assert "lut" not in tuning.get_config("nf4", 4, 8192, 8192, device="h200").variant
+        assert cfg.variant == "select-split" and cfg.block_m == 16 and supported(layout, cfg, jnp.bfloat16) is None
+        if m <= 8:
+            g = tuning.gemv_config("nf4", m, 8192, 8192, sms=132)
+            assert g.variant == "select-split-gemv" and g.block_m >= m and g.split_k > 1
+            assert supported(layout, g, jnp.bfloat16) is None
+    for dev in ("h100", "h200"):
+        assert tuning.get_config("nf4", 1, 8192, 8192, device=dev).variant == "select-gemv"
+        assert tuning.get_config("nf4", 2, 8192, 8192, device=dev).variant == "select"
+        assert "lut" not in tuning.get_config("nf4", 4, 8192, 8192, device=dev).variant
 
 
 def test_unknown_variant_is_rejected():
