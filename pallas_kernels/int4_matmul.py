@@ -370,21 +370,19 @@ def _group_rows(s_ref, z_ref, g, n0: int, bn: int, nmask, native: bool, int_zero
     return s, (None if z is None else z.astype(jnp.float32)), zi
 
 
-def _weight_tile(
-    c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w_round, cdtype, exact_product=False, zs=None
-):
+def _weight_tile(c, s, z, zi, layout: IntLayout, sym_int8: bool, native: bool, w_round, cdtype, exact_product=False):
     """Dequantized weights of one code tile ``c`` (int32), in the activation dtype, exactly as the XLA path rounds
     them: ``s`` the group scale row (float32, or the activation dtype when ``native``), ``z`` the float32 zero
     point / minimum row, ``zi`` the integer zero point (``native`` zero-point mode); ``exact_product``: see
-    :func:`_exact_product`; ``zs``: the row :func:`_zero_scale` (zero points folded into the scale multiply)."""
+    :func:`_exact_product`."""
     if native:  # packed bf16/f16 arithmetic, two weights per instruction; identical weights
         return exact_int(c, _code_offset(layout) if layout.mode == "sym" else zi, cdtype) * s
     # (c - offset) exactly in float32, then the reference's float32 operations: identical weights
     if sym_int8:
         f = c.astype(jnp.float32)
     else:
-        f = exact_int(c, z if layout.mode == "zeropoint" and zs is None else _code_offset(layout))
-    return _scaled_weight(f, s, z, layout, w_round, cdtype, exact_product, zs)
+        f = exact_int(c, z if layout.mode == "zeropoint" else _code_offset(layout))
+    return _scaled_weight(f, s, z, layout, w_round, cdtype, exact_product)
 
 
 def _exact_product(s_dtype) -> bool:
