@@ -200,14 +200,19 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
             # loads per trip; W1.58A16 324 vs 396 instructions; benchmarks/kernel_sass.py); W1.58A8 at M=4096 with
             # 128x128x128 tiles: 381 vs 478 instructions, 0 vs 64 exposed loads, 64 vs 128 STS per trip; not yet timed
             variant = "split"
-    tiles = cdiv(m, bm) * cdiv(n, bn)
-    split = 1
-    nsteps = cdiv(k, bk)
-    while tiles * split < 2 * sms and split * 2 <= min(16, nsteps // 2):
-        split *= 2
+    split = _split_k(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), 2 * sms, 2)
     return BlockConfig(
         block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, variant=variant
     )
+
+
+def _split_k(tiles: int, nsteps: int, programs: int, min_steps: int) -> int:
+    """Split-K ways: doubled (up to 16) while the ``tiles`` output tiles times it stay below ``programs`` and every
+    split keeps at least ``min_steps`` of the ``nsteps`` K steps."""
+    split = 1
+    while tiles * split < programs and split * 2 <= min(16, nsteps // min_steps):
+        split *= 2
+    return split
 
 
 #: kernels whose heuristic takes the GEMV up to this ``M``: only where a GPU measured it faster than the 16-row
@@ -250,22 +255,18 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, var
     a GPU.
     """
     sms = sms or _num_sms()
-    if kernel == "nf4":  # one (BN, B/2) accumulator per row, one 64-value block per K step
-        bm = 1 << max(m - 1, 0).bit_length()  # m rounded up to a power of two
-        bn, warps = (128, 4) if bm <= 2 else (64, 8)
-        # "-split": contiguous activation rows (sm_90 K loop: 11 exposed global loads per step instead of 67)
-        cfg = BlockConfig(bm, bn, 64, split_k=1, num_warps=warps, num_stages=4, variant=variant or "select-split-gemv")
-        tiles, split = cdiv(m, bm) * cdiv(n, bn), 1
-        while tiles * split < 2 * sms and split * 2 <= min(16, cdiv(k, 64) // 2):
-            split *= 2
-        return cfg.replace(split_k=split)
-    per = _GEMV_K_PER_UNIT[kernel]
-    variant = variant or ("split-gemv" if per == 32 else "gemv")
-    # 3-bit: each row's activations as one contiguous tile split in registers (sm_90, M=1: 5 exposed global loads
-    # per K-loop trip instead of 36, 1053 instructions instead of 1104; benchmarks/kernel_sass.py); not yet timed
     bm = 1
     while bm < m:
         bm *= 2
+    if kernel == "nf4":  # one (BN, B/2) accumulator per row, one 64-value block per K step
+        bn, warps = (128, 4) if bm <= 2 else (64, 8)
+        # "-split": contiguous activation rows (sm_90 K loop: 11 exposed global loads per step instead of 67)
+        split = _split_k(cdiv(m, bm) * cdiv(n, bn), cdiv(k, 64), 2 * sms, 2)
+        return BlockConfig(bm, bn, 64, split, num_warps=warps, num_stages=4, variant=variant or "select-split-gemv")
+    per = _GEMV_K_PER_UNIT[kernel]
+    # dense widths: each row's activations as one contiguous tile split in registers (sm_90, 3 bits, M=1: 5 exposed
+    # global loads per K-loop trip instead of 36, 1053 instructions instead of 1104; benchmarks/kernel_sass.py)
+    variant = variant or ("split-gemv" if per == 32 else "gemv")
     bn = 128
     warps = 4 if bm <= 2 or variant.startswith("dp4a") else 8
     if per == 32 and bm >= 4:
@@ -283,11 +284,7 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, var
         while cdiv(m, bm) * cdiv(n, bn) < sms and bn > 16:
             bn //= 2
         bk = bk * 256 // bn
-    tiles = cdiv(m, bm) * cdiv(n, bn)
-    nsteps = cdiv(k, bk)
-    split = 1
-    while not one_launch and tiles * split < 4 * sms and split * 2 <= min(16, nsteps // 4):
-        split *= 2
+    split = 1 if one_launch else _split_k(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), 4 * sms, 4)
     return BlockConfig(
         block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=4, variant=variant
     )
