@@ -56,8 +56,9 @@ PLAN = [
     ("int8_w8a16", "1,16", "8192x8192", 15),
     ("fp8_w8a16", "1,16", "8192x8192", 15),
     ("ternary", "1,16", "8192x8192", 15),
-    ("int3_g128_asym", "1,4,8", "8192x8192", 10),  # GEMV only (M <= 8); asym: GPTQ's 3-bit scheme
-    ("int6_g128_asym", "1,4", "8192x8192", 10),  # the same dense-stream GEMV, 6 words per chunk
+    # dense widths: the GEMV (M <= 8) and the chunk dot (M = 16, 64); asym: GPTQ's 3-bit scheme
+    ("int3_g128_asym", "1,4,8,16,64", "8192x8192", 14),
+    ("int6_g128_asym", "1,4,16", "8192x8192", 10),  # the same kernels, 6 words per chunk
 ]
 MAIN_KERNELS = [p[0] for p in PLAN[:5]]
 EXTRA_KERNELS = [p[0] for p in PLAN[5:]]
@@ -429,6 +430,11 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("ternary_w158a8", (16, 32, 128, 1, 4, 4, "split+ptx+xq")),
     ("ternary_w158a8", (16, 64, 128, 4, 4, 4, "split+ptx+xq")),
     ("int3_g128", (1, 128, 128, 16, 4, 4, "gemv")),  # 36 exposed activation loads per trip instead of 5
+    # the dense chunk dot's alternatives to the heuristic's tiles (timed in the main plan at M = 16, 64; sm_90, 3-bit
+    # g128 asym, 8192^2, CPU-compiled): 2 stages at M=16 (7.23 instructions per weight, 8 bytes of spills, vs 7.37)
+    # and 64x128 at M=64 (7.01 vs 8.16 for 64x64; 162 KiB of shared memory; spills at 7 bits)
+    ("int3_g128_asym", (16, 64, 512, 4, 4, 2, "", (16,))),
+    ("int3_g128_asym", (64, 128, 512, 4, 4, 2, "", (64,))),
 )
 
 

@@ -94,7 +94,8 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
 
     spec = SPECS[name]
     tname = TUNING_NAME[name]
-    cfg = tuning.get_config(tname, m, k, n, device)
+    with tuning.as_device(device):  # the heuristics of an unmeasured kernel size for that device, too
+        cfg = tuning.get_config(tname, m, k, n, device)
     if "gemv" in variants.get(tname, "") and (tname in tuning._GEMV_K_PER_UNIT or tname == "nf4"):
         cfg = tuning.gemv_config(tname, m, k, n, variant=variants[tname])
     elif tname in variants:
@@ -151,14 +152,20 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         top=", ".join(f"{op} {c}" for op, c in list(prof.counts.items())[:6]),
         regs=cubin.n_regs,
         spill=cubin.spill_bytes,
+        smem=cubin.shared_bytes,
     )
     return row
+
+
+def _kib(v: int | None) -> str:
+    return "?" if v is None else f"{v / 1024:.0f}"
 
 
 def format_table(rows: list[dict]) -> str:
     head = (
         "| kernel | M | variant (tile, split, warps) | instr/trip | instr/weight | conv/weight | smem/weight "
-        "| exposed loads/trip | BAR/trip | registers (spill bytes) | issue floor µs | conv floor µs | memory floor µs "
+        "| exposed loads/trip | BAR/trip | registers (spill bytes), shared KiB | issue floor µs | conv floor µs "
+        "| memory floor µs "
         "| binding | most frequent opcodes per trip |\n"
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     )
@@ -174,7 +181,7 @@ def format_table(rows: list[dict]) -> str:
         out.append(
             f"| {r['kernel']} | {r['m']} | {cfg} | {trip} | {r['instr_per_weight']:.2f} "
             f"| {r['conv_per_weight']:.2f} | {r['smem_per_weight']:.2f} | {r['exposed']} | {r['barriers']} "
-            f"| {r['regs']} ({r['spill']}) | {r['issue_us']:.1f} | {r['conv_us']:.1f} "
+            f"| {r['regs']} ({r['spill']}), {_kib(r['smem'])} | {r['issue_us']:.1f} | {r['conv_us']:.1f} "
             f"| {r['mem_us']:.1f} | {max(floors, key=floors.get)} | {r['top']} |"
         )
     return "\n".join(out)

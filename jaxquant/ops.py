@@ -88,9 +88,10 @@ def qdot(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
       ``(..., N)`` in ``x``'s dtype, accumulated in float32.
 
     On a CUDA GPU, quantized weights with a fused Pallas kernel (2- to 8-bit integer weight-only, the dense 3/5/6/7
-    bits as GEMVs for up to 8 rows; NF4, LLM.int8, fp8, ternary) run through it (:func:`explain_qdot` says which);
-    otherwise schemes may provide their own matmul (``scheme._qdot(x, q)``, e.g. LLM.int8's outlier split with an
-    int8 x int8 -> int32 product), else the weight is dequantized and multiplied (the XLA path).
+    bits as a GEMV up to 8 rows and a chunk dot above; NF4, LLM.int8, fp8, ternary) run through it
+    (:func:`explain_qdot` says which); otherwise schemes may provide their own matmul (``scheme._qdot(x, q)``, e.g.
+    LLM.int8's outlier split with an int8 x int8 -> int32 product), else the weight is dequantized and multiplied
+    (the XLA path).
     """
     x = jnp.asarray(x)
     if not isinstance(w, QArray):
@@ -278,7 +279,8 @@ def _nf4_operands(w: QArray):
 
 
 def _check_limit(name: str, m: int, interpret: bool, device: str | None = None) -> str | None:
-    """Why the XLA path is taken for ``M`` rows on this device (it measured faster there), or ``None``.
+    """Why the XLA path is taken for ``M`` rows on this device (it measured, or is estimated, faster there), or
+    ``None``.
 
     Applies in "auto" mode only: "on" forces kernels (benchmarks), "interpret" is for tests.
     """
@@ -287,7 +289,10 @@ def _check_limit(name: str, m: int, interpret: bool, device: str | None = None) 
     if _mode != "auto" or interpret or tuning.use_kernel(name, m, device):
         return None
     limit = tuning.max_m(name, device)
-    return f"M={m} above the tuned limit {limit} for {name} on {device or tuning.device_key()} (XLA measured faster)"
+    dev = device or tuning.device_key()
+    if tuning.limit_measured(name, device):
+        return f"M={m} above the tuned limit {limit} for {name} on {dev} (XLA measured faster)"
+    return f"M={m} above the estimated limit {limit} for {name} on {dev} (not measured: a static estimate)"
 
 
 def _nf4_adapter(x, w: QArray, m: int, interpret: bool):

@@ -7,7 +7,7 @@ Weights come in jaxquant's ``IntScheme`` storage, read as is (no conversion): fo
 * ``bits=3, 5, 6, 7``: ``uint32 (bits*ceil(K/32), N)``, a dense bit stream: the 32 rows ``32u + j`` of chunk ``u``
   occupy stream bits ``[bits*j, bits*(j+1))`` of the ``bits`` little-endian words in packed rows
   ``bits*u .. bits*u + bits-1`` (some codes straddle two words: 3 bits codes 10 and 21; 5 and 6 bits four codes,
-  7 bits six); GEMV and dequantization kernels only (see ``variant="gemv"``);
+  7 bits six); the GEMV (``M <= 8``), the chunk dot (below) and the dequantization kernel;
 * ``bits=8``: ``int8 (K, N)`` (symmetric, signed codes) or ``uint8 (K, N)``;
 * ``scale`` ``(G, N)`` (float16/bfloat16/float32), one row per group of ``group_size`` consecutive K rows (the
   last group may be shorter); per-channel ``(1, N)`` with ``group_size >= K``;
@@ -55,9 +55,15 @@ benchmarks (``python benchmarks/kernel_sass.py``).
   group scale (not bit-identical to the XLA path, as for the dots). Dense (3/5/6/7-bit) weights are read through a
   free row-major reshape of the storage to ``(ceil(K/32), bits*N)``: the ``bits`` words of a chunk are contiguous
   column tiles of one row (masked loads; no strided or out-of-bounds reads), and each straddling code takes one extra
-  shift and OR. Only the GEMV reads dense weights: a tensor-core dot per code position would contract ``BK/32`` rows,
-  and mma needs 16, i.e. K steps of 512 rows, longer than a 128-row group. 3 bits is GPTQ's narrow width; 5 and 6 bits
-  are among the automatic mixed-bits search's candidates.
+  shift and OR. 3 bits is GPTQ's narrow width; 5 and 6 bits are among the automatic mixed-bits search's candidates.
+
+* Dense widths above the GEMV's rows: the **chunk dot** (``variant=""``, ``block_k`` >= 512, 2-byte activations).
+  A tensor-core dot per code position contracts one row per chunk, and mma needs 16: so each K step takes 16 (or
+  more) chunks, i.e. 512 rows, spanning several groups. Each chunk row's scale (and zero) row is gathered once per
+  step (groups are whole chunks: ``group_size`` a multiple of 32) and serves all 32 code positions; code position
+  ``j``'s ``(16, BN)`` tile (rows ``32u + j``) is dequantized exactly as the XLA path does and meets 16 activation
+  columns that XLA has laid out contiguously once per call (an ``(M, K)`` permuted copy, small next to the weights
+  for the ``M`` this path serves).
 
 ``split_k > 1`` writes float32 partial sums that XLA adds (deterministic, a second small pass; fills the GPU
 when ``M`` is small).
@@ -238,8 +244,11 @@ def _largest_pow2_divisor(v: int) -> int:
 
 
 def _effective_block_k(layout: IntLayout, cfg: BlockConfig) -> int | None:
-    """The K step: ``cfg.block_k`` shrunk to divide the group size; ``None`` when no valid step exists."""
+    """The K step: ``cfg.block_k`` shrunk to divide the group size; ``None`` when no valid step exists. The dense
+    chunk dot (:func:`_dense_kernel`) takes ``block_k`` as it is (its steps may span groups)."""
     bk = cfg.block_k
+    if _dense_dot(layout, cfg):
+        return bk if bk >= _DENSE_MIN_BK and (layout.group_size is None or layout.group_size % 32 == 0) else None
     if layout.group_size is not None:
         bk = min(bk, _largest_pow2_divisor(layout.group_size))
     if bk < _min_block_k(layout, cfg):
@@ -248,6 +257,8 @@ def _effective_block_k(layout: IntLayout, cfg: BlockConfig) -> int | None:
 
 
 def _min_block_k(layout: IntLayout, cfg: BlockConfig) -> int:
+    if _dense_dot(layout, cfg):
+        return _DENSE_MIN_BK
     if layout.dense:
         return layout.chunk  # (1, BN) word tiles at the least: any group of 32k rows
     if cfg.variant in _GEMV_VARIANTS:
@@ -261,16 +272,27 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
     """``None`` when the kernel handles this case, else the reason it does not (callers fall back to XLA)."""
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return f"activation dtype {jnp.dtype(x_dtype).name} (need bfloat16/float16/float32)"
+    if layout.dense and cfg.variant not in (*_GEMV_VARIANTS, ""):
+        return (
+            f"{layout.bits}-bit weights run as the chunk dot (variant '') or a GEMV variant "
+            f"({', '.join(repr(v) for v in _GEMV_VARIANTS)}), not {cfg.variant!r}"
+        )
+    if _dense_dot(layout, cfg) and jnp.dtype(x_dtype).itemsize > 2:
+        return (
+            f"float32 activations: the {layout.bits}-bit chunk dot's (BM, 512) activation tiles are sized for 2-byte "
+            "dtypes (bfloat16 / float16)"
+        )
+    if _dense_dot(layout, cfg) and _effective_block_k(layout, cfg) is None:
+        return (
+            f"the {layout.bits}-bit chunk dot needs block_k >= {_DENSE_MIN_BK} (16 chunks of 32 rows: one mma K step "
+            f"per code position) and groups of a multiple of 32 rows; got block_k={cfg.block_k}, "
+            f"group_size={layout.group_size}"
+        )
     if _effective_block_k(layout, cfg) is None:
         need = _min_block_k(layout, cfg)
         return (
             f"group_size={layout.group_size} too small for a {layout.bits}-bit K step "
             f"(the kernel needs groups that are multiples of {need})"
-        )
-    if layout.dense and cfg.variant not in _GEMV_VARIANTS:
-        return (
-            f"{layout.bits}-bit weights run only as the GEMV (variant 'gemv', M <= 8): a tensor-core dot per code "
-            "position would need K steps of 512 rows"
         )
     if cfg.variant in _GEMV_VARIANTS:
         if cfg.block_m > 8 or cfg.block_n < 16:
@@ -298,6 +320,15 @@ _DOT_VARIANTS = ("", *(f"{b}{p}" for p in ("", "+postscale") for b in ("strided"
 #: ``(BK/chunk, chunk)`` tile and splits it into the code positions' columns in registers (sm_90, 3-bit g128,
 #: M=1: 5 exposed global loads per K-loop trip instead of 36 two-byte ones); ``+postscale`` as for the dots
 _GEMV_VARIANTS = tuple(f"{b}{p}" for p in ("", "+postscale") for b in ("gemv", "split-gemv"))
+
+
+#: the dense chunk dot's shortest K step: 16 chunks, so that each code position's tile feeds an mma with K=16
+_DENSE_MIN_BK = 512
+
+
+def _dense_dot(layout: IntLayout, cfg: BlockConfig) -> bool:
+    """Whether ``cfg`` selects the dense (3/5/6/7-bit) chunk dot, :func:`_dense_kernel`."""
+    return layout.dense and cfg.variant not in _GEMV_VARIANTS
 
 
 def _native(layout: IntLayout, s_dtype, cdtype, w_round) -> bool:
@@ -362,10 +393,12 @@ def _kernel_weight(packed: jax.Array, layout: IntLayout) -> jax.Array:
 
 def _group_rows(s_ref, z_ref, g, n0: int, bn: int, nmask, native: bool, int_zero: bool):
     """Scale (and zero) row of group ``g`` for columns ``n0 ..``: ``(s, z, zi)`` with ``s`` kept in its storage dtype
-    when ``native`` (else float32), ``z`` float32 and ``zi`` the int32 zero point when ``int_zero``."""
-    s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
+    when ``native`` (else float32), ``z`` float32 and ``zi`` the int32 zero point when ``int_zero``. ``g`` may be an
+    int32 ``(R, 1)`` array of group indices: then ``(R, BN)`` tiles, one gathered row per entry."""
+    idx = (g, (n0 + jnp.arange(bn))[None, :]) if jnp.ndim(g) == 2 else (pl.ds(g, 1), pl.ds(n0, bn))
+    s = load(s_ref.at[idx], nmask)
     s = s if native else s.astype(jnp.float32)
-    z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask)
+    z = None if z_ref is None else load(z_ref.at[idx], nmask)
     zi = None if z is None or not int_zero else z.astype(jnp.int32)
     return s, (None if z is None else z.astype(jnp.float32)), zi
 
@@ -501,6 +534,59 @@ def _kernel(
         store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], acc, omask)
     else:
         store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
+
+
+def _dense_kernel(*refs, layout: IntLayout, m: int, bm: int, bn: int, pu: int, steps: int, upg: int, w_round=None):
+    """The dense (3/5/6/7-bit) chunk dot: each K step takes ``pu`` (>= 16) chunks of 32 rows, and code position
+    ``j``'s ``(pu, BN)`` tile (K rows ``32u + j``) meets the activation columns prepared for it by
+    :func:`_dense_activations` in one mma with ``K = pu``. A step may span several groups: each chunk row's scale
+    (and zero) row is gathered (``upg`` chunks per group), once per step for all 32 positions."""
+    if layout.mode == "sym":
+        x_ref, w_ref, s_ref, o_ref = refs
+        z_ref = None
+    else:
+        x_ref, w_ref, s_ref, z_ref, o_ref = refs
+    bk = 32 * pu
+    i, j, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = i * bm, j * bn
+    mmask = (m0 + jnp.arange(bm) < m)[:, None] if m % bm else None
+    nmask = (n0 + jnp.arange(bn) < layout.n)[None, :] if layout.n % bn else None
+    k_ragged = layout.units % pu != 0
+    cdtype = x_ref.dtype
+    native = _native(layout, s_ref.dtype, cdtype, w_round)
+    exact = _exact_product(s_ref.dtype)
+
+    def body(t, acc):
+        kb = sk * steps + t
+        units = kb * pu + jnp.arange(pu)
+        wmask = and_masks(nmask, (units < layout.units)[:, None] if k_ragged else None)
+        # groups are whole chunks: chunk u's 32 rows share group u // upg (clamped: padding chunks read zero codes
+        # against zero activations)
+        g = jnp.minimum(units // upg, layout.groups - 1)[:, None]
+        s, z, zi = _group_rows(s_ref, z_ref, g, n0, bn, nmask, native, native)
+        d = None
+        for jj, c in enumerate(_code_tiles(_load_packed(w_ref, kb * pu, pu, n0, bn, wmask, layout), layout)):
+            w = _weight_tile(c, s, z, zi, layout, False, native, w_round, cdtype, exact)
+            xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(kb * bk + jj * pu, pu)], mmask)
+            dj = jnp.dot(xt, w, preferred_element_type=jnp.float32)
+            d = dj if d is None else d + dj
+        return acc + d
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    omask = and_masks(mmask, nmask)
+    if len(o_ref.shape) == 3:  # split-K partial sums
+        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], acc, omask)
+    else:
+        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
+
+
+def _dense_activations(x: jax.Array, kp: int, pu: int) -> jax.Array:
+    """``(M, Kp)`` copy of ``x`` (zero-padded to ``Kp`` columns) for :func:`_dense_kernel`: column
+    ``s*32*pu + j*pu + r`` holds column ``s*32*pu + 32*r + j`` (each step's code position ``j`` reads ``pu``
+    contiguous activations)."""
+    m, k = x.shape
+    x = jnp.pad(x, ((0, 0), (0, kp - k)))
+    return x.reshape(m, kp // (32 * pu), pu, 32).transpose(0, 1, 3, 2).reshape(m, kp)
 
 
 def _gemv_kernel(
@@ -647,24 +733,32 @@ def int_matmul(
     w_round = weight_rounding(w_dtype)
     if variant in _GEMV_VARIANTS:
         return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
-    if variant.split("+")[0] == "strided" and layout.chunk > 1 and (m % bm or layout.k % bk):
+    if layout.dense:
+        operands[:2] = [_dense_activations(x, nsteps * bk, bk // 32), _kernel_weight(packed, layout)]
+    elif variant.split("+")[0] == "strided" and layout.chunk > 1 and (m % bm or layout.k % bk):
         x = jnp.pad(x, ((0, cdiv(m, bm) * bm - m), (0, nsteps * bk - layout.k)))
         operands[0] = x
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     gs = layout.group_size if layout.group_size is not None else nsteps * bk
-    kernel = functools.partial(
-        _kernel,
-        layout=layout,
-        m=m,
-        bm=bm,
-        bn=bn,
-        bk=bk,
-        steps=steps,
-        variant=variant,
-        gs=gs,
-        w_round=w_round,
-    )
+    if layout.dense:
+        upg = cdiv(gs, 32)  # chunks per group (whole chunks: supported() checked)
+        kernel = functools.partial(
+            _dense_kernel, layout=layout, m=m, bm=bm, bn=bn, pu=bk // 32, steps=steps, upg=upg, w_round=w_round
+        )
+    else:
+        kernel = functools.partial(
+            _kernel,
+            layout=layout,
+            m=m,
+            bm=bm,
+            bn=bn,
+            bk=bk,
+            steps=steps,
+            variant=variant,
+            gs=gs,
+            w_round=w_round,
+        )
     return split_k_call(
         kernel,
         operands,

@@ -20,6 +20,7 @@ from pallas_kernels._common import BlockConfig, cdiv
 
 __all__ = [
     "DEQUANT_DOT",
+    "ESTIMATED_LIMITS",
     "LIMITS",
     "TABLE",
     "as_device",
@@ -27,10 +28,14 @@ __all__ = [
     "gemv_config",
     "get_config",
     "heuristic",
+    "limit_measured",
     "max_m",
     "use_dequant_dot",
     "use_kernel",
 ]
+
+#: the dense 3/5/6/7-bit weight-only kernels
+_DENSE_KERNELS = ("int3w", "int5w", "int6w", "int7w")
 
 # Measured on an NVIDIA H200 (benchmarks/results/h200.md, 2026-11-27, JAX 0.11.2): the int4 g128 block sweep at
 # K=N=4096. M<=16: split_k=4, interleave, 5 stages (14.8 us at M=1, 13.4 us at M=16, vs 23.3 / 21.2 us with the
@@ -96,6 +101,14 @@ _HOPPER_LIMITS = {
 #: device key -> kernel -> largest M for which the Pallas kernel beats the XLA path (measured devices only)
 LIMITS: dict[str, dict[str, int]] = {"h200": dict(_HOPPER_LIMITS), "h100": dict(_HOPPER_LIMITS)}
 
+#: kernel -> largest ``M`` for the fused kernel where :data:`LIMITS` has no measurement for the device: the dense
+#: 3/5/6/7-bit chunk dot up to 256 rows. A static estimate, not a measurement: sm_90, 3-bit g128 asym, 8192^2, the
+#: chunk dot's K loop issue floor is 14.9 us at M=16 and 16.5 us per 64-row tile (benchmarks/kernel_sass.py), so
+#: about 66 us at M=256 against at least ~45 us of the XLA path's per-call dequantization (128 MB of bf16 weights
+#: written and read again) plus cuBLAS's bf16 GEMM; at M=4096 the GEMM's tensor-core rate wins. int4's fused
+#: kernel, measured, lost to the XLA path at M=256 (0.92x, H200): the first GPU sweep should settle this number.
+ESTIMATED_LIMITS: dict[str, int] = {k: 256 for k in _DENSE_KERNELS}
+
 #: device key -> kernel -> smallest ``M`` from which ``qdot``, having left the fused kernel for the XLA path (``M``
 #: above :data:`LIMITS`), dequantizes with the Pallas kernel (``jaxquant.ops.qdot_dequant_dot``: the same weights
 #: and result) instead of XLA's. Filled from measurements only (``benchmarks/kernels.py`` prints it in the note
@@ -154,8 +167,8 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     weights. Large ``M`` is compute bound: 128x128 tiles (wgmma on Hopper), 8 warps.
 
     Kernel names: ``int4``, ``int8w``, ``int2w``, and ``int3w``, ``int5w``, ``int6w``, ``int7w`` (weight-only
-    integer; the dense 3/5/6/7-bit widths: GEMV only, so ``M > 8`` gets a config the kernel rejects and ``qdot``
-    takes the XLA path), ``nf4``, ``int8_outlier``,
+    integer; the dense 3/5/6/7-bit widths: the GEMV up to ``M = 8``, then the chunk dot with 512-row K steps),
+    ``nf4``, ``int8_outlier``,
     ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``.
     """
     sms = sms or _num_sms()
@@ -192,6 +205,8 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         # compute bound: fp8 activations from the XLA pre-pass, K-major weight, fp8 wgmma on sm_90 (K loop of 64
         # instructions per trip, no exposed load, 64 KiB shared memory: compiled on the CPU); not yet timed
         bk, stages, variant = 64, 4, "prequant"
+    elif kernel in _DENSE_KERNELS:
+        return _dense_dot_config(m, k, n, sms)
     elif kernel in ("ternary", "ternary_a8", "fp8_w8a8", "fp8_w8a16"):
         bk = 128
         if kernel == "ternary_a8" or (kernel == "ternary" and m <= 16):
@@ -204,6 +219,26 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     return BlockConfig(
         block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, variant=variant
     )
+
+
+def _dense_dot_config(m: int, k: int, n: int, sms: int) -> BlockConfig:
+    """The dense chunk dot's config for ``M > 8``: 512-row K steps (16 chunks: one mma K step per code position),
+    4 warps; ``16x64`` tiles with 3 pipeline stages up to ``M = 16``, ``32x64`` with 2 up to 32, then 64 rows:
+    ``64x64`` on Hopper (its wgmma reads the weight tiles from shared memory: 145-161 KiB), ``64x128`` on an A100
+    (94-126 KiB); GPUs with 99 KiB per block (sm_86 / sm_89) and unknown ones keep ``32x64`` and 2 stages. From a
+    CPU sweep of sm_90 and sm_80 machine code at 8192^2, 3- and 7-bit g128 asym (``benchmarks/results/
+    sass-chunk-dot.md``): these have no spills and 7.4-9.2 instructions per weight, 2 barriers per K-loop trip up to
+    ``BM=32`` (sm_90 ``BM=64``: 65); ``16x128``, ``32x32`` and (4 warps) ``32x128`` spill, 7-bit ``64x128`` spills on
+    sm_90, and ``64x64`` costs 25.6 instructions per weight on sm_80. Not yet timed."""
+    dev = device_key()
+    if m <= 16:
+        bm, bn, stages = 16, 64, (3 if dev in ("h100", "h200", "a100") else 2)
+    elif m <= 32 or dev not in ("h100", "h200", "a100"):
+        bm, bn, stages = 32, 64, 2
+    else:
+        bm, bn, stages = 64, (128 if dev == "a100" else 64), 2
+    split = _split_k(cdiv(m, bm) * cdiv(n, bn), cdiv(k, 512), 2 * sms, 2)
+    return BlockConfig(bm, bn, 512, split_k=split, num_warps=4, num_stages=stages)
 
 
 def _split_k(tiles: int, nsteps: int, programs: int, min_steps: int) -> int:
@@ -300,16 +335,22 @@ def get_config(kernel: str, m: int, k: int, n: int, device: str | None = None) -
 
 
 def max_m(kernel: str, device: str | None = None) -> int | None:
-    """Largest ``M`` for which dispatch should use the kernel (``None``: no limit)."""
+    """Largest ``M`` for which dispatch should use the kernel (``None``: no limit): the device's measured
+    :data:`LIMITS`, else the kernel's :data:`ESTIMATED_LIMITS`."""
     dev = device or device_key()
-    return LIMITS.get(dev, {}).get(kernel)
+    return LIMITS.get(dev, {}).get(kernel, ESTIMATED_LIMITS.get(kernel))
+
+
+def limit_measured(kernel: str, device: str | None = None) -> bool:
+    """Whether :func:`max_m` for ``kernel`` on ``device`` comes from a measurement (:data:`LIMITS`)."""
+    return kernel in LIMITS.get(device or device_key(), {})
 
 
 def use_kernel(kernel: str, m: int, device: str | None = None) -> bool:
     """Whether ``qdot`` in "auto" mode should run ``kernel`` for ``M`` rows on ``device`` (else the XLA path).
 
-    ``False`` exactly where the device's measurements showed the XLA path faster (``M`` above :data:`LIMITS`);
-    unmeasured devices and kernels always use the kernel.
+    ``False`` where the device's measurements showed the XLA path faster (``M`` above :data:`LIMITS`) or, without a
+    measurement, above the kernel's static :data:`ESTIMATED_LIMITS`; other unmeasured kernels always run.
     """
     limit = max_m(kernel, device)
     return limit is None or m <= limit

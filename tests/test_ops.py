@@ -136,7 +136,9 @@ def test_explain_qdot_for_a_named_gpu_from_any_machine():
     assert route(int4, 1, device="h100") == f"kernel: int4 {want}"
     assert route(int4, 4096, device="h100").startswith("xla: M=4096 above the tuned limit 16 for int4 on h100")
     assert route(jq.IntScheme(6, 128, symmetric=False), 1, device="h100").startswith("kernel: int6w")
-    assert "only as the GEMV" in route(jq.IntScheme(6, 128, symmetric=False), 16, device="h100")
+    int6 = jq.IntScheme(6, 128, symmetric=False)
+    assert route(int6, 16, device="h100").startswith("kernel: int6w BlockConfig(block_m=16, block_n=64, block_k=512")
+    assert "estimated limit 256" in route(int6, 1024, device="h100")
     assert "repack" in route(jq.TernaryScheme("channel", "base3"), 1, device="h100")
     assert route(int4, 4096, device="b200").startswith("kernel: int4")  # no table, no limit: the heuristics
     if jax.default_backend() == "cpu":

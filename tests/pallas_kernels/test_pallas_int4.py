@@ -189,30 +189,84 @@ def test_heuristic_and_gemv_configs_are_supported():
 
 
 @pytest.mark.parametrize("bits", [3, 5, 6, 7])
-def test_dense_widths_are_gemv_only_and_route_larger_m_to_xla(bits):
-    """3/5/6/7-bit weights: the heuristic gives the GEMV up to M=8 (supported at g128, g64 and per channel); above
-    it a config the kernel rejects with its reason, so qdot takes the XLA path (same result); M=1 runs the kernel."""
+def test_dense_widths_route_gemv_then_chunk_dot_then_xla(bits):
+    """3/5/6/7-bit weights: the heuristic gives the GEMV up to M=8 and the chunk dot above (both supported at g128,
+    g64, g96 and per channel, on Hopper, A100 and unknown GPUs); above the estimated limit (256 rows) ``qdot`` takes
+    the XLA path and says the limit is an estimate. M=1 and M=16 run the kernels (interpret mode) and agree with
+    the XLA path."""
     from pallas_kernels import tuning
 
     name = _INT_KERNEL[bits]
-    for g in (128, 64, None):
+    for g in (128, 64, 96, None):
         layout = IntLayout(bits=bits, mode="sym", k=8192, n=8192, group_size=g)
         for m in (1, 2, 5, 8):
             cfg = tuning.heuristic(name, m, 8192, 8192, sms=132)
             assert cfg.variant == "split-gemv" and cfg.block_m >= m and cfg.split_k > 1
             assert supported(layout, cfg, jnp.bfloat16) is None, (g, m, cfg)
-        why = supported(layout, tuning.heuristic(name, 16, 8192, 8192, sms=132), jnp.bfloat16)
-        assert why and "GEMV" in why
+        for dev in ("h100", "a100", "unknown"):
+            with tuning.as_device(dev):
+                for m in (9, 16, 64, 256):
+                    cfg = tuning.heuristic(name, m, 8192, 8192, sms=132)
+                    assert cfg.variant == "" and cfg.block_k == 512 and cfg.block_m >= min(m, 16)
+                    assert supported(layout, cfg, jnp.bfloat16) is None, (g, m, cfg)
+    w = jax.ShapeDtypeStruct((8192, 8192), jnp.float32)
+    q8k = jax.eval_shape(lambda w: jq.quantize(w, jq.IntScheme(bits, 128, symmetric=False)), w)
+    assert jq.ops.explain_qdot(shape_struct((256, 8192), jnp.bfloat16), q8k, device="h100").startswith(
+        f"kernel: {name}"
+    )
+    why = jq.ops.explain_qdot(shape_struct((257, 8192), jnp.bfloat16), q8k, device="h100")
+    assert why.startswith("xla:") and "estimated limit 256" in why, why
     rng = np.random.default_rng(5)
     q = jq.quantize(jnp.asarray(rng.standard_normal((256, 96)), jnp.float32), jq.IntScheme(bits, 128, symmetric=False))
-    for m, route in ((1, f"kernel: {name}"), (16, "xla:")):
+    for m in (1, 16):
         x = jnp.asarray(rng.standard_normal((m, 256)), jnp.bfloat16)
         with jq.ops.kernel_mode("interpret"):
-            assert jq.ops.explain_qdot(x, q).startswith(route)
+            assert jq.ops.explain_qdot(x, q).startswith(f"kernel: {name}")
             y = jax.jit(jq.qdot)(x, q)
         with jq.ops.kernel_mode("off"):
             y0 = jax.jit(jq.qdot)(x, q)
         assert rel_err(y, y0) <= 2 * BOUND[jnp.bfloat16]
+
+
+# the dense chunk dot (M > 8): (m, k, n, bits, group, symmetric, range, block_m, block_n, block_k, split_k, x dtype)
+CHUNK_CASES = [
+    (16, 1024, 64, 3, 128, True, "zeropoint", 16, 64, 512, 1, jnp.bfloat16),
+    (20, 1000, 100, 3, 128, False, "zeropoint", 16, 64, 512, 2, jnp.bfloat16),  # ragged M, N, K (partial chunk)
+    (9, 1536, 64, 5, 64, False, "minmax", 16, 32, 1024, 1, jnp.float16),  # 32 chunks per step, 16 groups
+    (33, 700, 48, 6, None, True, "zeropoint", 32, 32, 512, 1, jnp.float16),  # per channel; ragged everything
+    (17, 2048, 64, 7, 96, False, "zeropoint", 16, 64, 512, 4, jnp.bfloat16),  # 3-chunk groups straddle steps
+    (12, 640, 32, 3, 32, False, "minmax", 16, 16, 512, 2, jnp.bfloat16),  # one chunk per group; a partial step
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: f"m{c[0]}k{c[1]}n{c[2]}b{c[3]}g{c[4]}{c[6]}s{c[10]}")
+def test_chunk_dot_matches_reference_and_float64(case):
+    m, k, n, bits, group, sym, rng_mode, bm, bn, bk, split, dt = case
+    rng = np.random.default_rng(m * 1000 + k + bits)
+    scheme = jq.IntScheme(bits=bits, group_size=group, symmetric=sym, range=rng_mode)
+    q = jq.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), scheme)
+    layout = IntLayout(bits=bits, mode="sym" if sym else rng_mode, k=k, n=n, group_size=group)
+    wd64 = np.asarray(jax.jit(jq.dequantize)(q), np.float64)
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    cfg = BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split)
+    assert supported(layout, cfg, dt) is None
+    zero = None if sym else q.zero
+    y = int_matmul(x, q.data, q.scale, zero, layout=layout, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    y64 = np.asarray(x, np.float64) @ round_to(wd64, dt)
+    assert rel_err(y, y64) <= BOUND[dt]
+    assert rel_err(y, int_matmul_reference(x, q.data, q.scale, zero, layout)) <= 2 * BOUND[dt]
+
+
+def test_chunk_dot_refuses_what_it_cannot_do():
+    """The chunk dot's limits are reasons (``qdot`` takes the XLA path), never a wrong answer."""
+    lay = IntLayout(3, "sym", 1024, 64, group_size=128)
+    ok = BlockConfig(block_m=16, block_n=64, block_k=512)
+    assert supported(lay, ok, jnp.bfloat16) is None and supported(lay, ok, jnp.float16) is None
+    assert "512" in supported(lay, ok.replace(block_k=256), jnp.bfloat16)  # one mma K step per position
+    assert "float32" in supported(lay, ok, jnp.float32)  # (BM, 512) activation tiles sized for 2-byte dtypes
+    assert "multiple of 32" in supported(IntLayout(3, "sym", 1024, 64, group_size=48), ok, jnp.bfloat16)
+    assert "chunk dot" in supported(lay, ok.replace(variant="strided"), jnp.bfloat16)
 
 
 def test_fresh_inputs_every_config_agree():
@@ -241,7 +295,7 @@ def test_unsupported_cases_are_reported():
         with pytest.raises(ValueError, match="bits"):
             IntLayout(bad, "sym", 256, 64)
     lay3 = IntLayout(3, "sym", 256, 64, group_size=128)
-    assert "GEMV" in supported(lay3, cfg, jnp.bfloat16)  # no tensor-core variant for 3 bits
+    assert "512" in supported(lay3, cfg, jnp.bfloat16)  # 3-bit tensor-core steps are 16 chunks of 32 rows
     q3 = jq.quantize(jnp.ones((256, 64), jnp.float32), jq.IntScheme(3, 128))
     gemv = BlockConfig(block_m=1, block_n=64, block_k=128, variant="gemv")
     with pytest.raises(ValueError, match="uint32"):  # 3-bit storage read as bytes would be a silent wrong answer
@@ -264,17 +318,22 @@ LOWER_CASES = [  # (bits, mode, group, variant, m)
     (5, "sym", 128, "gemv", 1),
     (6, "zeropoint", 64, "gemv", 4),
     (7, "minmax", 128, "split-gemv", 2),
+    (3, "zeropoint", 128, "", 16),  # the dense chunk dot (the heuristic's config)
+    (6, "sym", None, "", 64),
 ]
 
 
 def _lower(bits, mode, group, variant, m, k=512, n=256):
     layout = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=group)
     cfg = BlockConfig(block_m=min(m, 64), block_n=64, block_k=128, split_k=2, variant=variant)
-    if "gemv" in variant:  # "gemv": the config the tables and the heuristic use (split-gemv for 3 bits)
-        from pallas_kernels import tuning
+    from pallas_kernels import tuning
 
+    if "gemv" in variant:  # "gemv": the config the tables and the heuristic use (split-gemv for 3 bits)
         cfg = tuning.gemv_config(_INT_KERNEL[bits], m, k, n, sms=132)
         cfg = cfg if variant == "gemv" else cfg.replace(variant=variant)
+    elif layout.dense:  # the chunk dot, as the heuristic sizes it for an H100
+        with tuning.as_device("h100"):
+            cfg = tuning.heuristic(_INT_KERNEL[bits], m, k, n, sms=132)
     g = layout.groups
     args = [
         shape_struct((m, k), jnp.bfloat16),
@@ -541,9 +600,9 @@ def test_weights_bit_identical_to_the_xla_path(x_dt, s_dt, w_dtype, bits, mode):
     ],
 )
 def test_dense_gemv_weights_bit_identical_to_the_xla_path(bits, mode, x_dt, s_dt):
-    """The dense widths' GEMVs (3 bits, and 5/6/7 bits, whose streams straddle four, four and six codes across two
-    words) with one-hot activation rows: every code position of every chunk comes back as the XLA path's weight,
-    bit for bit (a partial last chunk included: K = 200)."""
+    """The dense widths' GEMVs and chunk dot (3 bits, and 5/6/7 bits, whose streams straddle four, four and six
+    codes across two words) with one-hot activation rows: every code position of every chunk comes back as the XLA
+    path's weight, bit for bit (a partial last chunk included: K = 200)."""
     k, n = 200, 48
     rng = np.random.default_rng(bits * 10 + len(mode))
     scheme = jq.IntScheme(bits, 64, symmetric=mode == "sym", range="zeropoint" if mode == "sym" else mode)
@@ -553,10 +612,12 @@ def test_dense_gemv_weights_bit_identical_to_the_xla_path(bits, mode, x_dt, s_dt
     zero = None if mode == "sym" else (q.zero if mode == "zeropoint" else q.zero.astype(s_dt))
     eye = jnp.eye(k, dtype=x_dt)
     want = np.asarray(int_matmul_reference(eye, q.data, scale, zero, layout), np.float32)
-    for variant in ("gemv", "split-gemv"):
-        cfg = BlockConfig(block_m=8, block_n=16, block_k=64, split_k=2, variant=variant)
+    cfgs = [BlockConfig(block_m=8, block_n=16, block_k=64, split_k=2, variant=v) for v in ("gemv", "split-gemv")]
+    if x_dt != jnp.float32:  # the chunk dot (2-byte activations)
+        cfgs.append(BlockConfig(block_m=64, block_n=16, block_k=512, split_k=1))
+    for cfg in cfgs:
         got = int_matmul(eye, q.data, scale, zero, layout=layout, config=cfg, interpret=True)
-        np.testing.assert_array_equal(np.asarray(got, np.float32), want, err_msg=variant)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want, err_msg=cfg.variant)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -792,3 +853,28 @@ def test_int_gemv_a8_refuses_what_it_cannot_do_exactly():
     big = IntLayout(bits=8, mode="sym", k=2048, n=64)  # 127 * 128 * 2048 > 2**24: sums not exact in float32
     with pytest.raises(ValueError, match="exact"):
         int_gemv_a8(jnp.ones((1, 2048)), jnp.zeros((2048, 64), jnp.int8), jnp.ones((64,)), None, layout=big, config=cfg)
+
+
+@requires_triton
+@pytest.mark.parametrize("device,arch,limit_kib", [("h100", 90, 227), ("a100", 80, 163)])
+def test_chunk_dot_configs_fit_and_do_not_spill(device, arch, limit_kib):
+    """The heuristic's chunk-dot tiles for each M class, at the widest dense width (7 bits: the most weight words
+    per stage), compiled for the device's architecture: no register spills, shared memory within the device's
+    per-block limit (a launch would fail above it), and few barriers per K-loop trip where the weight tile feeds
+    mma from registers (BM <= 32)."""
+    from pallas_kernels import tuning
+
+    k = n = 8192
+    layout = IntLayout(bits=7, mode="zeropoint", k=k, n=n, group_size=128)
+    for m in (16, 32, 64):
+        with tuning.as_device(device):
+            cfg = tuning.heuristic("int7w", m, k, n, sms=132)
+        args = [shape_struct((m, k), jnp.bfloat16), shape_struct((layout.packed_rows, n), jnp.uint32)]
+        stats = [shape_struct((64, n), jnp.float16), shape_struct((64, n), jnp.uint8)]
+        call = cuda_lowering(functools.partial(int_matmul, layout=layout, config=cfg), *args, *stats)[0]
+        text = tt.ir_text(call.ir)
+        report = tt.compile_cubin(text, arch, call.num_warps, call.num_stages)
+        assert report.ok and report.spill_bytes == 0, (m, cfg, report)
+        assert report.shared_bytes <= limit_kib * 1024, (m, cfg, report.shared_bytes)
+        if cfg.block_m <= 32:
+            assert tt.loop_profile(tt.sass(text, arch, call.num_warps, call.num_stages)).count("BAR") <= 4, (m, cfg)
