@@ -564,9 +564,17 @@ def _dense_kernel(*refs, layout: IntLayout, m: int, bm: int, bn: int, pu: int, s
         # against zero activations)
         g = jnp.minimum(units // upg, layout.groups - 1)[:, None]
         s, z, zi = _group_rows(s_ref, z_ref, g, n0, bn, nmask, native, native)
+        # float32 weights as the GEMV builds them: each code masked in place into a float32 mantissa (no shift
+        # below bit 23), minus a constant, then the zero-point fold c * s - z * s (16-bit scales)
+        zs = None if native else _zero_scale(s, z, layout, exact)
+        sub = z if layout.mode == "zeropoint" and zs is None else _code_offset(layout)
         d = None
-        for jj, c in enumerate(_code_tiles(_load_packed(w_ref, kb * pu, pu, n0, bn, wmask, layout), layout)):
-            w = _weight_tile(c, s, z, zi, layout, False, native, w_round, cdtype, exact)
+        for jj, (v, off) in enumerate(_code_fields(_load_packed(w_ref, kb * pu, pu, n0, bn, wmask, layout), layout)):
+            if native:
+                c = _field_int(v, off, layout.bits)
+                w = _weight_tile(c, s, z, zi, layout, False, True, w_round, cdtype)
+            else:
+                w = _scaled_weight(exact_field(v, off, layout.bits, sub), s, z, layout, w_round, cdtype, exact, zs)
             xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(kb * bk + jj * pu, pu)], mmask)
             dj = jnp.dot(xt, w, preferred_element_type=jnp.float32)
             d = dj if d is None else d + dj

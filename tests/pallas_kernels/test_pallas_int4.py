@@ -597,6 +597,9 @@ def test_weights_bit_identical_to_the_xla_path(x_dt, s_dt, w_dtype, bits, mode):
         ("sym", jnp.bfloat16, jnp.bfloat16),
         ("zeropoint", jnp.float16, jnp.float16),
         ("minmax", jnp.float32, jnp.float16),
+        ("zeropoint", jnp.bfloat16, jnp.float16),  # jaxquant's default scales: the zero-point fold c*s - z*s
+        ("minmax", jnp.float16, jnp.bfloat16),
+        ("zeropoint", jnp.bfloat16, jnp.float32),  # float32 scales: z subtracted per code position
     ],
 )
 def test_dense_gemv_weights_bit_identical_to_the_xla_path(bits, mode, x_dt, s_dt):
@@ -860,8 +863,8 @@ def test_int_gemv_a8_refuses_what_it_cannot_do_exactly():
 def test_chunk_dot_configs_fit_and_do_not_spill(device, arch, limit_kib):
     """The heuristic's chunk-dot tiles for each M class, at the widest dense width (7 bits: the most weight words
     per stage), compiled for the device's architecture: no register spills, shared memory within the device's
-    per-block limit (a launch would fail above it), and few barriers per K-loop trip where the weight tile feeds
-    mma from registers (BM <= 32)."""
+    per-block limit (a launch would fail above it), no int-to-float conversions, and few barriers per K-loop trip
+    where the weight tile feeds mma from registers (BM <= 32)."""
     from pallas_kernels import tuning
 
     k = n = 8192
@@ -876,5 +879,9 @@ def test_chunk_dot_configs_fit_and_do_not_spill(device, arch, limit_kib):
         report = tt.compile_cubin(text, arch, call.num_warps, call.num_stages)
         assert report.ok and report.spill_bytes == 0, (m, cfg, report)
         assert report.shared_bytes <= limit_kib * 1024, (m, cfg, report.shared_bytes)
+        loop = tt.loop_profile(tt.sass(text, arch, call.num_warps, call.num_stages))
+        # codes become floats by integer ops (exact_field): one I2F per weight would be 512 * BN / 128 per trip; sm_80
+        # converts the step's (16, BN) uint8 zero-point tile once (16 * BN / 128), shared by the 32 code positions
+        assert loop.count("I2F") <= 16 * cfg.block_n // 128, (m, cfg)
         if cfg.block_m <= 32:
-            assert tt.loop_profile(tt.sass(text, arch, call.num_warps, call.num_stages)).count("BAR") <= 4, (m, cfg)
+            assert loop.count("BAR") <= 4, (m, cfg)
