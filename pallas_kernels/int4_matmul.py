@@ -971,18 +971,16 @@ def int_dequantize(
     dense widths) and its scale (and zero) row and stores each code's tile to its rows ``k0 + j + chunk * r`` with a
     strided store.
 
-    Raises ``ValueError`` for shapes :func:`dequantize_supported` rejects (callers use the XLA dequantization).
+    ``scale`` / ``zero`` as for :func:`int_matmul`: ``(G, N)`` rows, or ``(N,)`` / ``()`` with one group.
+
+    Raises ``ValueError`` for shapes :func:`dequantize_supported` rejects (callers use the XLA dequantization) and
+    for a ``scale`` / ``zero`` of another shape (a transposed ``(N, G)`` scale is refused, not reshaped).
     """
     why = dequantize_supported(layout, block_k, block_n)
     if why:
         raise ValueError(f"int_dequantize: unsupported: {why}")
     _check_packed(packed, layout, "int_dequantize")
-    scale = scale.reshape(layout.groups, layout.n)
-    operands = [_kernel_weight(packed, layout), scale]
-    if layout.mode != "sym":
-        if zero is None:
-            raise ValueError(f"int_dequantize: mode={layout.mode!r} needs zero")
-        operands.append(jnp.broadcast_to(zero, scale.shape) if zero.ndim < 2 else zero.reshape(scale.shape))
+    operands = [_kernel_weight(packed, layout), *_stat_operands(scale, zero, layout, "int_dequantize")]
     bk = min(block_k, _largest_pow2_divisor(layout.group_size)) if layout.group_size is not None else block_k
     gs = layout.group_size if layout.group_size is not None else layout.k
     out_dtype = jnp.dtype(out_dtype)

@@ -780,6 +780,27 @@ def test_sym_code_offset_reaches_every_kernel(bits, offset):
         assert rel_err(got, ref) < BOUND[jnp.bfloat16], cfg.variant
 
 
+def test_dequantize_refuses_misshapen_scales():
+    """A ``(N, G)`` (transposed) or flattened scale has the right number of elements but would be misread by a
+    reshape: refused, as by ``int_matmul``; ``(N,)`` and ``()`` per-channel / per-tensor values are broadcast."""
+    from pallas_kernels.int4_matmul import dequantize_reference, int_dequantize
+
+    k, n = 256, 64
+    q = jq.quantize(jnp.ones((k, n), jnp.float32), jq.IntScheme(4, 64, symmetric=False))
+    layout = IntLayout(bits=4, mode="zeropoint", k=k, n=n, group_size=64)
+    for bad in (q.scale.T, q.scale.reshape(-1)):
+        with pytest.raises(ValueError, match="scale must be"):
+            int_dequantize(q.data, bad, q.zero, layout=layout, out_dtype=jnp.bfloat16, block_n=64, interpret=True)
+    with pytest.raises(ValueError, match="needs zero"):
+        int_dequantize(q.data, q.scale, None, layout=layout, out_dtype=jnp.bfloat16, block_n=64, interpret=True)
+    one = IntLayout(bits=4, mode="sym", k=k, n=n)
+    q1 = jq.quantize(jnp.ones((k, n), jnp.float32), jq.IntScheme(4, granularity="channel"))
+    want = dequantize_reference(q1.data, q1.scale, None, one).astype(jnp.bfloat16)
+    for s in (q1.scale.reshape(-1), q1.scale.reshape(1, -1)):
+        got = int_dequantize(q1.data, s, None, layout=one, out_dtype=jnp.bfloat16, block_n=64, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_code_offset_is_checked():
     with pytest.raises(ValueError, match="offset"):
         IntLayout(bits=4, mode="zeropoint", k=64, n=64, offset=1)  # a zero point already says the offset
