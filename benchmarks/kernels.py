@@ -54,8 +54,6 @@ class KernelSpec:
     activations: str = "normal"  # "normal" or "outliers" (a few large feature dims, for LLM.int8)
     # an explicit kernel call replacing qdot (for kernels with their own activation quantization), or None
     direct: str | None = None
-    # the largest M the kernel itself takes (GEMV-only kernels); above it qdot takes the XLA path by design
-    max_m: int | None = None
 
 
 def _specs() -> dict[str, KernelSpec]:
@@ -67,25 +65,22 @@ def _specs() -> dict[str, KernelSpec]:
             "W4A16 int4 asym (zero points) g128",
         ),
         KernelSpec("int8_w8a16", lambda: jq.IntScheme(bits=8), "W8A16 int8 per-channel"),
-        KernelSpec("int3_g128", lambda: jq.IntScheme(bits=3, group_size=128), "W3A16 int3 sym g128 (GEMV)", max_m=8),
+        KernelSpec("int3_g128", lambda: jq.IntScheme(bits=3, group_size=128), "W3A16 int3 sym g128"),
         KernelSpec(
             "int3_g128_asym",
             lambda: jq.IntScheme(bits=3, group_size=128, symmetric=False),
-            "W3A16 int3 asym g128 (GEMV; GPTQ's 3-bit scheme)",
-            max_m=8,
+            "W3A16 int3 asym g128 (GPTQ's 3-bit scheme)",
         ),
         # 5 and 6 bits: the automatic mixed-bits search's other dense widths (asymmetric, as it quantizes)
         KernelSpec(
             "int5_g128_asym",
             lambda: jq.IntScheme(bits=5, group_size=128, symmetric=False),
-            "W5A16 int5 asym g128 (GEMV)",
-            max_m=8,
+            "W5A16 int5 asym g128",
         ),
         KernelSpec(
             "int6_g128_asym",
             lambda: jq.IntScheme(bits=6, group_size=128, symmetric=False),
-            "W6A16 int6 asym g128 (GEMV)",
-            max_m=8,
+            "W6A16 int6 asym g128",
         ),
         KernelSpec("nf4", lambda: jq.NF4Scheme(block_size=64), "NF4 b64 (bitsandbytes layout)"),
         KernelSpec(

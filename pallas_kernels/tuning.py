@@ -5,7 +5,8 @@ Rows come from ``benchmarks/gpu_suite.py --tune`` on that device (it prints rows
 and kernels without rows use :func:`heuristic`, sized for ~132 streaming multiprocessors.
 
 ``LIMITS[device][kernel]`` optionally gives ``max_m``: above it ``jaxquant.qdot`` takes the XLA path
-(dequantize once, then cuBLAS), when measurements showed that to be faster.
+(dequantize once, then cuBLAS), when measurements showed that to be faster; ``ESTIMATED_LIMITS[kernel]`` does the
+same from static estimates where the device has no measurement (the dense chunk dot).
 """
 
 from __future__ import annotations
@@ -253,8 +254,8 @@ def _split_k(tiles: int, nsteps: int, programs: int, min_steps: int) -> int:
 #: kernels whose heuristic takes the GEMV up to this ``M``: only where a GPU measured it faster than the 16-row
 #: tensor-core kernel (fp8 W8A8 at M=1, H200 and H100); the dot kernel won for int8 W8A16, ternary and fp8
 #: W8A16 at every M <= 16, and the int4 dot kernel's sm_90 K loop needs fewer instructions than its GEMV (416
-#: "split" vs 688 per 8192 weights, benchmarks/kernel_sass.py). Dense 3/5/6/7-bit weights have only the GEMV (up
-#: to M=8).
+#: "split" vs 688 per 8192 weights, benchmarks/kernel_sass.py). Dense 3/5/6/7-bit weights: the GEMV up to M=8
+#: (their only kernel there), the chunk dot above.
 _GEMV_HEURISTIC = {"fp8_w8a8": 1, "int3w": 8, "int5w": 8, "int6w": 8, "int7w": 8}
 
 #: kernels with a ``variant="gemv"`` path, and their K rows per packed unit (a byte; 32 per ``bits``-word dense chunk)
