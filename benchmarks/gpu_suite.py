@@ -43,19 +43,20 @@ sys.path.insert(0, ROOT)
 from benchmarks.provenance import git_commit  # noqa: E402
 
 # (kernel, M values, KxN values, seconds budget): the five main kernels first, at the shapes their goals name
+# M = 64 (32 for NF4, 128 for int4): the inferred dispatch limits of session 10 (pallas_kernels/tuning.py LIMITS)
 PLAN = [
-    ("int4_g128", "1,16,256,4096", "4096x4096,8192x8192", 65),  # M >= 256 also times qdot_dequant_dot
-    ("nf4", "1,16,4096", "8192x8192", 30),  # M=4096 also times qdot_dequant_dot
+    ("int4_g128", "1,16,128,256,4096", "4096x4096,8192x8192", 70),  # M >= 256 also times qdot_dequant_dot
+    ("nf4", "1,16,32,4096", "8192x8192", 32),  # M=4096 also times qdot_dequant_dot
     # the 8-bit schemes in the layout their tensor-core dots read (K-major, converted once at quantization time)
     ("int8_outlier_nk", "1,16,4096", "8192x8192", 25),
-    ("fp8_w8a8_nk", "1,16,8192", "8192x8192", 25),
-    ("ternary_w158a8", "1,16,4096", "8192x8192", 25),
-    ("int8_outlier", "1,16", "8192x8192", 15),  # (K, N) storage, as measured in session 2
-    ("fp8_w8a8", "1,16", "8192x8192", 15),
-    ("int4_g128_asym", "1,16", "8192x8192", 15),
-    ("int8_w8a16", "1,16", "8192x8192", 15),
-    ("fp8_w8a16", "1,16", "8192x8192", 15),
-    ("ternary", "1,16", "8192x8192", 15),
+    ("fp8_w8a8_nk", "1,16,64,8192", "8192x8192", 27),
+    ("ternary_w158a8", "1,16,64,4096", "8192x8192", 27),
+    ("int8_outlier", "1,16", "8192x8192", 12),  # (K, N) storage, as measured in session 2
+    ("fp8_w8a8", "1,16", "8192x8192", 12),
+    ("int4_g128_asym", "1,16", "8192x8192", 12),
+    ("int8_w8a16", "1,16,64", "8192x8192", 17),
+    ("fp8_w8a16", "1,16,64", "8192x8192", 17),
+    ("ternary", "1,16,64", "8192x8192", 17),
     # dense widths: the GEMV (M <= 8) and the chunk dot (M = 16, 64); asym: GPTQ's 3-bit scheme
     ("int3_g128_asym", "1,4,8,16,64", "8192x8192", 14),
     ("int6_g128_asym", "1,4,16", "8192x8192", 10),  # the same kernels, 6 words per chunk

@@ -291,7 +291,7 @@ def _check_limit(name: str, m: int, interpret: bool, device: str | None = None) 
     limit = tuning.max_m(name, device)
     dev = device or tuning.device_key()
     if tuning.limit_measured(name, device):
-        return f"M={m} above the tuned limit {limit} for {name} on {dev} (XLA measured faster)"
+        return f"M={m} above the tuned limit {limit} for {name} on {dev} (from measurements: tuning.LIMITS)"
     return f"M={m} above the estimated limit {limit} for {name} on {dev} (not measured: a static estimate)"
 
 

@@ -84,23 +84,35 @@ TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
     "h100": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4, **_HOPPER_SMALL_M},
 }
 
-# Largest M at which each kernel beat jaxquant's XLA path on the H200 (× vs XLA >= 1 in
-# benchmarks/results/h200.md): every kernel won at M <= 16 and lost at the next measured M (256 for int4:
-# 0.92x; 4096/8192 for the others: 0.12x-0.59x). Above these, ``qdot`` in "auto" mode takes the XLA path.
+# Largest M for the fused kernel on Hopper, above which ``qdot`` in "auto" mode takes the XLA path. Measured
+# (benchmarks/results/h200.md, h100.md, 8192^2 unless said): every kernel beat jaxquant's XLA path at M = 1 and 16
+# (weight-only kernels 2.8-5.1x, fp8 W8A8 9.6x, W1.58A8 3.2x, LLM.int8 only 1.1x) and lost at the next measured M
+# (4096 / 8192: 0.12-0.59x); int4 also won at M=256 on the H100 (1.29x; 1.25x at 4096^2) and lost there on the H200
+# (0.92x). Between the measured points the limit is inferred, not measured. A fused kernel's work per program is
+# the dequantization of its weight tile, whatever the tile's rows: the measured times are flat from M=1 to 16 (H100
+# int4 34.2 / 35.0 us, int8 W8A16 57.3 / 48.6, ternary 46.0 / 36.6), and the sm_90 K loops of the configs used at
+# M = 32 and 64 (one 32- or 64-row tile) have static issue floors within 0.8-1.8x of the M=16 ones
+# (benchmarks/results/sass-sm90-m16-64.md), while the XLA path dequantizes every weight on every call (130-530 us
+# at 8192^2 for M <= 256; in the H200 decode benchmark the XLA path at batch 32 ran at 0.18-0.39x of bf16
+# decode, benchmarks/results/decode-h200.md). So: 64 for the weight-only kernels, fp8 W8A8 and W1.58A8; NF4 32
+# (its table keeps 16-row tiles up to 64: 4 tiles at M=64, about 4x its M=16 time, above the XLA path's); int4 on
+# the H200 128 (2 of the 4 waves of 64-row tiles it measured at M=256: ~126 us against ~232); LLM.int8 stays at 16
+# (its margin at 16 is 1.1x). The first GPU sweep at M = 32..256 should replace the inferred values.
 _HOPPER_LIMITS = {
-    "int4": 16,
-    "int8w": 16,
-    "int2w": 16,
-    "nf4": 16,
+    "int4": 128,
+    "int8w": 64,
+    "int2w": 64,
+    "nf4": 32,
     "int8_outlier": 16,
-    "fp8_w8a16": 16,
-    "fp8_w8a8": 16,
-    "ternary": 16,
-    "ternary_a8": 16,
+    "fp8_w8a16": 64,
+    "fp8_w8a8": 64,
+    "ternary": 64,
+    "ternary_a8": 64,
 }
 
-#: device key -> kernel -> largest M for which the Pallas kernel beats the XLA path (measured devices only)
-LIMITS: dict[str, dict[str, int]] = {"h200": dict(_HOPPER_LIMITS), "h100": dict(_HOPPER_LIMITS)}
+#: device key -> kernel -> largest M for which the fused kernel is used (measured, or inferred between measured
+#: points: see the comment above; measured devices only)
+LIMITS: dict[str, dict[str, int]] = {"h200": dict(_HOPPER_LIMITS), "h100": {**_HOPPER_LIMITS, "int4": 256}}
 
 #: kernel -> largest ``M`` for the fused kernel where :data:`LIMITS` has no measurement for the device: the dense
 #: 3/5/6/7-bit chunk dot up to 256 rows. A static estimate, not a measurement: sm_90, 3-bit g128 asym, 8192^2, the

@@ -134,7 +134,7 @@ def test_explain_qdot_for_a_named_gpu_from_any_machine():
     int4 = jq.IntScheme(4, 128)
     want = repr(tuning.TABLE["h100"]["int4"][0][1])
     assert route(int4, 1, device="h100") == f"kernel: int4 {want}"
-    assert route(int4, 4096, device="h100").startswith("xla: M=4096 above the tuned limit 16 for int4 on h100")
+    assert route(int4, 4096, device="h100").startswith("xla: M=4096 above the tuned limit 256 for int4 on h100")
     assert route(jq.IntScheme(6, 128, symmetric=False), 1, device="h100").startswith("kernel: int6w")
     int6 = jq.IntScheme(6, 128, symmetric=False)
     assert route(int6, 16, device="h100").startswith("kernel: int6w BlockConfig(block_m=16, block_n=64, block_k=512")

@@ -23,8 +23,15 @@ def _x(m, k):
 
 
 def test_use_kernel_follows_limits():
-    assert tuning.use_kernel("int4", 1, "h200") and tuning.use_kernel("int4", 16, "h200")
-    assert not tuning.use_kernel("int4", 17, "h200") and not tuning.use_kernel("int4", 4096, "h200")
+    assert tuning.use_kernel("int4", 1, "h200") and tuning.use_kernel("int4", 128, "h200")
+    assert not tuning.use_kernel("int4", 129, "h200") and not tuning.use_kernel("int4", 4096, "h200")
+    # the H100 measured int4 faster than the XLA path at M=256 (the H200 did not)
+    assert tuning.use_kernel("int4", 256, "h100") and not tuning.use_kernel("int4", 257, "h100")
+    # every kernel: the fused kernel wherever it was measured faster (M <= 16); LLM.int8 (1.1x there) no further
+    for dev in ("h200", "h100"):
+        for name in tuning.LIMITS[dev]:
+            assert tuning.use_kernel(name, 16, dev) and tuning.limit_measured(name, dev), (dev, name)
+        assert not tuning.use_kernel("int8_outlier", 17, dev)
     assert tuning.use_kernel("int4", 4096, "some_unmeasured_gpu")  # no measurement: kernel everywhere
     for dev in ("h200", "h100"):
         for name in ("int4", "int8w", "nf4", "int8_outlier", "fp8_w8a16", "fp8_w8a8", "ternary", "ternary_a8"):
@@ -68,7 +75,7 @@ def test_qdot_routes_nf4_and_fp8(fake_h200):
 def test_routed_call_computes_the_xla_result(fake_h200):
     """A call routed to XLA on the 'GPU' runs (on CPU) exactly the XLA path."""
     q = jq.quantize(jax.random.normal(jax.random.PRNGKey(0), (256, 64)), jq.IntScheme(bits=4, group_size=128))
-    x = jax.random.normal(jax.random.PRNGKey(1), (32, 256), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (256, 256), jnp.float32)
     with ops.kernel_mode("auto"):
         y = ops.qdot(x, q)
     with ops.kernel_mode("off"):
