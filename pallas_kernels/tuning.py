@@ -355,15 +355,17 @@ def max_m(kernel: str, device: str | None = None) -> int | None:
 
 
 def limit_measured(kernel: str, device: str | None = None) -> bool:
-    """Whether :func:`max_m` for ``kernel`` on ``device`` comes from a measurement (:data:`LIMITS`)."""
+    """Whether :func:`max_m` for ``kernel`` on ``device`` comes from the device's :data:`LIMITS` (its measurements,
+    or inferences between measured points), not from :data:`ESTIMATED_LIMITS`."""
     return kernel in LIMITS.get(device or device_key(), {})
 
 
 def use_kernel(kernel: str, m: int, device: str | None = None) -> bool:
     """Whether ``qdot`` in "auto" mode should run ``kernel`` for ``M`` rows on ``device`` (else the XLA path).
 
-    ``False`` where the device's measurements showed the XLA path faster (``M`` above :data:`LIMITS`) or, without a
-    measurement, above the kernel's static :data:`ESTIMATED_LIMITS`; other unmeasured kernels always run.
+    ``False`` above the device's :data:`LIMITS` (where its measurements showed, or bracket, the XLA path faster) or,
+    without an entry there, above the kernel's static :data:`ESTIMATED_LIMITS`; other unmeasured kernels always
+    run.
     """
     limit = max_m(kernel, device)
     return limit is None or m <= limit
