@@ -529,11 +529,16 @@ def _kernel(
         return acc + (d * s if post else d)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
-    omask = and_masks(mmask, nmask)
-    if len(o_ref.shape) == 3:  # split-K partial sums
-        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], acc, omask)
+    _store_tile(o_ref, acc, sk, m0, bm, n0, bn, and_masks(mmask, nmask))
+
+
+def _store_tile(o_ref, acc, sk, m0, bm: int, n0, bn: int, mask) -> None:
+    """Store a ``(BM, BN)`` float32 tile: as split-K partial sums (``o_ref`` ``(split, M, N)``, share ``sk``) or, with
+    one share, cast to the output dtype."""
+    if len(o_ref.shape) == 3:
+        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask)
     else:
-        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
+        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask)
 
 
 def _dense_kernel(*refs, layout: IntLayout, m: int, bm: int, bn: int, pu: int, steps: int, upg: int, w_round=None):
@@ -581,11 +586,7 @@ def _dense_kernel(*refs, layout: IntLayout, m: int, bm: int, bn: int, pu: int, s
         return acc + d
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
-    omask = and_masks(mmask, nmask)
-    if len(o_ref.shape) == 3:  # split-K partial sums
-        store(o_ref.at[sk, pl.ds(m0, bm), pl.ds(n0, bn)], acc, omask)
-    else:
-        store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), omask)
+    _store_tile(o_ref, acc, sk, m0, bm, n0, bn, and_masks(mmask, nmask))
 
 
 def _dense_activations(x: jax.Array, kp: int, pu: int) -> jax.Array:

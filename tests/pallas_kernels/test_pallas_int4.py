@@ -78,6 +78,18 @@ def test_interpret_matches_reference_and_float64(case):
     assert rel_err(y, yr) <= 2 * BOUND[dt]
 
 
+def _check_kernel(x, q, zero, layout: IntLayout, cfg: BlockConfig, wd64) -> None:
+    """``int_matmul`` (interpret mode) with ``cfg``: supported, right shape and dtype, within the output-rounding
+    bound of float64 ``x @ round(W)`` and twice that of the XLA path."""
+    dt = x.dtype.type
+    assert supported(layout, cfg, dt) is None
+    y = int_matmul(x, q.data, q.scale, zero, layout=layout, config=cfg, interpret=True)
+    assert y.shape == (x.shape[0], layout.n) and y.dtype == x.dtype
+    y64 = np.asarray(x, np.float64) @ round_to(wd64, dt)
+    assert rel_err(y, y64) <= BOUND[dt]
+    assert rel_err(y, int_matmul_reference(x, q.data, q.scale, zero, layout)) <= 2 * BOUND[dt]
+
+
 # the GEMV path (M <= 8): (m, k, n, bits, group, symmetric, range, block_m, block_k, split_k, x dtype)
 GEMV_CASES = [
     (1, 256, 128, 4, 128, True, "zeropoint", 1, 64, 2, jnp.bfloat16),
@@ -108,13 +120,7 @@ def test_gemv_matches_reference_and_float64(case):
     wd64 = np_dequant(q, bits, group, sym, rng_mode, k, n)
     x = jnp.asarray(rng.standard_normal((m, k)), dt)
     cfg = BlockConfig(block_m=bm, block_n=32, block_k=bk, split_k=split, variant="gemv")
-    assert supported(layout, cfg, dt) is None
-    zero = None if sym else q.zero
-    y = int_matmul(x, q.data, q.scale, zero, layout=layout, config=cfg, interpret=True)
-    assert y.shape == (m, n) and y.dtype == x.dtype
-    y64 = np.asarray(x, np.float64) @ round_to(wd64, dt)
-    assert rel_err(y, y64) <= BOUND[dt]
-    assert rel_err(y, int_matmul_reference(x, q.data, q.scale, zero, layout)) <= 2 * BOUND[dt]
+    _check_kernel(x, q, None if sym else q.zero, layout, cfg, wd64)
 
 
 # (m, k, n, bits, group, symmetric, range, block_m, block_k, x dtype)
@@ -249,13 +255,7 @@ def test_chunk_dot_matches_reference_and_float64(case):
     wd64 = np.asarray(jax.jit(jq.dequantize)(q), np.float64)
     x = jnp.asarray(rng.standard_normal((m, k)), dt)
     cfg = BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split)
-    assert supported(layout, cfg, dt) is None
-    zero = None if sym else q.zero
-    y = int_matmul(x, q.data, q.scale, zero, layout=layout, config=cfg, interpret=True)
-    assert y.shape == (m, n) and y.dtype == x.dtype
-    y64 = np.asarray(x, np.float64) @ round_to(wd64, dt)
-    assert rel_err(y, y64) <= BOUND[dt]
-    assert rel_err(y, int_matmul_reference(x, q.data, q.scale, zero, layout)) <= 2 * BOUND[dt]
+    _check_kernel(x, q, None if sym else q.zero, layout, cfg, wd64)
 
 
 def test_chunk_dot_refuses_what_it_cannot_do():
