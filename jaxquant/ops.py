@@ -292,7 +292,7 @@ def _check_limit(name: str, m: int, interpret: bool, device: str | None = None) 
     dev = device or tuning.device_key()
     if tuning.limit_measured(name, device):
         return f"M={m} above the tuned limit {limit} for {name} on {dev} (from measurements: tuning.LIMITS)"
-    return f"M={m} above the estimated limit {limit} for {name} on {dev} (not measured: a static estimate)"
+    return f"M={m} above the estimated limit {limit} for {name} on {dev} (not measured there: tuning.ESTIMATED_LIMITS)"
 
 
 def _nf4_adapter(x, w: QArray, m: int, interpret: bool):

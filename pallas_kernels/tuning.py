@@ -4,9 +4,9 @@
 Rows come from ``benchmarks/gpu_suite.py --tune`` on that device (it prints rows to paste here); devices
 and kernels without rows use :func:`heuristic`, sized for ~132 streaming multiprocessors.
 
-``LIMITS[device][kernel]`` optionally gives ``max_m``: above it ``jaxquant.qdot`` takes the XLA path
-(dequantize once, then cuBLAS), when measurements showed that to be faster; ``ESTIMATED_LIMITS[kernel]`` does the
-same from static estimates where the device has no measurement (the dense chunk dot).
+``LIMITS[device][kernel]`` gives ``max_m``: above it ``jaxquant.qdot`` takes the XLA path (dequantize once, then
+cuBLAS), where measurements showed (or bracket) that to be faster; ``ESTIMATED_LIMITS[kernel]`` does the same where
+the device has no entry (the H200's limits, and static estimates for the dense chunk dot).
 """
 
 from __future__ import annotations
@@ -114,13 +114,15 @@ _HOPPER_LIMITS = {
 #: points: see the comment above; measured devices only)
 LIMITS: dict[str, dict[str, int]] = {"h200": dict(_HOPPER_LIMITS), "h100": {**_HOPPER_LIMITS, "int4": 256}}
 
-#: kernel -> largest ``M`` for the fused kernel where :data:`LIMITS` has no measurement for the device: the dense
-#: 3/5/6/7-bit chunk dot up to 256 rows. A static estimate, not a measurement: sm_90, 3-bit g128 asym, 8192^2, the
-#: chunk dot's K loop issue floor is 14.9 us at M=16 and 16.5 us per 64-row tile (benchmarks/kernel_sass.py), so
-#: about 66 us at M=256 against at least ~45 us of the XLA path's per-call dequantization (128 MB of bf16 weights
-#: written and read again) plus cuBLAS's bf16 GEMM; at M=4096 the GEMM's tensor-core rate wins. int4's fused
-#: kernel, measured, lost to the XLA path at M=256 (0.92x, H200): the first GPU sweep should settle this number.
-ESTIMATED_LIMITS: dict[str, int] = {k: 256 for k in _DENSE_KERNELS}
+#: kernel -> largest ``M`` for the fused kernel where the device's :data:`LIMITS` has no entry (every GPU but the
+#: H100 / H200, and kernels they never measured). Estimates, not measurements: the H200's limits (the only
+#: measurements there are: every fused kernel lost to the XLA path at M = 4096 by 2.5-8x on both Hopper GPUs, and a
+#: tensor-core GEMM's lead at large M is no smaller on other GPUs), and for the dense 3/5/6/7-bit chunk dot 256 from
+#: static floors: sm_90, 3-bit g128 asym, 8192^2, its K loop's issue floor is 13.3 us at M=16 and 15.3 us per
+#: 64-row tile (benchmarks/results/sass-chunk-dot.md), about 61 us at M=256, against the XLA path's per-call
+#: dequantization (128 MB of bf16 weights written and read again) plus the bf16 GEMM; int4's fused kernel, measured,
+#: still won at M=256 on the H100 and lost there on the H200 (0.92x).
+ESTIMATED_LIMITS: dict[str, int] = {**_HOPPER_LIMITS, **{k: 256 for k in _DENSE_KERNELS}}
 
 #: device key -> kernel -> smallest ``M`` from which ``qdot``, having left the fused kernel for the XLA path (``M``
 #: above :data:`LIMITS`), dequantizes with the Pallas kernel (``jaxquant.ops.qdot_dequant_dot``: the same weights
@@ -364,8 +366,7 @@ def use_kernel(kernel: str, m: int, device: str | None = None) -> bool:
     """Whether ``qdot`` in "auto" mode should run ``kernel`` for ``M`` rows on ``device`` (else the XLA path).
 
     ``False`` above the device's :data:`LIMITS` (where its measurements showed, or bracket, the XLA path faster) or,
-    without an entry there, above the kernel's static :data:`ESTIMATED_LIMITS`; other unmeasured kernels always
-    run.
+    without an entry there, above the kernel's :data:`ESTIMATED_LIMITS`; kernels in neither always run.
     """
     limit = max_m(kernel, device)
     return limit is None or m <= limit

@@ -140,7 +140,8 @@ def test_explain_qdot_for_a_named_gpu_from_any_machine():
     assert route(int6, 16, device="h100").startswith("kernel: int6w BlockConfig(block_m=16, block_n=64, block_k=512")
     assert "estimated limit 256" in route(int6, 1024, device="h100")
     assert "repack" in route(jq.TernaryScheme("channel", "base3"), 1, device="h100")
-    assert route(int4, 4096, device="b200").startswith("kernel: int4")  # no table, no limit: the heuristics
+    assert route(int4, 64, device="b200").startswith("kernel: int4")  # no table: the heuristics
+    assert "estimated limit 128 for int4 on b200" in route(int4, 4096, device="b200")  # no measurement: estimates
     if jax.default_backend() == "cpu":
         assert route(int4, 1) == "xla: kernel mode 'auto' on backend 'cpu'"
     with jq.ops.kernel_mode("off"):

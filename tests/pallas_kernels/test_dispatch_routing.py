@@ -32,7 +32,10 @@ def test_use_kernel_follows_limits():
         for name in tuning.LIMITS[dev]:
             assert tuning.use_kernel(name, 16, dev) and tuning.limit_measured(name, dev), (dev, name)
         assert not tuning.use_kernel("int8_outlier", 17, dev)
-    assert tuning.use_kernel("int4", 4096, "some_unmeasured_gpu")  # no measurement: kernel everywhere
+    # no measurement on that GPU: the estimated limits (the H200's; 256 for the dense chunk dot)
+    assert tuning.use_kernel("int4", 128, "some_unmeasured_gpu") and not tuning.use_kernel("int4", 4096, "a100")
+    assert not tuning.limit_measured("int4", "a100") and tuning.max_m("int3w", "h100") == 256
+    assert tuning.max_m("int8w", "a100") == tuning.max_m("int8w", "h200")
     for dev in ("h200", "h100"):
         for name in ("int4", "int8w", "nf4", "int8_outlier", "fp8_w8a16", "fp8_w8a8", "ternary", "ternary_a8"):
             assert not tuning.use_kernel(name, 4096, dev), (dev, name)
