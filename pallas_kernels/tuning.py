@@ -87,7 +87,7 @@ TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
 # Largest M for the fused kernel on Hopper, above which ``qdot`` in "auto" mode takes the XLA path. Measured
 # (benchmarks/results/h200.md, h100.md, 8192^2 unless said): every kernel beat jaxquant's XLA path at M = 1 and 16
 # (weight-only kernels 2.8-5.1x, fp8 W8A8 9.6x, W1.58A8 3.2x, LLM.int8 only 1.1x) and lost at the next measured M
-# (4096 / 8192: 0.12-0.59x); int4 also won at M=256 on the H100 (1.29x; 1.25x at 4096^2) and lost there on the H200
+# (4096 / 8192: 0.12-0.65x); int4 also won at M=256 on the H100 (1.29x; 1.25x at 4096^2) and lost there on the H200
 # (0.92x). Between the measured points the limit is inferred, not measured. A fused kernel's work per program is
 # the dequantization of its weight tile, whatever the tile's rows: the measured times are flat from M=1 to 16 (H100
 # int4 34.2 / 35.0 us, int8 W8A16 57.3 / 48.6, ternary 46.0 / 36.6), and the sm_90 K loops of the configs used at
@@ -116,7 +116,7 @@ LIMITS: dict[str, dict[str, int]] = {"h200": dict(_HOPPER_LIMITS), "h100": {**_H
 
 #: kernel -> largest ``M`` for the fused kernel where the device's :data:`LIMITS` has no entry (every GPU but the
 #: H100 / H200, and kernels they never measured). Estimates, not measurements: the H200's limits (the only
-#: measurements there are: every fused kernel lost to the XLA path at M = 4096 by 2.5-8x on both Hopper GPUs, and a
+#: measurements there are: every fused kernel lost to the XLA path at M = 4096 by 1.5-8.7x on both Hopper GPUs, and a
 #: tensor-core GEMM's lead at large M is no smaller on other GPUs), and for the dense 3/5/6/7-bit chunk dot 256 from
 #: static floors: sm_90, 3-bit g128 asym, 8192^2, its K loop's issue floor is 13.3 us at M=16 and 15.3 us per
 #: 64-row tile (benchmarks/results/sass-chunk-dot.md), about 61 us at M=256, against the XLA path's per-call
