@@ -86,7 +86,7 @@ TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
 
 # Largest M for the fused kernel on Hopper, above which ``qdot`` in "auto" mode takes the XLA path. Measured
 # (benchmarks/results/h200.md, h100.md, 8192^2 unless said): every kernel beat jaxquant's XLA path at M = 1 and 16
-# (weight-only kernels 2.8-5.1x, fp8 W8A8 9.6x, W1.58A8 3.2x, LLM.int8 only 1.1x) and lost at the next measured M
+# (weight-only kernels 2.8-6.4x, fp8 W8A8 9.6x, W1.58A8 3.2x, LLM.int8 only 1.1x) and lost at the next measured M
 # (4096 / 8192: 0.12-0.65x); int4 also won at M=256 on the H100 (1.29x; 1.25x at 4096^2) and lost there on the H200
 # (0.92x). Between the measured points the limit is inferred, not measured. A fused kernel's work per program is
 # the dequantization of its weight tile, whatever the tile's rows: the measured times are flat from M=1 to 16 (H100
