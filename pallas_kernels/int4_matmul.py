@@ -715,8 +715,10 @@ def int_matmul(
       packed, scale, zero: the weight storage described in the module docstring (``zero`` is ``None`` for
         ``mode="sym"``); ``scale``/``zero`` may be ``(N,)`` or ``()`` when ``layout.group_size`` is None.
       layout: static :class:`IntLayout`.
-      config: block sizes (see :class:`~pallas_kernels._common.BlockConfig`); ``variant`` is ``"strided"``
-        or ``"interleave"``.
+      config: block sizes (see :class:`~pallas_kernels._common.BlockConfig`); ``variant``: a tensor-core form
+        (``"strided"``, ``"interleave"``, ``"split"``, each optionally ``+postscale``; ``""`` = ``"strided"``) or a
+        GEMV (``"gemv"``, ``"split-gemv"``, ``+postscale``; ``M <= 8`` rows per block). Dense 3/5/6/7-bit layouts:
+        ``""`` is the chunk dot (``block_k`` >= 512, 2-byte activations), or a GEMV.
       w_dtype: the dtype the XLA path rounds the float32 dequantized weight to before casting it to
         ``x.dtype`` (the QArray's original dtype); ``None``/float32: no intermediate rounding.
       interpret: run the kernel body with the Pallas interpreter (any backend; for tests).
