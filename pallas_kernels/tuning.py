@@ -246,9 +246,10 @@ def _dense_dot_config(m: int, k: int, n: int, sms: int) -> BlockConfig:
     ``BM=32`` (sm_90 ``BM=64``: 65); ``16x128``, ``32x32`` and (4 warps) ``32x128`` spill, 7-bit ``64x128`` spills on
     sm_90, and ``64x64`` costs 25.6 instructions per weight on sm_80. Not yet timed."""
     dev = device_key()
+    large_shared = dev in ("h100", "h200", "a100")  # 227 / 163 KiB of shared memory per block, others 99
     if m <= 16:
-        bm, bn, stages = 16, 64, (3 if dev in ("h100", "h200", "a100") else 2)
-    elif m <= 32 or dev not in ("h100", "h200", "a100"):
+        bm, bn, stages = 16, 64, (3 if large_shared else 2)
+    elif m <= 32 or not large_shared:
         bm, bn, stages = 32, 64, 2
     else:
         bm, bn, stages = 64, (128 if dev == "a100" else 64), 2
@@ -350,8 +351,8 @@ def get_config(kernel: str, m: int, k: int, n: int, device: str | None = None) -
 
 
 def max_m(kernel: str, device: str | None = None) -> int | None:
-    """Largest ``M`` for which dispatch should use the kernel (``None``: no limit): the device's measured
-    :data:`LIMITS`, else the kernel's :data:`ESTIMATED_LIMITS`."""
+    """Largest ``M`` for which dispatch should use the kernel (``None``: no limit): the device's :data:`LIMITS`
+    (measured, or inferred between measured points), else the kernel's :data:`ESTIMATED_LIMITS`."""
     dev = device or device_key()
     return LIMITS.get(dev, {}).get(kernel, ESTIMATED_LIMITS.get(kernel))
 
