@@ -1041,6 +1041,16 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.section is None:
+        from benchmarks.kernels import _parse_kn, _parse_m
+
+        try:  # a typo should stop the run here, not in a section minutes into a device lease
+            for m_list in (a.m, a.tune_m, a.trace_m):
+                _parse_m(m_list)
+            _parse_kn(a.kn)
+            if len(_parse_kn(a.tune_kn)) != 1:
+                raise ValueError(f"--tune-kn takes one KxN, not {a.tune_kn!r}")
+        except ValueError as e:
+            p.error(str(e))
         return orchestrate(a)
     section = a.section.split("#")[0]  # "#retryN" marks a restart after a crash
     if section.startswith("bench:"):

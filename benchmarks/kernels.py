@@ -13,7 +13,8 @@ Everything is warmed up (compiled and run once) first.
 
 Usage::
 
-    python benchmarks/kernels.py --kernels int4_g128,nf4 --m 1,16,256,4096 --kn 4096x4096,8192x8192
+    python benchmarks/kernels.py                          # every kernel, the issue's shapes (defaults below)
+    python benchmarks/kernels.py --kernels int4_g128,nf4 --m 1,16 --kn 8192x8192
     python benchmarks/kernels.py --cpu-interpret          # tiny shapes, Pallas interpreter (a dry run on CPU)
 """
 
@@ -315,18 +316,38 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _parse_kn(s: str) -> list[tuple[int, int]]:
+    """``"8192x8192,4096x14336"`` -> ``[(8192, 8192), (4096, 14336)]``; ValueError naming the bad part."""
     out = []
     for part in s.split(","):
-        a, b = part.lower().split("x")
-        out.append((int(a), int(b)))
+        try:
+            a, b = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"{part!r} is not KxN (two positive integers, e.g. 8192x8192)") from None
+        if a < 1 or b < 1:
+            raise ValueError(f"{part!r}: K and N must be positive")
+        out.append((a, b))
+    return out
+
+
+def _parse_m(s: str) -> list[int]:
+    """``"1,16,256"`` -> ``[1, 16, 256]``; ValueError naming the bad part."""
+    out = []
+    for part in s.split(","):
+        try:
+            m = int(part)
+        except ValueError:
+            raise ValueError(f"{part!r} is not an M value (a positive integer)") from None
+        if m < 1:
+            raise ValueError(f"M must be positive, not {m}")
+        out.append(m)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", default="int4_g128", help=f"comma list of {sorted(SPECS)} or 'all'")
-    p.add_argument("--m", default="1,16,256,4096")
-    p.add_argument("--kn", default="4096x4096,8192x8192", help="comma list of KxN")
+    p.add_argument("--kernels", default="all", help=f"comma list of {sorted(SPECS)} or 'all'")
+    p.add_argument("--m", default="1,4,16,64,256,4096", help="comma list of M (rows of the activations)")
+    p.add_argument("--kn", default="8192x8192,4096x14336,14336x4096", help="comma list of KxN")
     p.add_argument("--json", default=None, help="append result rows (JSON lines) to this file, one per case")
     p.add_argument("--ceilings", default=None, help="JSON file with measured ceilings (else measured here)")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
@@ -348,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.interpret:
         ms, kns = [1, 16], [(256, 256)]
     else:
-        ms, kns = [int(v) for v in a.m.split(",")], _parse_kn(a.kn)
+        try:
+            ms, kns = _parse_m(a.m), _parse_kn(a.kn)
+        except ValueError as e:
+            p.error(str(e))
     if a.ceilings and os.path.exists(a.ceilings):
         with open(a.ceilings) as f:
             ceilings = json.load(f)

@@ -59,3 +59,27 @@ def test_wall_clock_limit_still_writes_the_report(tmp_path):
     text = (tmp_path / "cpu-dry-run.md").read_text()
     assert "skipped: --wall-s 32" in text and "interim" not in text and "ceilings: --wall-s 32 reached" in text
     assert (tmp_path / "cpu-dry-run.json").exists()
+
+
+def test_bad_shape_lists_stop_before_any_section(capsys):
+    """A typo in ``--m`` / ``--kn`` / ``--tune-kn`` ends the benchmark scripts with a usage error naming the bad
+    part (exit status 2), before anything runs, instead of a traceback minutes into a device lease."""
+    import pytest
+
+    from benchmarks import gpu_suite, kernels
+
+    cases = [
+        (kernels.main, ["--m", "1,x"], "'x' is not an M value"),
+        (kernels.main, ["--m", "0"], "M must be positive"),
+        (kernels.main, ["--kn", "8192"], "'8192' is not KxN"),
+        (gpu_suite.main, ["--trace-m", "1,,16"], "'' is not an M value"),
+        (gpu_suite.main, ["--tune-kn", "64x64,128x128"], "--tune-kn takes one KxN"),
+        (gpu_suite.main, ["--kn", "64x0"], "K and N must be positive"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert kernels._parse_kn("8192x8192,4096X14336") == [(8192, 8192), (4096, 14336)]
+    assert kernels._parse_m("1,4,16") == [1, 4, 16]
