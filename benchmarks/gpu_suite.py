@@ -20,7 +20,9 @@ with ``--tune-variants``, ``tune_kernels`` (fp8 W8A8 at M=K=N=8192, LLM.int8 at 
 int8 W8A16 variants: ``TUNE_KERNEL_CONFIGS``), and ``trace`` after the benchmark (``--trace-budget-s``, default 40;
 0 skips it): one call of each main kernel at ``--trace-m`` under the profiler, the device kernels it launches and
 their times (``benchmarks/device_trace.py``). ``--wall-s`` bounds the whole run (a device's per-call limit): section
-timeouts are clipped so that the report is written in time, and it is rewritten after every section.
+timeouts are clipped so that the report is written in time, and it is rewritten after every section. The report
+ends with the ``pallas_kernels/tuning.py`` changes its measurements support (``benchmarks/propose_tuning.py``:
+limits, dequant-dot starts, faster table rows, each with its evidence), to read before pasting.
 """
 
 from __future__ import annotations
@@ -955,6 +957,17 @@ def _write_report(a, report: dict[str, Any], final: bool = True) -> None:
             versus = f"(comparison failed: {type(e).__name__}: {e})"
         lines += ["Fastest swept config per kernel and M against the config `qdot` takes now on this device:", "",
                   versus, ""]  # fmt: skip
+    if report.get("bench") or tune or tk:
+        from benchmarks.propose_tuning import format_proposals, propose
+
+        try:
+            proposals = format_proposals(propose(report, dev), dev)
+        except Exception as e:  # the report must still be written
+            proposals = f"(proposals failed: {type(e).__name__}: {e})"
+        lines += ["## Proposed `pallas_kernels/tuning.py` changes (`benchmarks/propose_tuning.py`)", "",
+                  "Limits: the largest M up to which the kernel beat the XLA path at every measured M and shape; "
+                  "rows: the fastest swept config where it beat the current one by > 3%. Read before pasting.", "",
+                  proposals, ""]  # fmt: skip
     failed = {k: v for k, v in report.get("sections", {}).items() if "error" in v}
     if failed:
         lines += ["## Section failures", ""]
