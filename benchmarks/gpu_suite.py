@@ -743,34 +743,6 @@ def _tune_kernels_summary(rows: list[dict[str, Any]]) -> str:
     return s
 
 
-def _against_current(rows: list[dict[str, Any]], device: str) -> str:
-    """Per swept (kernel, M): the fastest config against the one ``qdot`` takes now on ``device`` (its table row or
-    heuristic), when that config was in the sweep; the candidates for ``pallas_kernels/tuning.py``."""
-    from benchmarks.kernel_sass import TUNING_NAME
-    from pallas_kernels import tuning
-
-    by_key: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        if "t" in r:
-            by_key.setdefault((r["kernel"], r["m"]), []).append(r)
-    lines = []
-    for (kernel, m), rs in by_key.items():
-        best = min(rs, key=lambda r: r["t"])
-        cur = repr(tuning.get_config(TUNING_NAME[kernel], m, best["k"], best["n"], device))
-        now = [r for r in rs if r["config"] == cur]
-        if not now:
-            lines.append(f"- {kernel} M={m}: fastest `{best['config']}` {1e6 * best['t']:.1f} µs; the current config "
-                         f"(`{cur}`) was not in the sweep")  # fmt: skip
-        elif now[0] is not best:
-            e_best, e_now = best.get("rel_err_vs_xla", float("nan")), now[0].get("rel_err_vs_xla", float("nan"))
-            lines.append(f"- {kernel} M={m}: `{best['config']}` {1e6 * best['t']:.1f} µs vs current "
-                         f"{1e6 * now[0]['t']:.1f} µs ({now[0]['t'] / best['t']:.2f}x), rel err vs XLA "
-                         f"{e_best:.1e} (current {e_now:.1e})")  # fmt: skip
-        else:
-            lines.append(f"- {kernel} M={m}: the current config is the fastest swept ({1e6 * best['t']:.1f} µs)")
-    return "\n".join(lines)
-
-
 #: seconds kept free at the end of ``--wall-s`` for writing the report
 WALL_RESERVE_S = 20.0
 
@@ -951,12 +923,6 @@ def _write_report(a, report: dict[str, Any], final: bool = True) -> None:
         kn = report.get("tune_kn", "4096x4096").split("x")
         title = f"## Variant sweep of the other kernels (K={kn[0]}, N={kn[1]}; `TUNE_KERNEL_CONFIGS`)"
         lines += [title, "", _tune_kernels_summary(tk.get("rows", [])), ""]
-        try:
-            versus = _against_current(tk.get("rows", []), dev)
-        except Exception as e:  # the report must still be written
-            versus = f"(comparison failed: {type(e).__name__}: {e})"
-        lines += ["Fastest swept config per kernel and M against the config `qdot` takes now on this device:", "",
-                  versus, ""]  # fmt: skip
     if report.get("bench") or tune or tk:
         from benchmarks.propose_tuning import format_proposals, propose
 
@@ -965,8 +931,9 @@ def _write_report(a, report: dict[str, Any], final: bool = True) -> None:
         except Exception as e:  # the report must still be written
             proposals = f"(proposals failed: {type(e).__name__}: {e})"
         lines += ["## Proposed `pallas_kernels/tuning.py` changes (`benchmarks/propose_tuning.py`)", "",
-                  "Limits: the largest M up to which the kernel beat the XLA path at every measured M and shape; "
-                  "rows: the fastest swept config where it beat the current one by > 3%. Read before pasting.", "",
+                  "Limits: the last M the kernel beat the XLA path before it lost, over every measured scheme and "
+                  "shape; rows: the fastest swept config where it beat the current one by > 3% (else why the current "
+                  "one stays). Read before pasting.", "",
                   proposals, ""]  # fmt: skip
     failed = {k: v for k, v in report.get("sections", {}).items() if "error" in v}
     if failed:

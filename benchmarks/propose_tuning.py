@@ -124,8 +124,9 @@ def _config_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def propose(report: dict[str, Any], device: str, min_gain: float = 0.03, max_rel_err: float = 1e-2) -> dict:
     """The proposals for ``device`` from a suite report (see the module docstring).
 
-    Returns ``{"limits": {tname: {...}}, "dequant_dot": {tname: {...}}, "rows": {tname: [{...}]}}``; each entry
-    holds the proposed value, the current one and the evidence as text.
+    Returns ``{"limits": {tname: {...}}, "dequant_dot": {tname: {...}}, "rows": {tname: [{...}]}, "kept":
+    {tname: [{...}]}}``: proposed values with the current ones and the evidence; ``kept``: swept cases where the
+    current config stays (fastest, within ``min_gain`` of the fastest, or not timed at that shape).
     """
     from pallas_kernels import tuning
 
@@ -138,7 +139,7 @@ def propose(report: dict[str, Any], device: str, min_gain: float = 0.03, max_rel
         for r in _timed(report.get("bench", []), "t_kernel", "t_xla")
         if str(r.get("path", "")).startswith(("kernel", "direct"))  # else "t_kernel" timed the XLA path
     ]
-    out: dict[str, Any] = {"limits": {}, "dequant_dot": {}, "rows": {}}
+    out: dict[str, Any] = {"limits": {}, "dequant_dot": {}, "rows": {}, "kept": {}}
     by_tname: dict[str, list[dict[str, Any]]] = {}
     for r in bench:
         by_tname.setdefault(_tname(r["kernel"]), []).append(r)
@@ -169,9 +170,16 @@ def propose(report: dict[str, Any], device: str, min_gain: float = 0.03, max_rel
                 b = [r for r in bench if _tname(r["kernel"]) == tname and (r["m"], r["k"], r["n"]) == (m, k, n)]
                 b = [r for r in b if r["kernel"] == best.get("kernel")] or b
                 if not b:
-                    continue  # nothing timed the current config at this shape
+                    out["kept"].setdefault(tname, []).append(
+                        {"m": m, "k": k, "n": n, "why": f"the current `{cur}` was not timed at this shape"}
+                    )
+                    continue
                 t_cur, cur_from = min(r["t_kernel"] for r in b), "benchmark"
             if best["config"] == cur or best["t"] > t_cur * (1 - min_gain):
+                why = (
+                    f"the current config {1e6 * t_cur:.1f} µs ({cur_from}), the fastest swept {1e6 * best['t']:.1f} µs"
+                )
+                out["kept"].setdefault(tname, []).append({"m": m, "k": k, "n": n, "why": why})
                 continue
             variant = best["config"].split("variant=")[-1]
             out["rows"].setdefault(tname, []).append(
@@ -217,6 +225,9 @@ def format_proposals(props: dict[str, Any], device: str) -> str:
                 f"{1e6 * r['t_current']:.1f} µs for the current `{r['current']}` ({r['current_timed_by']}) at "
                 f"M={r['m']}, {r['k']}x{r['n']}, rel err vs XLA {r['rel_err_vs_xla']:.1e}{flag}"
             )
+    for tname, kept in props.get("kept", {}).items():
+        for r in kept:
+            lines.append(f"- `{tname}` M={r['m']}, {r['k']}x{r['n']}: no row proposed ({r['why']})")
     return "\n".join(lines) if lines else "(nothing to propose: no timed benchmark or sweep rows)"
 
 

@@ -83,6 +83,12 @@ def test_rows_only_where_faster_by_the_margin_accurate_and_flagged_if_ptx():
     assert [(r["m"], r["config"], r["ptx"], r["current_timed_by"]) for r in rows["ternary_a8"]] == [
         (1, gemv, True, "swept")
     ]  # M=16: 1.3% faster (below 3%), and the fast one is 50% off the XLA path
+    kept = propose({"bench": bench, "tune_kernels": {"rows": sweep}}, "h100")["kept"]["ternary_a8"]
+    why = "the current config 40.0 µs (benchmark), the fastest swept 39.5 µs"
+    assert [(r["m"], r["why"]) for r in kept] == [(16, why)]
+    assert "`ternary_a8` M=16, 8192x8192: no row proposed (the current config 40.0 µs" in format_proposals(
+        propose({"bench": bench, "tune_kernels": {"rows": sweep}}, "h100"), "h100"
+    )
     loose_ok = propose({"bench": bench, "tune_kernels": {"rows": sweep}}, "h100", max_rel_err=1.0)["rows"]
     assert [(r["m"], r["config"], r["current_timed_by"]) for r in loose_ok["ternary_a8"]][1] == (16, loose, "benchmark")
     text = format_proposals({"limits": {}, "dequant_dot": {}, "rows": rows}, "h100")
