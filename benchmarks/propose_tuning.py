@@ -160,6 +160,8 @@ def propose(report: dict[str, Any], device: str, min_gain: float = 0.03, max_rel
         for (tname, m, k, n), rs in sorted(by_case.items()):
             ok = [r for r in rs if 0 <= r.get("rel_err_vs_xla", math.inf) <= max_rel_err]
             if not ok:
+                why = f"no swept config with a measured error vs the XLA path <= {max_rel_err:g}"
+                out["kept"].setdefault(tname, []).append({"m": m, "k": k, "n": n, "why": why})
                 continue
             best = min(ok, key=lambda r: r["t"])
             cur = repr(tuning.get_config(tname, m, k, n, device))

@@ -96,6 +96,9 @@ def test_rows_only_where_faster_by_the_margin_accurate_and_flagged_if_ptx():
     assert "inline PTX" in text
     int4 = [{"m": 1, "k": K, "n": N, "config": repr(tuning.get_config("int4", 1, K, N, "h100")), "t": 34e-6}]
     int4.append({"m": 1, "k": K, "n": N, "config": split, "t": 20e-6, "rel_err_vs_xla": 1e-6})
+    bare = [{k: v for k, v in r.items() if k != "rel_err_vs_xla"} for r in int4]
+    no_err = propose({"tune": {"rows": bare}}, "h100")  # rows without a measured error are never proposed
+    assert "int4" not in no_err["rows"] and "measured error" in no_err["kept"]["int4"][0]["why"]
     int4[0]["rel_err_vs_xla"] = 1e-6
     assert propose({"tune": {"rows": int4}}, "h100")["rows"]["int4"][0]["config"] == split
 
