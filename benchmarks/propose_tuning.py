@@ -132,6 +132,11 @@ def propose(report: dict[str, Any], device: str, min_gain: float = 0.03, max_rel
 
     if not isinstance(report, dict):
         raise ValueError("a gpu_suite report is a JSON object with 'bench' / 'tune' / 'tune_kernels' entries")
+    for key in ("bench", "tune", "tune_kernels"):
+        part = report.get(key)
+        rows = part.get("rows", []) if isinstance(part, dict) and key != "bench" else part
+        if part is not None and (not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows)):
+            raise ValueError(f"report[{key!r}] is not a gpu_suite section (a list of result rows expected)")
     if not 0 <= min_gain < 1 or not max_rel_err > 0:
         raise ValueError(f"min_gain must be in [0, 1) and max_rel_err > 0, got {min_gain}, {max_rel_err}")
     bench = [
@@ -254,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         props = propose(report, device, a.min_gain, a.max_rel_err)
     except ValueError as e:
         p.error(str(e))
+    except KeyError as e:
+        p.error(f"a result row in {a.report} lacks the field {e}: not a gpu_suite report")
     print(f"# Proposed pallas_kernels/tuning.py changes for {device} from {a.report}\n")
     print(format_proposals(props, device))
     return 0

@@ -117,6 +117,13 @@ def test_cli_reads_a_report_and_refuses_bad_input(tmp_path, capsys):
     bad.append(([str(tmp_path / "nodev.json")], "names no device"))
     (tmp_path / "list.json").write_text("[1]")
     bad.append(([str(tmp_path / "list.json"), "--device", "h100"], "JSON object"))
+    (tmp_path / "rows.json").write_text(json.dumps({"bench": "oops", "tune": {"rows": [1]}}))
+    bad.append(([str(tmp_path / "rows.json"), "--device", "h100"], "report['bench'] is not a gpu_suite section"))
+    (tmp_path / "tune.json").write_text(json.dumps({"tune": {"rows": [1]}}))
+    bad.append(([str(tmp_path / "tune.json"), "--device", "h100"], "report['tune'] is not a gpu_suite section"))
+    no_m = {"kernel": "nf4", "t_kernel": 1.0, "t_xla": 2.0, "path": "kernel"}  # no M, K, N
+    (tmp_path / "field.json").write_text(json.dumps({"bench": [no_m]}))
+    bad.append(([str(tmp_path / "field.json"), "--device", "h100"], "lacks the field"))
     for argv, message in bad:
         with pytest.raises(SystemExit) as exc:
             main(argv)
