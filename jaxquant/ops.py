@@ -411,7 +411,7 @@ def _ternary_adapter(x, w: QArray, m: int, interpret: bool, mode: str = "w16"):
     why = _check_limit(name, m, interpret)
     if why:
         return None, why
-    cfg = tuning.get_config(name, m, k, n)
+    cfg = tuning.get_config(name, m, k, n, accept=lambda c: km.supported(k, n, packing, c, x.dtype, mode) is None)
     why = km.supported(k, n, packing, cfg, x.dtype, mode)
     if why:
         return None, why

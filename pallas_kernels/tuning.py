@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 
@@ -76,9 +76,21 @@ _HOPPER_SMALL_M = {
     ],
 }
 
+# H200, 2026-11-28 (benchmarks/results/h200-2026-11-28.md, kernels of 322c582, JAX 0.11.2), K=N=8192, M=1, timed in
+# one run: the W1.58A8 dp4a GEMV (inline PTX; exact, 0.0 relative error vs the XLA path on the device) 22.1 us against
+# 38.5 us for the 16-row dot; LLM.int8's one-launch activation split ("prepass", inline PTX; the same 5.9e-4 vs the
+# XLA path as the default) 40.2 us against 53.7 us (at M=16 it lost: 96.2 against 57.9 us).
+_H200_M1 = {
+    "ternary_a8": [
+        (1, BlockConfig(1, 128, 64, split_k=16, num_warps=4, num_stages=4, variant="dp4a-gemv")),
+        (16, _HOPPER_DOT16),
+    ],
+    "int8_outlier": [(1, BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4, variant="prepass"))],
+}
+
 #: device key -> kernel -> [(max_m, config)]; filled from measurements (other devices: heuristics)
 TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
-    "h200": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4, **_HOPPER_SMALL_M},
+    "h200": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4, **_HOPPER_SMALL_M, **_H200_M1},
     # H100: same Hopper SM (132 SMs, same Triton code generation), less memory bandwidth. The 54-config int4
     # sweep at 8192², M=1 on an H100 (benchmarks/results/h100.md) found the H200 row best there too (34.1 us).
     "h100": {"int4": _HOPPER_INT4, "nf4": _HOPPER_NF4, **_HOPPER_SMALL_M},
@@ -98,6 +110,12 @@ TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
 # (its table keeps 16-row tiles up to 64: 4 tiles at M=64, about 4x its M=16 time, above the XLA path's); int4 on
 # the H200 128 (2 of the 4 waves of 64-row tiles it measured at M=256: ~126 us against ~232); LLM.int8 stays at 16
 # (its margin at 16 is 1.1x). The first GPU sweep at M = 32..256 should replace the inferred values.
+# Measured since on the H200 (2026-11-28, benchmarks/results/h200-2026-11-28.md, 8192^2): int4 beat the XLA path at
+# M = 128 (104.6 vs 215.7 us) and 256 (188.5 vs 232.9; 4096^2 too) but the Pallas dequantization + dot beat both at
+# 256 (115.4 us; see DEQUANT_DOT), so int4 keeps 128; NF4 won at 32 (176.8 vs 291.6 us); W1.58A8 at 64 (79.8 vs
+# 137.3); LLM.int8 ((N, K) storage) at 16 and lost at 4096. fp8 W8A8's limit depends on the storage layout: from
+# (N, K) codes the XLA path (no transpose) beat the kernel at M = 1, 16, 64 (43.1 / 32.8 / 35.5 us against 55.1 /
+# 40.4 / 53.9), from (K, N) codes the kernel won at 1 and 16 (h200.md, 2026-11-27); one key serves both, so 64 stays.
 _HOPPER_LIMITS = {
     "int4": 128,
     "int8w": 64,
@@ -127,8 +145,11 @@ ESTIMATED_LIMITS: dict[str, int] = {**_HOPPER_LIMITS, **{k: 256 for k in _DENSE_
 #: device key -> kernel -> smallest ``M`` from which ``qdot``, having left the fused kernel for the XLA path (``M``
 #: above :data:`LIMITS`), dequantizes with the Pallas kernel (``jaxquant.ops.qdot_dequant_dot``: the same weights
 #: and result) instead of XLA's. Filled from measurements only (``benchmarks/kernels.py`` prints it in the note
-#: column of rows with M >= 256); none yet.
-DEQUANT_DOT: dict[str, dict[str, int]] = {}
+#: column of rows with M >= 256). H200, 2026-11-28 (benchmarks/results/h200-2026-11-28.md), bit-identical to the XLA
+#: path in every row: int4 g128 at M=256 115.4 us (XLA path 232.9, fused kernel 188.5; 4096^2: 33.6 / 62.6 / 53.6)
+#: and M=4096 829.1 us (950.0; 4096^2: 200.1 / 233.1); NF4 at M=4096 917.4 us (989.3; nothing measured between 32
+#: and 4096, so from 4096).
+DEQUANT_DOT: dict[str, dict[str, int]] = {"h200": {"int4": 256, "nf4": 4096}}
 
 _ALIASES = (("H200", "h200"), ("H100", "h100"), ("H800", "h100"), ("A100", "a100"), ("L40", "l40"), ("L4", "l4"))
 
@@ -341,11 +362,15 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, var
     )
 
 
-def get_config(kernel: str, m: int, k: int, n: int, device: str | None = None) -> BlockConfig:
-    """The tuned config for ``kernel`` at this shape on ``device`` (default: the current device)."""
+def get_config(
+    kernel: str, m: int, k: int, n: int, device: str | None = None, accept: Callable[[BlockConfig], bool] | None = None
+) -> BlockConfig:
+    """The tuned config for ``kernel`` at this shape on ``device`` (default: the current device): the first table row
+    with ``M <= max_m`` that ``accept`` (if given) takes, else :func:`heuristic`. ``accept`` lets a caller skip rows
+    measured for another storage of the same kernel (the W1.58A8 dp4a GEMV reads only codes packed along K)."""
     dev = device or device_key()
     for max_rows, cfg in TABLE.get(dev, {}).get(kernel, []):
-        if m <= max_rows:
+        if m <= max_rows and (accept is None or accept(cfg)):
             return cfg
     return heuristic(kernel, m, k, n)
 

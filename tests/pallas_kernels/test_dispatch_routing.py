@@ -55,9 +55,9 @@ def test_qdot_routes_large_m_to_xla_on_h200(fake_h200):
         assert ops.explain_qdot(_x(1, 256), q).startswith("kernel: int4")
         assert ops.explain_qdot(_x(16, 256), q).startswith("kernel: int4")
         big = ops.explain_qdot(_x(4096, 256), q)
-        assert big.startswith("xla:") and "M=4096" in big
+        assert big.startswith("xla") and "M=4096 above the tuned limit 128" in big
         # leading dims count towards M
-        assert ops.explain_qdot(jax.ShapeDtypeStruct((2, 2048, 256), jnp.bfloat16), q).startswith("xla:")
+        assert ops.explain_qdot(jax.ShapeDtypeStruct((2, 2048, 256), jnp.bfloat16), q).startswith("xla")
     with ops.kernel_mode("on"):  # forced kernels (benchmarks) ignore the limits
         assert ops.explain_qdot(_x(4096, 256), q).startswith("kernel: int4")
     with ops.kernel_mode("interpret"):
@@ -90,6 +90,7 @@ def test_large_m_dequant_kernel_only_where_measured(fake_h200, monkeypatch):
     """Above the fused kernel's limit qdot takes the XLA path; it swaps in the Pallas dequantization (the same
     weights) only for a device and kernel that :data:`tuning.DEQUANT_DOT` records, from that M on."""
     q = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.IntScheme(bits=4, group_size=128))
+    monkeypatch.setitem(tuning.DEQUANT_DOT, "h200", {})
     with ops.kernel_mode("auto"):
         assert ops.explain_qdot(_x(4096, 256), q).startswith("xla: M=4096")
         assert not tuning.use_dequant_dot("int4", 4096)
@@ -107,9 +108,38 @@ def test_large_m_dequant_kernel_only_where_measured(fake_h200, monkeypatch):
 def test_large_m_nf4_dequant_kernel_only_where_measured(fake_h200, monkeypatch):
     """The same routing for NF4 (QLoRA training and prefill run large M over NF4 weights)."""
     q = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.NF4Scheme(double_quant=True))
+    monkeypatch.setitem(tuning.DEQUANT_DOT, "h200", {})
     with ops.kernel_mode("auto"):
         assert ops.explain_qdot(_x(4096, 256), q).startswith("xla: M=4096")
         monkeypatch.setitem(tuning.DEQUANT_DOT, "h200", {"nf4": 1024})
         assert ops.explain_qdot(_x(512, 256), q).startswith("xla: M=512")
         assert ops.explain_qdot(_x(4096, 256), q).startswith("xla with the Pallas dequantization")
         assert "nf4_dequantize" in str(jax.make_jaxpr(ops.qdot)(_x(4096, 256), q))
+
+
+def test_h200_measured_routes(fake_h200):
+    """What the H200 run of 2026-11-28 put in the tables: int4 fused to M=128, Pallas dequantization + dot from 256;
+    NF4's from 4096; W1.58A8's dp4a GEMV and LLM.int8's one-launch split at M=1 only."""
+    q = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.IntScheme(bits=4, group_size=128))
+    with ops.kernel_mode("auto"):
+        assert ops.explain_qdot(_x(128, 256), q).startswith("kernel: int4")
+        assert ops.explain_qdot(_x(256, 256), q).startswith("xla with the Pallas dequantization")
+    assert not tuning.use_dequant_dot("nf4", 1024) and tuning.use_dequant_dot("nf4", 4096)
+    assert tuning.get_config("ternary_a8", 1, 8192, 8192).variant == "dp4a-gemv"
+    assert tuning.get_config("ternary_a8", 2, 8192, 8192).variant == ""
+    assert tuning.get_config("int8_outlier", 1, 8192, 8192).variant == "prepass"
+    assert tuning.get_config("int8_outlier", 2, 8192, 8192).variant != "prepass"
+    assert tuning.get_config("ternary_a8", 1, 8192, 8192, "h100").variant != "dp4a-gemv"  # not measured there
+
+
+def test_rows_for_another_storage_are_skipped(fake_h200):
+    """The H200's M=1 W1.58A8 row is the dp4a GEMV, which reads codes packed along K (per-channel scales); per-tensor
+    ternary weights (packed along N) take the next row that runs them (the 16-row dot), not the XLA path."""
+    x = _x(1, 256)
+    per_channel = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.TernaryScheme(granularity="channel"))
+    per_tensor = jq.quantize(jnp.ones((256, 128), jnp.float32), jq.TernaryScheme())
+    with ops.kernel_mode("interpret"):
+        assert "dp4a-gemv" in ops._ternary_adapter(x, per_channel, 1, True, mode="a8")[1]
+        plan, why = ops._ternary_adapter(x, per_tensor, 1, True, mode="a8")
+        assert plan is not None and "variant=''" in why and "block_m=16" in why
+        assert "pallas_call" in str(jax.make_jaxpr(ops.qdot_ternary_a8)(x, per_tensor))
