@@ -9,8 +9,9 @@ every int4 variant took 33-36 µs whatever its instruction count (4.8 to 11.6 pe
   (the int4 kernels' weight-tile loads: ``(K/2, N)`` bytes, a row of ``BN`` bytes per packed row);
 - ``u32 ...``: the same bytes viewed as ``(K/2, N/4)`` uint32 words (four columns per element: 4-byte loads).
 
-Each line: median µs per call over rotating buffers (> 2x L2) and the bytes read per second. Not a kernel of the
-library; nothing in ``jaxquant`` uses it.
+Each line: median µs per call over rotating buffers (> 2x L2) and the bytes read per second. The loop's loads feed
+no dot, so Triton does not pipeline them (plain 16-byte ``LDG`` in sm_90 code, no ``cp.async``): a lower bound on
+what a Pallas kernel can read, not a ceiling. Not a kernel of the library; nothing in ``jaxquant`` uses it.
 
 Usage::
 
