@@ -115,7 +115,10 @@ TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
 # 256 (115.4 us; see DEQUANT_DOT), so int4 keeps 128; NF4 won at 32 (176.8 vs 291.6 us); W1.58A8 at 64 (79.8 vs
 # 137.3); LLM.int8 ((N, K) storage) at 16 and lost at 4096. fp8 W8A8's limit depends on the storage layout: from
 # (N, K) codes the XLA path (no transpose) beat the kernel at M = 1, 16, 64 (43.1 / 32.8 / 35.5 us against 55.1 /
-# 40.4 / 53.9), from (K, N) codes the kernel won at 1 and 16 (h200.md, 2026-11-27); one key serves both, so 64 stays.
+# 40.4 / 53.9), from (K, N) codes the kernel won at 1, 16 and 64 (32.9 / 55.0 / 79.0 against 99.5 / 469.7 / 469.3 us,
+# h200-2026-11-28-rest.md); one key serves both, so 64 stays. Also measured at M=64 there, all won: int8 W8A16 (53.1
+# vs 129.3 us), W1.58A16 (92.8 vs 129.8), fp8 W8A16 (41.7 vs 133.1), int4 asym (84.1 vs 216.4); and the dense
+# 3/6-bit chunk dot at M=16 (int3 asym 42.2 vs 371.4, int6 asym 52.4 vs 374.5; M=64 not reached).
 _HOPPER_LIMITS = {
     "int4": 128,
     "int8w": 64,
