@@ -67,7 +67,7 @@ TUNING_NAME = {
     "fp8_w8a16": "fp8_w8a16",
     "fp8_w8a16_nk": "fp8_w8a16",
     "fp8_w8a8": "fp8_w8a8",
-    "fp8_w8a8_nk": "fp8_w8a8",
+    "fp8_w8a8_nk": "fp8_w8a8_nk",  # its own key (pallas_kernels.tuning.STORAGE_KEYS)
     "ternary": "ternary",
     "ternary_w158a8": "ternary_a8",
 }
@@ -96,7 +96,7 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
     tname = TUNING_NAME[name]
     with tuning.as_device(device):  # the heuristics of an unmeasured kernel size for that device, too
         cfg = tuning.get_config(tname, m, k, n, device)
-    if "gemv" in variants.get(tname, "") and (tname in tuning._GEMV_K_PER_UNIT or tname == "nf4"):
+    if "gemv" in variants.get(tname, "") and (tuning.base_kernel(tname) in tuning._GEMV_K_PER_UNIT or tname == "nf4"):
         cfg = tuning.gemv_config(tname, m, k, n, variant=variants[tname])
     elif tname in variants:
         cfg = dataclasses.replace(cfg, variant=variants[tname])

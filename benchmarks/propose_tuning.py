@@ -59,14 +59,19 @@ def _timed(rows: Iterable[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
     return out
 
 
-def _limit_of(rows: list[dict[str, Any]], current: int | None) -> tuple[int | None, str]:
+def _limit_of(
+    rows: list[dict[str, Any]], current: int | None, swept: dict[tuple[str, int, int, int], float] | None = None
+) -> tuple[int | None, str]:
     """The proposed limit from the benchmark rows of one tuning kernel, and the evidence.
 
     Per benchmarked scheme and shape (a series over ``M``): where the kernel lost to the XLA path at some ``M``, the
     last ``M`` it won before that bounds the limit; the proposal is the smallest such bound. Series that never lost
     bound nothing: with no bound at all the current limit stands if it is at least the largest ``M`` won (``None``:
-    no limit), else that ``M``.
+    no limit), else that ``M``. ``swept`` maps ``(benchmark kernel, M, K, N)`` to the fastest swept config's time
+    (those within the error bound): where it beats the benchmarked config, the kernel's time is that one (the row
+    proposed for it would run).
     """
+    swept = swept or {}
     by_shape: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in rows:
         by_shape.setdefault((r["kernel"], r["k"], r["n"]), []).append(r)
@@ -74,9 +79,13 @@ def _limit_of(rows: list[dict[str, Any]], current: int | None) -> tuple[int | No
     for (kernel, k, n), rs in sorted(by_shape.items()):
         won = 0
         for r in sorted(rs, key=lambda r: r["m"]):
-            if r["t_kernel"] >= r["t_xla"]:
+            t_swept = swept.get((kernel, r["m"], k, n), math.inf)
+            t_kernel = min(r["t_kernel"], t_swept)
+            if t_swept < r["t_kernel"]:
+                why.append(f"{kernel} M={r['m']}: the swept config's {1e6 * t_swept:.1f} µs counted")
+            if t_kernel >= r["t_xla"]:
                 why.append(
-                    f"{kernel} {k}x{n}: won to M={won}, lost at M={r['m']} ({r['t_xla'] / r['t_kernel']:.2f}x of the "
+                    f"{kernel} {k}x{n}: won to M={won}, lost at M={r['m']} ({r['t_xla'] / t_kernel:.2f}x of the "
                     "XLA path's speed)"
                 )
                 bounds.append(won)
@@ -148,17 +157,22 @@ def propose(report: dict[str, Any], device: str, min_gain: float = 0.03, max_rel
     by_tname: dict[str, list[dict[str, Any]]] = {}
     for r in bench:
         by_tname.setdefault(_tname(r["kernel"]), []).append(r)
+    sweep = _timed(_config_rows(report), "t")
+    swept: dict[tuple[str, int, int, int], float] = {}
+    for r in sweep:
+        if 0 <= r.get("rel_err_vs_xla", math.inf) <= max_rel_err:
+            key = (r.get("kernel", "?"), r["m"], r["k"], r["n"])
+            swept[key] = min(swept.get(key, math.inf), r["t"])
     with tuning.as_device(device):
         for tname, rows in sorted(by_tname.items()):
             cur = tuning.max_m(tname, device)
-            limit, why = _limit_of(rows, cur)
+            limit, why = _limit_of(rows, cur, swept)
             source = "LIMITS" if tuning.limit_measured(tname, device) else "ESTIMATED_LIMITS"
             out["limits"][tname] = {"proposed": limit, "current": cur, "current_from": source, "evidence": why}
             start, dwhy = _dequant_start(rows, limit if limit is not None else max(r["m"] for r in rows))
             if start is not None or any("t_dequant_dot" in r for r in rows):
                 current_dd = tuning.DEQUANT_DOT.get(device, {}).get(tname)
                 out["dequant_dot"][tname] = {"proposed": start, "current": current_dd, "evidence": dwhy}
-        sweep = _timed(_config_rows(report), "t")
         by_case: dict[tuple[str, int, int, int], list[dict[str, Any]]] = {}
         for r in sweep:
             by_case.setdefault((r["tname"], r["m"], r["k"], r["n"]), []).append(r)

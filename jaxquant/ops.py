@@ -489,8 +489,10 @@ def qdot_fp8_w8a8(x: jax.Array, w: QArray, x_scale: jax.Array | float | None = N
     if interpret is not None:
         from pallas_kernels import tuning
 
-        cfg = tuning.get_config("fp8_w8a8", x2.shape[0], k, n)
-        if km.supported(w.data.dtype, cfg, x.dtype) is None and not _check_limit("fp8_w8a8", x2.shape[0], interpret):
+        # (N, K) codes have their own tuning key: XLA's fp8 GEMM reads them without a transpose (tuning.STORAGE_KEYS)
+        name = "fp8_w8a8_nk" if w.scheme.layout == "nk" else "fp8_w8a8"
+        cfg = tuning.get_config(name, x2.shape[0], k, n)
+        if km.supported(w.data.dtype, cfg, x.dtype) is None and not _check_limit(name, x2.shape[0], interpret):
             y = km.fp8_matmul(
                 x2,
                 w.data,

@@ -23,8 +23,10 @@ __all__ = [
     "DEQUANT_DOT",
     "ESTIMATED_LIMITS",
     "LIMITS",
+    "STORAGE_KEYS",
     "TABLE",
     "as_device",
+    "base_kernel",
     "device_key",
     "gemv_config",
     "get_config",
@@ -37,6 +39,26 @@ __all__ = [
 
 #: the dense 3/5/6/7-bit weight-only kernels
 _DENSE_KERNELS = ("int3w", "int5w", "int6w", "int7w")
+
+#: storage-specific tuning keys -> the kernel's key. A device's rows and limit under a storage key apply to weights in
+#: that storage only; where a device has none, the kernel's own rows, limit and heuristic apply. fp8 W8A8 from
+#: ``(N, K)`` codes ("nk", the layout XLA's fp8 GEMM reads without a transpose) measured the opposite way from
+#: ``(K, N)`` codes on the H200 (see the limit comment below).
+STORAGE_KEYS: dict[str, str] = {"fp8_w8a8_nk": "fp8_w8a8"}
+
+
+def base_kernel(kernel: str) -> str:
+    """The kernel's own key for a storage-specific key of :data:`STORAGE_KEYS` (e.g. ``"fp8_w8a8_nk"`` ->
+    ``"fp8_w8a8"``); any other key unchanged."""
+    return STORAGE_KEYS.get(kernel, kernel)
+
+
+def _entry(per_kernel: dict, kernel: str):
+    """``per_kernel[kernel]``, else the entry of its :func:`base_kernel` (``None`` if neither)."""
+    if kernel in per_kernel:
+        return per_kernel[kernel]
+    return per_kernel.get(base_kernel(kernel))
+
 
 # Measured on an NVIDIA H200 (benchmarks/results/h200.md, 2026-11-27, JAX 0.11.2): the int4 g128 block sweep at
 # K=N=4096. M<=16: split_k=4, interleave, 5 stages (14.8 us at M=1, 13.4 us at M=16, vs 23.3 / 21.2 us with the
@@ -79,13 +101,18 @@ _HOPPER_SMALL_M = {
 # H200, 2026-11-28 (benchmarks/results/h200-2026-11-28.md, kernels of 322c582, JAX 0.11.2), K=N=8192, M=1, timed in
 # one run: the W1.58A8 dp4a GEMV (inline PTX; exact, 0.0 relative error vs the XLA path on the device) 22.1 us against
 # 38.5 us for the 16-row dot; LLM.int8's one-launch activation split ("prepass", inline PTX; the same 5.9e-4 vs the
-# XLA path as the default) 40.2 us against 53.7 us (at M=16 it lost: 96.2 against 57.9 us).
+# XLA path as the default) 40.2 us against 53.7 us (at M=16 it lost: 96.2 against 57.9 us; measured from (N, K)
+# storage: the prepass changes only the activation side, which both storages share); fp8 W8A8 from (N, K) codes with
+# the activations quantized by the XLA pre-pass ("prequant", 1.9e-3 vs the XLA path; the in-kernel quantization's
+# GEMV 2.6e-2) 29.8 us against 55.1 us for the GEMV and 43.1 us for the XLA path (XLA's fp8 GEMM on the codes as
+# stored); the only M where it beat the XLA path (limit below).
 _H200_M1 = {
     "ternary_a8": [
         (1, BlockConfig(1, 128, 64, split_k=16, num_warps=4, num_stages=4, variant="dp4a-gemv")),
         (16, _HOPPER_DOT16),
     ],
     "int8_outlier": [(1, BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4, variant="prepass"))],
+    "fp8_w8a8_nk": [(1, BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=4, variant="prequant"))],
 }
 
 #: device key -> kernel -> [(max_m, config)]; filled from measurements (other devices: heuristics)
@@ -116,9 +143,12 @@ TABLE: dict[str, dict[str, list[tuple[int, BlockConfig]]]] = {
 # 137.3); LLM.int8 ((N, K) storage) at 16 and lost at 4096. fp8 W8A8's limit depends on the storage layout: from
 # (N, K) codes the XLA path (no transpose) beat the kernel at M = 1, 16, 64 (43.1 / 32.8 / 35.5 us against 55.1 /
 # 40.4 / 53.9), from (K, N) codes the kernel won at 1, 16 and 64 (32.9 / 55.0 / 79.0 against 99.5 / 469.7 / 469.3 us,
-# h200-2026-11-28-rest.md); one key serves both, so 64 stays. Also measured at M=64 there, all won: int8 W8A16 (53.1
-# vs 129.3 us), W1.58A16 (92.8 vs 129.8), fp8 W8A16 (41.7 vs 133.1), int4 asym (84.1 vs 216.4); and the dense
-# 3/6-bit chunk dot at M=16 (int3 asym 42.2 vs 371.4, int6 asym 52.4 vs 374.5; M=64 not reached).
+# h200-2026-11-28-rest.md): so (N, K) codes have their own key, "fp8_w8a8_nk" (STORAGE_KEYS), with the limit 1 (its
+# "prequant" row, 29.8 us, is the only kernel config that beat the XLA path there: 37.5 against 32.8 us at M=16),
+# and (K, N) codes keep 64 (the H100 measured (K, N) codes only: both storages keep 64 there). Also measured at M=64
+# there, all won: int8 W8A16 (53.1 vs 129.3 us), W1.58A16 (92.8 vs 129.8), fp8 W8A16 (41.7 vs 133.1), int4 asym
+# (84.1 vs 216.4); and the dense 3/6-bit chunk dot at M=16 (int3 asym 42.2 vs 371.4, int6 asym 52.4 vs 374.5; M=64 not
+# reached).
 _HOPPER_LIMITS = {
     "int4": 128,
     "int8w": 64,
@@ -133,7 +163,10 @@ _HOPPER_LIMITS = {
 
 #: device key -> kernel -> largest M for which the fused kernel is used (measured, or inferred between measured
 #: points: see the comment above; measured devices only)
-LIMITS: dict[str, dict[str, int]] = {"h200": dict(_HOPPER_LIMITS), "h100": {**_HOPPER_LIMITS, "int4": 256}}
+LIMITS: dict[str, dict[str, int]] = {
+    "h200": {**_HOPPER_LIMITS, "fp8_w8a8_nk": 1},
+    "h100": {**_HOPPER_LIMITS, "int4": 256},
+}
 
 #: kernel -> largest ``M`` for the fused kernel where the device's :data:`LIMITS` has no entry (every GPU but the
 #: H100 / H200, and kernels they never measured). Estimates, not measurements: the H200's limits (the only
@@ -208,8 +241,10 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     Kernel names: ``int4``, ``int8w``, ``int2w``, and ``int3w``, ``int5w``, ``int6w``, ``int7w`` (weight-only
     integer; the dense 3/5/6/7-bit widths: the GEMV up to ``M = 8``, then the chunk dot with 512-row K steps),
     ``nf4``, ``int8_outlier``,
-    ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``.
+    ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``; a storage key of :data:`STORAGE_KEYS`
+    gets its kernel's heuristic.
     """
+    kernel = base_kernel(kernel)
     sms = sms or _num_sms()
     if kernel in _GEMV_HEURISTIC and m <= _GEMV_HEURISTIC[kernel]:
         return gemv_config(kernel, m, k, n, sms)
@@ -329,6 +364,7 @@ def gemv_config(kernel: str, m: int, k: int, n: int, sms: int | None = None, var
     per weight against 3.11 with half the step). Static counts (``benchmarks/kernel_sass.py``); not yet measured on
     a GPU.
     """
+    kernel = base_kernel(kernel)
     sms = sms or _num_sms()
     bm = 1
     while bm < m:
@@ -370,9 +406,12 @@ def get_config(
 ) -> BlockConfig:
     """The tuned config for ``kernel`` at this shape on ``device`` (default: the current device): the first table row
     with ``M <= max_m`` that ``accept`` (if given) takes, else :func:`heuristic`. ``accept`` lets a caller skip rows
-    measured for another storage of the same kernel (the W1.58A8 dp4a GEMV reads only codes packed along K)."""
+    measured for another storage of the same kernel (the W1.58A8 dp4a GEMV reads only codes packed along K). For a
+    storage key of :data:`STORAGE_KEYS` its own rows come first, then its kernel's."""
     dev = device or device_key()
-    for max_rows, cfg in TABLE.get(dev, {}).get(kernel, []):
+    per_kernel = TABLE.get(dev, {})
+    rows = per_kernel.get(kernel, []) + (per_kernel.get(base_kernel(kernel), []) if kernel in STORAGE_KEYS else [])
+    for max_rows, cfg in rows:
         if m <= max_rows and (accept is None or accept(cfg)):
             return cfg
     return heuristic(kernel, m, k, n)
@@ -380,15 +419,17 @@ def get_config(
 
 def max_m(kernel: str, device: str | None = None) -> int | None:
     """Largest ``M`` for which dispatch should use the kernel (``None``: no limit): the device's :data:`LIMITS`
-    (measured, or inferred between measured points), else the kernel's :data:`ESTIMATED_LIMITS`."""
+    (measured, or inferred between measured points), else the kernel's :data:`ESTIMATED_LIMITS`. A storage key of
+    :data:`STORAGE_KEYS` takes its own entry where there is one, else its kernel's."""
     dev = device or device_key()
-    return LIMITS.get(dev, {}).get(kernel, ESTIMATED_LIMITS.get(kernel))
+    limit = _entry(LIMITS.get(dev, {}), kernel)
+    return limit if limit is not None else _entry(ESTIMATED_LIMITS, kernel)
 
 
 def limit_measured(kernel: str, device: str | None = None) -> bool:
     """Whether :func:`max_m` for ``kernel`` on ``device`` comes from the device's :data:`LIMITS` (its measurements,
     or inferences between measured points), not from :data:`ESTIMATED_LIMITS`."""
-    return kernel in LIMITS.get(device or device_key(), {})
+    return _entry(LIMITS.get(device or device_key(), {}), kernel) is not None
 
 
 def use_kernel(kernel: str, m: int, device: str | None = None) -> bool:

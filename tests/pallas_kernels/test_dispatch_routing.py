@@ -29,7 +29,7 @@ def test_use_kernel_follows_limits():
     assert tuning.use_kernel("int4", 256, "h100") and not tuning.use_kernel("int4", 257, "h100")
     # every kernel: the fused kernel wherever it was measured faster (M <= 16); LLM.int8 (1.1x there) no further
     for dev in ("h200", "h100"):
-        for name in tuning.LIMITS[dev]:
+        for name in set(tuning.LIMITS[dev]) - set(tuning.STORAGE_KEYS):
             assert tuning.use_kernel(name, 16, dev) and tuning.limit_measured(name, dev), (dev, name)
         assert not tuning.use_kernel("int8_outlier", 17, dev)
     # no measurement on that GPU: the estimated limits (the H200's; 256 for the dense chunk dot)
@@ -143,3 +143,32 @@ def test_rows_for_another_storage_are_skipped(fake_h200):
         plan, why = ops._ternary_adapter(x, per_tensor, 1, True, mode="a8")
         assert plan is not None and "variant=''" in why and "block_m=16" in why
         assert "pallas_call" in str(jax.make_jaxpr(ops.qdot_ternary_a8)(x, per_tensor))
+
+
+def test_fp8_w8a8_storage_key(fake_h200):
+    """fp8 W8A8 from (N, K) codes has its own H200 key: its "prequant" row at M=1, the XLA path (XLA's fp8 GEMM on the
+    codes as stored, measured faster) from M=2; (K, N) codes keep the kernel to 64. Devices without an entry for the
+    storage key (the H100 measured (K, N) codes only) take the kernel's rows and limit."""
+    assert tuning.base_kernel("fp8_w8a8_nk") == "fp8_w8a8" and tuning.base_kernel("int4") == "int4"
+    assert tuning.get_config("fp8_w8a8_nk", 1, 8192, 8192).variant == "prequant"
+    # above its own rows: the kernel's rows (the 16-row dot), not the heuristic's
+    assert tuning.get_config("fp8_w8a8_nk", 16, 8192, 8192) == tuning.get_config("fp8_w8a8", 16, 8192, 8192)
+    assert tuning.get_config("fp8_w8a8", 1, 8192, 8192).variant == "gemv"
+    assert tuning.max_m("fp8_w8a8_nk") == 1 and tuning.max_m("fp8_w8a8") == 64
+    for dev in ("h100", "a100"):
+        assert tuning.get_config("fp8_w8a8_nk", 1, 8192, 8192, dev) == tuning.get_config("fp8_w8a8", 1, 8192, 8192, dev)
+        assert tuning.max_m("fp8_w8a8_nk", dev) == tuning.max_m("fp8_w8a8", dev) == 64
+        assert tuning.limit_measured("fp8_w8a8_nk", dev) == tuning.limit_measured("fp8_w8a8", dev)
+    assert tuning.heuristic("fp8_w8a8_nk", 4096, 8192, 8192) == tuning.heuristic("fp8_w8a8", 4096, 8192, 8192)
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (256, 128)) * 0.02
+    nk = jq.quantize(w, jq.FP8Scheme(fmt="e4m3", granularity="channel", layout="nk"))
+    kn = jq.quantize(w, jq.FP8Scheme(fmt="e4m3", granularity="channel"))
+
+    def kernel_call(m, q):
+        jaxpr = str(jax.make_jaxpr(ops.qdot_fp8_w8a8)(jnp.ones((m, 256), jnp.bfloat16), q))
+        return "pallas_call" in jaxpr
+
+    with ops.kernel_mode("auto"):
+        assert kernel_call(1, nk) and not kernel_call(2, nk) and not kernel_call(16, nk)
+        assert kernel_call(1, kn) and kernel_call(16, kn) and kernel_call(64, kn) and not kernel_call(65, kn)

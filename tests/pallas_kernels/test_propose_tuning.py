@@ -53,6 +53,23 @@ def test_limit_is_the_largest_m_won_at_every_smaller_m_and_every_scheme():
         assert propose(report, "l4")["limits"]["int4"]["current_from"] == "ESTIMATED_LIMITS"
 
 
+def test_limit_counts_a_faster_swept_config_within_the_error_bound():
+    """The benchmark times the config in the table then; a swept config proposed as a row (within the error bound)
+    is what would run, so its time decides a win (the H200's fp8 W8A8 from (N, K) codes: its GEMV lost to the XLA
+    path at M=1, the "prequant" config won)."""
+    rows = [_bench("fp8_w8a8_nk", 1, 55e-6, 43e-6, path="direct fp8_w8a8"), _bench("fp8_w8a8_nk", 16, 40e-6, 33e-6)]
+
+    def swept(m, t, err):
+        return {"kernel": "fp8_w8a8_nk", "m": m, "k": K, "n": N, "config": f"c{t}", "t": t, "rel_err_vs_xla": err}
+
+    lim = propose({"bench": rows, "tune_kernels": {"rows": [swept(1, 30e-6, 2e-3), swept(16, 37e-6, 1e-3)]}}, "h200")
+    assert lim["limits"]["fp8_w8a8_nk"]["proposed"] == 1
+    assert "the swept config's 30.0 µs counted" in lim["limits"]["fp8_w8a8_nk"]["evidence"]
+    # a swept config beyond the error bound does not count
+    lim = propose({"bench": rows, "tune_kernels": {"rows": [swept(1, 30e-6, 0.5)]}}, "h200")
+    assert lim["limits"]["fp8_w8a8_nk"]["proposed"] == 0
+
+
 def test_dequant_dot_needs_bit_identity_and_wins_at_every_larger_m():
     rows = [
         _bench("int4_g128", 1, 30e-6, 200e-6),
