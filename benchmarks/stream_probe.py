@@ -1,4 +1,4 @@
-"""How fast does a Pallas-Triton K loop stream a packed weight, with no arithmetic beyond an integer sum?
+"""How fast does a Pallas-Triton K loop stream a packed weight: a ladder from a bare integer sum to the int4 kernel.
 
 A diagnostic for the fused kernels' times on the H200 (``benchmarks/results/h200-2026-11-28.md``): at K = N = 8192
 every int4 variant took 33-36 µs whatever its instruction count (4.8 to 11.6 per weight in sm_90 code), i.e. about
@@ -9,14 +9,28 @@ every int4 variant took 33-36 µs whatever its instruction count (4.8 to 11.6 pe
   (the int4 kernels' weight-tile loads: ``(K/2, N)`` bytes, a row of ``BN`` bytes per packed row);
 - ``u32 ...``: the same bytes viewed as ``(K/2, N/4)`` uint32 words (four columns per element: 4-byte loads).
 
-Each line: median µs per call over rotating buffers (> 2x L2) and the bytes read per second. The loop's loads feed
-no dot, so Triton does not pipeline them (plain 16-byte ``LDG`` in sm_90 code, no ``cp.async``): a lower bound on
-what a Pallas kernel can read, not a ceiling. Not a kernel of the library; nothing in ``jaxquant`` uses it.
+The sum loop's loads feed no dot, so Triton does not pipeline them (plain 16-byte ``LDG`` in sm_90 code, no
+``cp.async``): a lower bound on what a Pallas kernel can read, not a ceiling. The ladder's next rungs, on the same
+bytes, bracket where the fused kernel's time goes:
+
+- ``dot uint8 ...`` (:func:`stream_dot`): 16 bf16 activation rows times the bytes converted to bf16, one tensor-core
+  dot per ``(BK, BN)`` tile. Feeding a dot, the tiles are software-pipelined through shared memory (``LDGSTS``)
+  as in the int4 kernel; sm_90 code per trip of the 64x64-byte tile: 32 ``LDS.U8`` (each byte read from shared
+  memory on its own) and 32 ``I2F.BF16.U16`` per thread, 8 ``HMMA`` (compiled on the CPU);
+- ``dot uint32 ...``: the tile as ``(BK, BN/4)`` words, each byte a dot of its own (a column-permuted output, see
+  :func:`word_columns`): 32-bit shared-memory reads (``LDS``, 4 bytes each) instead of byte reads;
+- ``int4 kernel ...``: the library's int4 g128 kernel on the same bytes (as packed codes), M = 1 and 16, this
+  device's table config and the H200 sweep's fastest, vs its XLA path.
+
+Each line: median µs per call over rotating buffers (> 2x L2), the weight bytes read per second, and (dot and
+kernel rungs) the relative error against float64 NumPy / the XLA path. Not a kernel of the library; nothing in
+``jaxquant`` uses it.
 
 Usage::
 
-    python benchmarks/stream_probe.py            # on a GPU
-    python benchmarks/stream_probe.py --dry-run  # CPU: a 256x256 weight through the Pallas interpreter
+    python benchmarks/stream_probe.py                 # on a GPU: every rung
+    python benchmarks/stream_probe.py --rungs dot,int4
+    python benchmarks/stream_probe.py --dry-run       # CPU: a 256x256 weight through the Pallas interpreter
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ from jax.experimental import pallas as pl
 from benchmarks.kernels import L2_BYTES, time_per_call
 from pallas_kernels._common import BlockConfig, compiler_params
 
-__all__ = ["main", "stream_sum"]
+__all__ = ["main", "stream_dot", "stream_sum"]
 
 #: (element dtype, BN elements, BK rows, split-K, warps, stages)
 CASES = [
@@ -54,6 +68,20 @@ CASES = [
     ("uint32", 128, 16, 4, 4, 4),
     ("uint32", 64, 64, 1, 4, 4),
     ("uint32", 128, 64, 4, 4, 4),
+]
+
+
+#: the ladder's pipelined rungs: (element dtype, BN output columns, BK packed rows, split-K, warps, stages); 16
+#: activation rows. "uint32": a (BK, BN/4) word tile whose four bytes feed four dots of BN/4 columns each
+DOT_CASES = [
+    ("uint8", 64, 64, 4, 4, 5),  # the int4 H200 table row's weight tile (16x64x128, split 4, 5 stages)
+    ("uint8", 64, 64, 4, 4, 3),
+    ("uint8", 128, 64, 8, 8, 3),  # the fastest swept int4 config's weight tile (16x128x128, split 8, 8 warps)
+    ("uint8", 128, 64, 8, 4, 4),
+    ("uint8", 128, 128, 4, 4, 4),
+    ("uint32", 64, 64, 4, 4, 4),  # the same 64x64 bytes as 64x16 words
+    ("uint32", 128, 64, 8, 4, 4),
+    ("uint32", 256, 64, 8, 8, 3),
 ]
 
 
@@ -87,12 +115,82 @@ def stream_sum(w: jax.Array, cfg: BlockConfig, interpret: bool = False) -> jax.A
     )(w)
 
 
+def _dot_kernel(x_ref, w_ref, o_ref, *, bk: int, bn: int, steps: int, words: bool):
+    j, s = pl.program_id(0), pl.program_id(1)
+    mx = x_ref.shape[0]
+    width = bn // 4 if words else bn  # output columns per dot
+
+    def tiles(k0):
+        if not words:
+            return [w_ref[pl.ds(k0, bk), pl.ds(j * bn, bn)].astype(jnp.bfloat16)]
+        wt = w_ref[pl.ds(k0, bk), pl.ds(j * width, width)]
+        return [
+            (jax.lax.shift_right_logical(wt, jnp.array(8 * q, wt.dtype)) & 0xFF).astype(jnp.int32).astype(jnp.bfloat16)
+            for q in range(4)
+        ]
+
+    def body(t, accs):
+        k0 = (s * steps + t) * bk
+        xt = x_ref[:, pl.ds(k0, bk)]
+        return tuple(a + jnp.dot(xt, wt, preferred_element_type=jnp.float32) for a, wt in zip(accs, tiles(k0)))
+
+    init = tuple(jnp.zeros((mx, width), jnp.float32) for _ in range(4 if words else 1))
+    accs = jax.lax.fori_loop(0, steps, body, init)
+    for q, acc in enumerate(accs):
+        o_ref[pl.ds(s * mx, mx), pl.ds(j * bn + q * width, width)] = acc
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def stream_dot(x: jax.Array, w: jax.Array, cfg: BlockConfig, interpret: bool = False) -> jax.Array:
+    """``(split_k * R, N)`` float32 partial products ``x @ w`` of bf16 activations ``x`` (R, K) with the bytes of
+    ``w``, one ``(R, N)`` block per K split: the least a fused kernel does with its weight tiles (Triton pipelines
+    the tile loads through shared memory because they feed a dot, then converts the bytes to bf16).
+
+    ``w``: ``(K, N)`` uint8, or ``(K, N/4)`` uint32 words, each word's byte ``q`` (little end first) feeding a
+    separate dot; output column ``j * block_n + q * block_n / 4 + c`` of program ``j`` is then the product with
+    byte ``q`` of word column ``j * block_n / 4 + c``. ``block_n`` counts output columns (bytes); K and N must
+    divide evenly."""
+    words = w.dtype == jnp.uint32
+    if w.dtype not in (jnp.uint8, jnp.uint32) or x.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"stream_dot: x (R, K) and uint8/uint32 w (K, ...) needed, got {x.shape}, {w.dtype}{w.shape}")
+    k, n = w.shape[0], w.shape[1] * (4 if words else 1)
+    bk, bn, split = cfg.block_k, cfg.block_n, cfg.split_k
+    if n % bn or k % (bk * split) or (words and bn % 64):
+        raise ValueError(f"stream_dot: ({k}, {n}) does not divide into {split} x ({bk}, {bn}) tiles")
+    kernel = functools.partial(_dot_kernel, bk=bk, bn=bn, steps=k // (bk * split), words=words)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((split * x.shape[0], n), jnp.float32),
+        grid=(n // bn, split),
+        compiler_params=compiler_params(cfg),
+        interpret=interpret,
+        name="stream_dot",
+    )(x, w)
+
+
+def word_columns(n: int, block_n: int) -> np.ndarray:
+    """For :func:`stream_dot` over ``uint32`` words: the byte column of ``w`` behind each output column."""
+    out = np.arange(n)
+    j, r = out // block_n, out % block_n
+    q, c = r // (block_n // 4), r % (block_n // 4)
+    return 4 * (j * (block_n // 4) + c) + q
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU: a 256x256 weight through the Pallas interpreter")
     p.add_argument("--k", type=int, default=8192, help="K of the int4 weight (packed rows: K / 2)")
     p.add_argument("--n", type=int, default=8192)
+    p.add_argument(
+        "--rungs",
+        default="sum,dot,int4",
+        help="comma-separated subset of: sum (unpipelined column sums), dot (pipelined dots on the bytes), int4 (the "
+        "library's kernel)",
+    )
     a = p.parse_args(argv)
+    rungs = set(a.rungs.split(","))
+    if not rungs or not rungs <= {"sum", "dot", "int4"}:
+        p.error(f"--rungs takes a comma-separated subset of sum,dot,int4, got {a.rungs!r}")
     if a.k < 2 or a.n < 4 or a.k % 2 or a.n % 4:
         p.error("--k must be even and positive, --n a positive multiple of 4 (the uint32 view)")
     k, n = (256, 256) if a.dry_run else (a.k, a.n)
@@ -115,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     f_xla = jax.jit(lambda wl: [jnp.sum(w.astype(jnp.int32), axis=0) for w in wl])
     t = time_per_call(f_xla, (ws,), calls, trials) / nb
     print(f"xla column sum: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s", flush=True)
-    for dt, bn, bk, split, warps, stages in CASES:
+    for dt, bn, bk, split, warps, stages in CASES if "sum" in rungs else []:
         src = ws if dt == "uint8" else words
         if a.dry_run:
             bn, bk, split = min(bn, src[0].shape[1]), min(bk, rows // 2), min(split, 2)
@@ -129,7 +227,85 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s{'' if ok else '  WRONG SUM'}", flush=True)
         except Exception as e:  # one failing config must not hide the others
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    if "dot" in rungs:
+        _dot_rungs(a.dry_run, ws, words, nbytes, calls, trials)
+    if "int4" in rungs:
+        _int4_rungs(a.dry_run, ws, nbytes, calls, trials)
     return 0
+
+
+def _report(name: str, t: float, nbytes: int, err: float, bound: float) -> None:
+    flag = "" if err <= bound else f"  WRONG (rel err {err:.1e} > {bound:g})"
+    print(f"{name}: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s, rel err {err:.1e}{flag}", flush=True)
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def _dot_rungs(dry_run: bool, ws: list, words: list, nbytes: int, calls: int, trials: int) -> None:
+    """The pipelined rungs: :func:`stream_dot` over the same bytes, 16 activation rows, vs float64 numpy."""
+    rows, n = ws[0].shape
+    key = jax.random.PRNGKey(1)
+    xs = [
+        jax.random.normal(jax.random.fold_in(key, b), (16, rows), jnp.float32).astype(jnp.bfloat16)
+        for b in range(len(ws))
+    ]
+    want8 = np.asarray(xs[0], np.float64) @ np.asarray(ws[0], np.float64)
+    for dt, bn, bk, split, warps, stages in DOT_CASES:
+        src = ws if dt == "uint8" else words
+        if dry_run:
+            bn, bk, split = min(bn, 64 if dt == "uint32" else n), min(bk, rows // 2), min(split, 2)
+        cfg = BlockConfig(block_m=16, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
+        name = f"dot {dt} {bn}x{bk}/{split} w{warps} s{stages}"
+        try:
+            f = jax.jit(lambda xl, wl, cfg=cfg: [stream_dot(x, w, cfg, dry_run) for x, w in zip(xl, wl)])
+            got = np.asarray(f(xs[:1], src[:1])[0], np.float64).reshape(split, 16, n).sum(axis=0)
+            want = want8 if dt == "uint8" else want8[:, word_columns(n, bn)]
+            t = time_per_call(f, (xs, src), calls, trials) / len(ws)
+            _report(name, t, nbytes, _rel_err(got, want), 1e-5)
+        except Exception as e:  # one failing config must not hide the others
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -> None:
+    """The top rung: the library's int4 g128 kernel on the same bytes (as packed codes), at M = 1 and 16, with this
+    device's table config and the fastest config of the H200 sweep, vs its XLA path."""
+    from pallas_kernels import int4_matmul as km
+    from pallas_kernels import tuning
+
+    rows, n = ws[0].shape
+    k = 2 * rows
+    group = 128 if k % 128 == 0 else None
+    layout = km.IntLayout(bits=4, mode="sym", k=k, n=n, group_size=group)
+    scale = jnp.full((k // 128 if group else 1, n), 0.01, jnp.bfloat16)
+    best = BlockConfig(16, 128, 128, split_k=8, num_warps=8, num_stages=3, variant="split+postscale")
+    for m in (1, 16):
+        key = jax.random.fold_in(jax.random.PRNGKey(2), m)
+        xs = [
+            jax.random.normal(jax.random.fold_in(key, b), (m, k), jnp.float32).astype(jnp.bfloat16)
+            for b in range(len(ws))
+        ]
+        want = np.asarray(km.int_matmul_reference(xs[0], ws[0], scale, None, layout), np.float64)
+        for label, cfg in (("table", tuning.get_config("int4", m, k, n)), ("sweep-best", best)):
+            if dry_run:
+                cfg = BlockConfig(16, 64, 128, split_k=2, num_warps=4, num_stages=3, variant=cfg.variant)
+            name = f"int4 kernel M={m} {label} {cfg.block_m}x{cfg.block_n}x{cfg.block_k}/{cfg.split_k} {cfg.variant}"
+            try:
+                why = km.supported(layout, cfg, xs[0].dtype)
+                if why:
+                    raise ValueError(why)
+
+                def f(xl, wl, cfg=cfg):
+                    return [km.int_matmul(x, w, scale, None, layout=layout, config=cfg, interpret=dry_run)
+                            for x, w in zip(xl, wl)]  # fmt: skip
+
+                f = jax.jit(f)
+                got = np.asarray(f(xs[:1], ws[:1])[0], np.float64)
+                t = time_per_call(f, (xs, ws), calls, trials) / len(ws)
+                _report(name, t, nbytes, _rel_err(got, want), 1e-2)
+            except Exception as e:  # one failing config must not hide the others
+                print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
 if __name__ == "__main__":
