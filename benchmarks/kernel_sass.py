@@ -19,7 +19,9 @@ It also prints two latency hints per trip: *exposed loads*, global loads into re
 the same trip (not the ``LDGSTS`` copies the software pipeline issues stages ahead, nor register prefetches for
 the next trip; each makes every trip wait for the memory latency), and *BAR*, block-wide barriers (about two
 for the pipeline; more are layout conversions through shared memory); and ptxas' register count per thread with
-the bytes spilled to local memory (which should be 0).
+the bytes spilled to local memory (which should be 0). From those and the shared memory per block: resident blocks
+per SM and the limit that binds (``pallas_kernels._triton_tools.occupancy``), and *waves*, programs / (blocks per
+SM x 132 SMs), at most one of which may run below full occupancy.
 
 These are lower bounds from the instruction stream, not measurements: latency, occupancy, the split-K
 reduction and launch costs come on top. They rank kernel variants without a GPU (e.g. whether a change removes
@@ -154,6 +156,9 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
         spill=cubin.spill_bytes,
         smem=cubin.shared_bytes,
     )
+    if cubin.n_regs and arch in tt.SM_LIMITS:
+        blocks, bind = tt.occupancy(cubin.n_regs, cubin.shared_bytes or 0, call.num_warps, arch)
+        row.update(blocks_per_sm=blocks, occupancy_bound=bind, waves=programs / max(blocks * SMS, 1))
     return row
 
 
@@ -161,27 +166,33 @@ def _kib(v: int | None) -> str:
     return "?" if v is None else f"{v / 1024:.0f}"
 
 
+def _occ(r: dict) -> str:
+    if "blocks_per_sm" not in r:
+        return "?"
+    return f"{r['blocks_per_sm']} ({r['occupancy_bound']}), {r['waves']:.2f}"
+
+
 def format_table(rows: list[dict]) -> str:
     head = (
         "| kernel | M | variant (tile, split, warps) | instr/trip | instr/weight | conv/weight | smem/weight "
-        "| exposed loads/trip | BAR/trip | registers (spill bytes), shared KiB | issue floor µs | conv floor µs "
-        "| memory floor µs "
+        "| exposed loads/trip | BAR/trip | registers (spill bytes), shared KiB | blocks/SM (bound), waves "
+        "| issue floor µs | conv floor µs | memory floor µs "
         "| binding | most frequent opcodes per trip |\n"
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"
     )
     out = [head]
     for r in rows:
         c = r["config"]
         cfg = f"{c.variant or 'default'} ({c.block_m}x{c.block_n}x{c.block_k}, {c.split_k}, {c.num_warps})"
         if "error" in r:
-            out.append(f"| {r['kernel']} | {r['m']} | {cfg} |" + " – |" * 11 + f" {r['error']} |")
+            out.append(f"| {r['kernel']} | {r['m']} | {cfg} |" + " – |" * 12 + f" {r['error']} |")
             continue
         floors = {"issue": r["issue_us"], "conversion": r["conv_us"], "memory": r["mem_us"]}
         trip = f"{r['trip_instr']}{' (unrolled)' if r.get('unrolled') else ''}"
         out.append(
             f"| {r['kernel']} | {r['m']} | {cfg} | {trip} | {r['instr_per_weight']:.2f} "
             f"| {r['conv_per_weight']:.2f} | {r['smem_per_weight']:.2f} | {r['exposed']} | {r['barriers']} "
-            f"| {r['regs']} ({r['spill']}), {_kib(r['smem'])} | {r['issue_us']:.1f} | {r['conv_us']:.1f} "
+            f"| {r['regs']} ({r['spill']}), {_kib(r['smem'])} | {_occ(r)} | {r['issue_us']:.1f} | {r['conv_us']:.1f} "
             f"| {r['mem_us']:.1f} | {max(floors, key=floors.get)} | {r['top']} |"
         )
     return "\n".join(out)

@@ -73,6 +73,41 @@ class CubinReport:
     cubin_bytes: int = 0
 
 
+#: per-SM limits by architecture: (32-bit registers, threads, resident blocks, shared memory bytes usable by blocks);
+#: the CUDA C++ Programming Guide's table of compute-capability limits (sm_80 / sm_90: 64 K registers, 2048 threads,
+#: 32 blocks, 164 / 228 KB; sm_86 / sm_89: 1536 threads, 16 / 24 blocks, 100 KB)
+SM_LIMITS = {
+    80: (65536, 2048, 32, 164 * 1024),
+    86: (65536, 1536, 16, 100 * 1024),
+    89: (65536, 1536, 24, 100 * 1024),
+    90: (65536, 2048, 32, 228 * 1024),
+}
+
+
+def occupancy(n_regs: int, shared_bytes: int, num_warps: int, arch: int = 90) -> tuple[int, str]:
+    """Resident blocks per SM for a kernel of ``n_regs`` registers per thread, ``shared_bytes`` of shared memory
+    per block and ``num_warps`` warps on ``sm_<arch>``, and the limit that binds (``"registers"``, ``"shared
+    memory"``, ``"threads"`` or ``"blocks"``).
+
+    Registers are allocated per warp in units of 256 (per thread: ``n_regs`` rounded up to 8); the driver reserves
+    1 KiB of shared memory per block. A static estimate (what the CUDA occupancy calculator computes), not a
+    measurement: 0 means the block does not fit at all.
+    """
+    if arch not in SM_LIMITS:
+        raise ValueError(f"occupancy: no SM limits for sm_{arch} (known: {sorted(SM_LIMITS)})")
+    if n_regs < 1 or shared_bytes < 0 or num_warps < 1:
+        raise ValueError(f"occupancy: bad kernel resources ({n_regs} registers, {shared_bytes} B, {num_warps} warps)")
+    regs, threads, blocks, smem = SM_LIMITS[arch]
+    fits = {
+        "registers": regs // (-(-n_regs // 8) * 8 * 32 * num_warps),
+        "shared memory": smem // (shared_bytes + 1024),
+        "threads": threads // (32 * num_warps),
+        "blocks": blocks,
+    }
+    bind = min(fits, key=fits.get)
+    return fits[bind], bind
+
+
 def export_cuda(fn: Callable, *args: Any) -> str:
     """Lower ``jax.jit(fn)(*args)`` for CUDA without a GPU and return the StableHLO module text.
 

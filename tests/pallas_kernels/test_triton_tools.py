@@ -96,3 +96,22 @@ def test_k_loop_profile_picks_the_dot_loop_or_divides_an_unrolled_kernel():
     assert tt.k_loop_profile(SASS, trips=4).count("HMMA") == 1  # any tensor-core opcode by default
     with pytest.raises(ValueError, match="trips"):
         tt.k_loop_profile(SASS, trips=0)
+
+
+def test_occupancy_takes_the_binding_limit():
+    # 104 registers x 128 threads: 4 blocks of 4 warps fit the 64 K registers (the H200 int4 table row's kernel)
+    assert tt.occupancy(104, 24832, 4, 90) == (4, "registers")
+    assert tt.occupancy(88, 16384, 4, 90) == (5, "registers")  # its split+postscale form: 88 registers
+    # registers round up to a multiple of 8 per thread: 97..104 all cost 104
+    assert tt.occupancy(97, 0, 4, 90) == tt.occupancy(104, 0, 4, 90)
+    assert tt.occupancy(32, 100 * 1024, 4, 90) == (2, "shared memory")  # 228 KiB / (100 + 1 KiB reserved)
+    assert tt.occupancy(32, 100 * 1024, 4, 80) == (1, "shared memory")  # 164 KiB on an A100
+    assert tt.occupancy(16, 0, 1, 90) == (32, "blocks")
+    assert tt.occupancy(24, 0, 16, 90) == (4, "threads")  # 2048 threads / 512
+    assert tt.occupancy(24, 0, 16, 86) == (3, "threads")  # 1536 on sm_86
+    assert tt.occupancy(255, 0, 8, 90)[0] == 1
+    assert tt.occupancy(32, 300 * 1024, 4, 90) == (0, "shared memory")  # does not fit at all
+    with pytest.raises(ValueError, match="sm_75"):
+        tt.occupancy(32, 0, 4, 75)
+    with pytest.raises(ValueError, match="bad kernel resources"):
+        tt.occupancy(0, 0, 4, 90)
