@@ -38,8 +38,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
+import json
 import os
 import sys
 from typing import Any
@@ -162,6 +164,86 @@ def profile_case(name: str, m: int, k: int, n: int, device: str, arch: int, vari
     return row
 
 
+def swept_cases(report_path: str, kernels: list[str]) -> list[dict]:
+    """The timed configs of a gpu_suite report's sweeps (the int4 block sweep and the kernel-variant sweep) of
+    ``kernels``: ``{"kernel", "m", "k", "n", "config" (a BlockConfig), "t" (seconds)}``, in the report's order.
+    Raises ``ValueError`` for a file that is not such a report."""
+    with open(report_path) as f:
+        report = json.load(f)
+    if not isinstance(report, dict) or not ("tune" in report or "tune_kernels" in report):
+        raise ValueError("not a gpu_suite report (no 'tune' / 'tune_kernels' section)")
+    out = []
+    for section, default in (("tune", "int4_g128"), ("tune_kernels", None)):
+        for r in (report.get(section) or {}).get("rows", []):
+            name = r.get("kernel") or default
+            t = r.get("t")
+            if name not in kernels or "error" in r or not isinstance(t, (int, float)) or not t > 0:
+                continue
+            cfg = parse_config(str(r.get("config")))
+            out.append({"kernel": name, "m": int(r["m"]), "k": int(r["k"]), "n": int(r["n"]), "config": cfg, "t": t})
+    return out
+
+
+def parse_config(text: str):
+    """The :class:`~pallas_kernels._common.BlockConfig` of its ``repr`` (keyword arguments of literals only; no code
+    is run). Raises ``ValueError`` for anything else."""
+    from pallas_kernels._common import BlockConfig
+
+    try:
+        call = ast.parse(text.strip(), mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "BlockConfig"):
+            raise ValueError("not a BlockConfig(...) call")
+        if call.args:
+            raise ValueError("positional arguments")
+        return BlockConfig(**{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords})
+    except (SyntaxError, TypeError, ValueError) as e:
+        raise ValueError(f"unreadable block config {text!r}: {e}") from None
+
+
+def profile_swept(case: dict, device: str, arch: int) -> dict:
+    """:func:`profile_case` of one swept config (forced as the device's only table row), with its time."""
+    from pallas_kernels import tuning
+
+    tname = TUNING_NAME[case["kernel"]]
+    per_kernel = tuning.TABLE.setdefault(device, {})
+    saved = per_kernel.get(tname)
+    per_kernel[tname] = [(1 << 62, case["config"])]
+    try:
+        row = profile_case(case["kernel"], case["m"], case["k"], case["n"], device, arch, {})
+    finally:
+        if saved is None:
+            del per_kernel[tname]
+        else:
+            per_kernel[tname] = saved
+    row["measured_us"] = 1e6 * case["t"]
+    print(f"{case['kernel']} M={case['m']} {case['config']}: {row.get('error', 'ok')}", file=sys.stderr, flush=True)
+    return row
+
+
+def format_measured(rows: list[dict]) -> str:
+    """Markdown: measured time beside the static numbers, one row per swept config."""
+    out = [
+        "| kernel | M | variant (tile, split, warps, stages) | measured µs | instr/weight | issue floor µs "
+        "| smem/weight | BAR/trip | registers, shared KiB | blocks/SM (bound), waves |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        c = r["config"]
+        tile = f"{c.block_m}x{c.block_n}x{c.block_k}"
+        cfg = f"{c.variant or 'default'} ({tile}, {c.split_k}, {c.num_warps}, {c.num_stages})"
+        if "error" in r:
+            out.append(
+                f"| {r['kernel']} | {r['m']} | {cfg} | {r['measured_us']:.1f} |" + " – |" * 5 + f" {r['error']} |"
+            )
+            continue
+        out.append(
+            f"| {r['kernel']} | {r['m']} | {cfg} | {r['measured_us']:.1f} | {r['instr_per_weight']:.2f} "
+            f"| {r['issue_us']:.1f} | {r['smem_per_weight']:.2f} | {r['barriers']} | {r['regs']}, {_kib(r['smem'])} "
+            f"| {_occ(r)} |"
+        )
+    return "\n".join(out)
+
+
 def _kib(v: int | None) -> str:
     return "?" if v is None else f"{v / 1024:.0f}"
 
@@ -200,7 +282,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", default=",".join(TUNING_NAME), help="comma-separated benchmark kernel names")
+    p.add_argument("--kernels", help="comma-separated benchmark kernel names (default: all)")
     p.add_argument("--m", default="1,16", help="comma-separated M values")
     p.add_argument("--kn", default="8192x8192", help="K x N")
     p.add_argument("--device", default="h100", help="tuning-table device whose block configs are used")
@@ -213,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override the config's variant for a tuning kernel name (e.g. int4=strided+postscale; several "
         "separated by '/': int3w=gemv/split-gemv, one row each); repeatable",
     )
+    p.add_argument(
+        "--report",
+        help="a gpu_suite report (JSON): profile every config its sweeps timed (of --kernels, if given), the measured "
+        "time beside the static numbers; --m / --kn / --variant are then not used",
+    )
     p.add_argument("--out", help="also write the table (with date, commit and command) to this markdown file")
     a = p.parse_args(argv)
     from pallas_kernels import _triton_tools as tt
@@ -220,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if not tt.triton_available():
         print("kernel_sass: needs PyPI triton (pip install -e '.[dev]')", file=sys.stderr)
         return 2
-    unknown = [k for k in a.kernels.split(",") if k not in TUNING_NAME]
+    kernels = a.kernels.split(",") if a.kernels else list(TUNING_NAME)
+    unknown = [k for k in kernels if k not in TUNING_NAME]
     if unknown:
         print(f"kernel_sass: unknown kernels {unknown}; known: {', '.join(TUNING_NAME)}", file=sys.stderr)
         return 2
@@ -231,8 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("kernel_sass: --m takes integers, --kn KxN, --variant KERNEL=VARIANT", file=sys.stderr)
         return 2
+    if a.report:
+        try:
+            cases = swept_cases(a.report, kernels)
+        except (OSError, ValueError) as e:
+            print(f"kernel_sass: --report {a.report}: {e}", file=sys.stderr)
+            return 2
+        rows = [profile_swept(c, a.device, a.arch) for c in cases]
+        _write(format_measured(rows), a, argv, f"the configs timed in {a.report} (measured µs: its times)")
+        return 0
     rows = []
-    for name in a.kernels.split(","):
+    for name in kernels:
         tname = TUNING_NAME[name]
         for variant in variants.get(tname, "").split("/") if tname in variants else [None]:
             for m in ms:
@@ -241,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 status = r.get("error") or f"{r['instr_per_weight']:.2f} instr/weight, issue {r['issue_us']:.1f} µs"
                 print(f"{name} M={m}: {status}", file=sys.stderr, flush=True)
-    table = format_table(rows)
+    _write(format_table(rows), a, argv, f"tuning table of `{a.device}`")
+    return 0
+
+
+def _write(table: str, a: argparse.Namespace, argv: list[str] | None, configs: str) -> None:
     print(table)
     if a.out:
         import jax
@@ -251,14 +352,13 @@ def main(argv: list[str] | None = None) -> int:
             f"- date (UTC): {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}\n"
             f"- commit: {git_commit()}; JAX {jax.__version__}; PyPI triton with its bundled ptxas/nvdisasm\n"
             f"- command: `python benchmarks/kernel_sass.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
-            f"- block configs: tuning table of `{a.device}`; floors for an H100 SXM ({SMS} SMs, "
+            f"- block configs: {configs}; floors for an H100 SXM ({SMS} SMs, "
             f"{CLOCK_HZ / 1e9:.2f} GHz, {COPY_BPS / 1e12:.2f} TB/s copy): see the script's docstring\n\n"
             f"{table}\n"
         )
         from jaxquant.files import atomic_write
 
         atomic_write(a.out, text, mode=0o644)
-    return 0
 
 
 if __name__ == "__main__":

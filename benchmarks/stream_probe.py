@@ -13,12 +13,17 @@ The sum loop's loads feed no dot, so Triton does not pipeline them (plain 16-byt
 ``cp.async``): a lower bound on what a Pallas kernel can read, not a ceiling. The ladder's next rungs, on the same
 bytes, bracket where the fused kernel's time goes:
 
-- ``dot uint8 ...`` (:func:`stream_dot`): 16 bf16 activation rows times the bytes converted to bf16, one tensor-core
+- ``dot kn ...`` (:func:`stream_dot`): 16 bf16 activation rows times the bytes converted to bf16, one tensor-core
   dot per ``(BK, BN)`` tile. Feeding a dot, the tiles are software-pipelined through shared memory (``LDGSTS``)
   as in the int4 kernel; sm_90 code per trip of the 64x64-byte tile: 32 ``LDS.U8`` (each byte read from shared
-  memory on its own) and 32 ``I2F.BF16.U16`` per thread, 8 ``HMMA`` (compiled on the CPU);
-- ``dot uint32 ...``: the tile as ``(BK, BN/4)`` words, each byte a dot of its own (a column-permuted output, see
-  :func:`word_columns`): 32-bit shared-memory reads (``LDS``, 4 bytes each) instead of byte reads;
+  memory on its own) and 32 ``I2F.BF16.U16`` per thread, 8 ``HMMA`` (compiled on the CPU); ``nibbles``: each byte's
+  two 4-bit codes into two dots (the int4 kernel's unpacking, without its scales);
+- ``dot words ...``: the tile as ``(BK, BN/4)`` uint32 words, each byte a dot of its own (a column-permuted output,
+  see :func:`word_columns`): 32-bit shared-memory reads instead of byte reads;
+- ``dot nk ...``: the same bytes stored K-major (``(N, K/2)``, each column's bytes contiguous, as the 8-bit schemes'
+  ``layout="nk"``): the dot's weight operand then holds consecutive K rows per thread, and the sm_90 code reads the
+  tile with ``LDS.64`` (eight bytes) and ``LDSM`` instead of ``LDS.U8``, in 48-82 registers instead of 88-120 (CPU
+  compile of these cases); the candidate storage for a faster int4 kernel;
 - ``int4 kernel ...``: the library's int4 g128 kernel on the same bytes (as packed codes), M = 1 and 16, this
   device's table config and the H200 sweep's fastest, vs its XLA path.
 
@@ -31,6 +36,7 @@ Usage::
     python benchmarks/stream_probe.py                 # on a GPU: every rung
     python benchmarks/stream_probe.py --rungs dot,int4
     python benchmarks/stream_probe.py --dry-run       # CPU: a 256x256 weight through the Pallas interpreter
+    python benchmarks/stream_probe.py --sass          # CPU: the dot rungs' static sm_90 profile
 """
 
 from __future__ import annotations
@@ -71,18 +77,28 @@ CASES = [
 ]
 
 
-#: the ladder's pipelined rungs: (element dtype, BN output columns, BK packed rows, split-K, warps, stages); 16
-#: activation rows. "uint32": a (BK, BN/4) word tile whose four bytes feed four dots of BN/4 columns each
+#: the ladder's pipelined rungs: (form, nibbles, BN output columns, BK byte rows, split-K, warps, stages); 16 activation
+#: rows. Forms: "kn" the (K, N) bytes as stored for the int4 kernel, "nk" the same weight stored K-major (N, K),
+#: "words" (K, N/4) uint32 words whose four bytes feed four dots. ``nibbles``: each byte's two 4-bit codes feed two
+#: dots (an int4 kernel without its scales)
 DOT_CASES = [
-    ("uint8", 64, 64, 4, 4, 5),  # the int4 H200 table row's weight tile (16x64x128, split 4, 5 stages)
-    ("uint8", 64, 64, 4, 4, 3),
-    ("uint8", 128, 64, 8, 8, 3),  # the fastest swept int4 config's weight tile (16x128x128, split 8, 8 warps)
-    ("uint8", 128, 64, 8, 4, 4),
-    ("uint8", 128, 128, 4, 4, 4),
-    ("uint32", 64, 64, 4, 4, 4),  # the same 64x64 bytes as 64x16 words
-    ("uint32", 128, 64, 8, 4, 4),
-    ("uint32", 256, 64, 8, 8, 3),
+    ("kn", False, 64, 64, 4, 4, 5),  # the int4 H200 table row's weight tile (16x64x128, split 4, 5 stages)
+    ("kn", False, 128, 64, 8, 8, 3),  # the fastest swept int4 config's weight tile (16x128x128, split 8, 8 warps)
+    ("kn", False, 128, 64, 8, 4, 4),
+    ("kn", True, 64, 64, 4, 4, 5),
+    ("kn", True, 128, 64, 8, 8, 3),
+    ("words", False, 64, 64, 4, 4, 4),  # the same 64x64 bytes as 64x16 words
+    ("words", False, 128, 64, 8, 4, 4),
+    ("nk", False, 64, 64, 4, 4, 4),
+    ("nk", False, 128, 64, 8, 4, 3),
+    ("nk", True, 64, 64, 4, 4, 4),
+    ("nk", True, 128, 64, 8, 4, 3),
+    ("nk", True, 64, 128, 4, 4, 4),
+    ("nk", True, 128, 128, 4, 8, 3),
 ]
+
+#: the forms of :func:`stream_dot`
+FORMS = ("kn", "nk", "words")
 
 
 def _sum_kernel(w_ref, o_ref, *, bk: int, bn: int, steps: int):
@@ -115,49 +131,71 @@ def stream_sum(w: jax.Array, cfg: BlockConfig, interpret: bool = False) -> jax.A
     )(w)
 
 
-def _dot_kernel(x_ref, w_ref, o_ref, *, bk: int, bn: int, steps: int, words: bool):
+def _dot_kernel(x_ref, w_ref, o_ref, *, bk: int, bn: int, steps: int, form: str, nibbles: bool, kp: int):
     j, s = pl.program_id(0), pl.program_id(1)
     mx = x_ref.shape[0]
-    width = bn // 4 if words else bn  # output columns per dot
+    width = bn // 4 if form == "words" else bn  # output columns per dot
+    contract = (((1,), (1,)), ((), ())) if form == "nk" else (((1,), (0,)), ((), ()))
 
-    def tiles(k0):
-        if not words:
-            return [w_ref[pl.ds(k0, bk), pl.ds(j * bn, bn)].astype(jnp.bfloat16)]
-        wt = w_ref[pl.ds(k0, bk), pl.ds(j * width, width)]
-        return [
-            (jax.lax.shift_right_logical(wt, jnp.array(8 * q, wt.dtype)) & 0xFF).astype(jnp.int32).astype(jnp.bfloat16)
-            for q in range(4)
-        ]
+    def tiles(k0):  # (weight tile as bf16, activation column offset) pairs
+        if form == "words":
+            wt = w_ref[pl.ds(k0, bk), pl.ds(j * width, width)]
+            return [
+                ((jax.lax.shift_right_logical(wt, jnp.array(8 * q, wt.dtype)) & 0xFF).astype(jnp.int32), 0)
+                for q in range(4)
+            ]
+        wt = w_ref[pl.ds(j * bn, bn), pl.ds(k0, bk)] if form == "nk" else w_ref[pl.ds(k0, bk), pl.ds(j * bn, bn)]
+        if not nibbles:
+            return [(wt, 0)]
+        return [(wt & 0xF, 0), (jax.lax.shift_right_logical(wt, jnp.array(4, wt.dtype)), kp)]
 
     def body(t, accs):
         k0 = (s * steps + t) * bk
-        xt = x_ref[:, pl.ds(k0, bk)]
-        return tuple(a + jnp.dot(xt, wt, preferred_element_type=jnp.float32) for a, wt in zip(accs, tiles(k0)))
+        out = []
+        for acc, (wt, off) in zip(accs, tiles(k0)):
+            xt = x_ref[:, pl.ds(off + k0, bk)]
+            wb = wt.astype(jnp.bfloat16)
+            out.append(acc + jax.lax.dot_general(xt, wb, contract, preferred_element_type=jnp.float32))
+        return tuple(out)
 
-    init = tuple(jnp.zeros((mx, width), jnp.float32) for _ in range(4 if words else 1))
-    accs = jax.lax.fori_loop(0, steps, body, init)
-    for q, acc in enumerate(accs):
-        o_ref[pl.ds(s * mx, mx), pl.ds(j * bn + q * width, width)] = acc
+    parts = 4 if form == "words" else (2 if nibbles else 1)
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((mx, width), jnp.float32) for _ in range(parts)))
+    if form == "words":
+        for q, acc in enumerate(accs):
+            o_ref[pl.ds(s * mx, mx), pl.ds(j * bn + q * width, width)] = acc
+    else:
+        o_ref[pl.ds(s * mx, mx), pl.ds(j * bn, bn)] = sum(accs[1:], accs[0])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def stream_dot(x: jax.Array, w: jax.Array, cfg: BlockConfig, interpret: bool = False) -> jax.Array:
-    """``(split_k * R, N)`` float32 partial products ``x @ w`` of bf16 activations ``x`` (R, K) with the bytes of
-    ``w``, one ``(R, N)`` block per K split: the least a fused kernel does with its weight tiles (Triton pipelines
-    the tile loads through shared memory because they feed a dot, then converts the bytes to bf16).
+@functools.partial(jax.jit, static_argnames=("cfg", "form", "nibbles", "interpret"))
+def stream_dot(
+    x: jax.Array, w: jax.Array, cfg: BlockConfig, form: str = "kn", nibbles: bool = False, interpret: bool = False
+) -> jax.Array:
+    """``(split_k * R, N)`` float32 partial products of bf16 activations ``x`` (R rows) with the bytes of ``w``, one
+    ``(R, N)`` block per K split: the least a fused kernel does with its weight tiles (Triton pipelines the tile
+    loads through shared memory because they feed a dot, then converts the bytes to bf16).
 
-    ``w``: ``(K, N)`` uint8, or ``(K, N/4)`` uint32 words, each word's byte ``q`` (little end first) feeding a
-    separate dot; output column ``j * block_n + q * block_n / 4 + c`` of program ``j`` is then the product with
-    byte ``q`` of word column ``j * block_n / 4 + c``. ``block_n`` counts output columns (bytes); K and N must
-    divide evenly."""
-    words = w.dtype == jnp.uint32
-    if w.dtype not in (jnp.uint8, jnp.uint32) or x.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"stream_dot: x (R, K) and uint8/uint32 w (K, ...) needed, got {x.shape}, {w.dtype}{w.shape}")
-    k, n = w.shape[0], w.shape[1] * (4 if words else 1)
+    ``form`` (of :data:`FORMS`) says how ``w`` holds a ``(Kp, N)`` byte matrix ``B``: ``"kn"`` ``(Kp, N)`` uint8;
+    ``"nk"`` its transpose ``(N, Kp)`` uint8 (K-major: each column's bytes contiguous); ``"words"`` ``(Kp, N/4)``
+    uint32, each word's byte ``q`` (little end first) feeding a separate dot, so that output column
+    ``j * block_n + q * block_n / 4 + c`` of program ``j`` is the product with byte ``q`` of word column
+    ``j * block_n / 4 + c`` (:func:`word_columns`). The result is ``x @ B`` (``x``: ``(R, Kp)``), or with
+    ``nibbles`` ``x[:, :Kp] @ (B & 15) + x[:, Kp:] @ (B >> 4)`` (``x``: ``(R, 2 Kp)``; not for words). ``block_k``
+    counts byte rows, ``block_n`` output columns; Kp and N must divide evenly."""
+    if form not in FORMS:
+        raise ValueError(f"stream_dot: form must be one of {FORMS}, got {form!r}")
+    want = jnp.uint32 if form == "words" else jnp.uint8
+    if w.dtype != want or w.ndim != 2 or x.ndim != 2:
+        raise ValueError(f"stream_dot: form {form!r} needs 2-D {jnp.dtype(want).name} w, got {w.dtype}{w.shape}")
+    if nibbles and form == "words":
+        raise ValueError("stream_dot: nibbles are for byte forms only")
+    kp, n = (w.shape[1], w.shape[0]) if form == "nk" else (w.shape[0], w.shape[1] * (4 if form == "words" else 1))
+    if x.shape[1] != kp * (2 if nibbles else 1):
+        raise ValueError(f"stream_dot: x {x.shape} does not match {kp} byte rows{' (two nibbles each)' * nibbles}")
     bk, bn, split = cfg.block_k, cfg.block_n, cfg.split_k
-    if n % bn or k % (bk * split) or (words and bn % 64):
-        raise ValueError(f"stream_dot: ({k}, {n}) does not divide into {split} x ({bk}, {bn}) tiles")
-    kernel = functools.partial(_dot_kernel, bk=bk, bn=bn, steps=k // (bk * split), words=words)
+    if n % bn or kp % (bk * split) or (form == "words" and bn % 64):
+        raise ValueError(f"stream_dot: ({kp}, {n}) does not divide into {split} x ({bk}, {bn}) tiles")
+    kernel = functools.partial(_dot_kernel, bk=bk, bn=bn, steps=kp // (bk * split), form=form, nibbles=nibbles, kp=kp)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((split * x.shape[0], n), jnp.float32),
@@ -187,12 +225,24 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of: sum (unpipelined column sums), dot (pipelined dots on the bytes), int4 (the "
         "library's kernel)",
     )
+    p.add_argument(
+        "--sass",
+        action="store_true",
+        help="no timing: print the rungs' static sm_90 profile (CPU only; needs PyPI triton, the dev extra)",
+    )
     a = p.parse_args(argv)
     rungs = set(a.rungs.split(","))
     if not rungs or not rungs <= {"sum", "dot", "int4"}:
         p.error(f"--rungs takes a comma-separated subset of sum,dot,int4, got {a.rungs!r}")
     if a.k < 2 or a.n < 4 or a.k % 2 or a.n % 4:
         p.error("--k must be even and positive, --n a positive multiple of 4 (the uint32 view)")
+    if a.sass:
+        from pallas_kernels import _triton_tools as tt
+
+        if not tt.triton_available():
+            p.error("--sass needs PyPI triton (pip install -e '.[dev]')")
+        print(sass_table(a.k, a.n))
+        return 0
     k, n = (256, 256) if a.dry_run else (a.k, a.n)
     rows, nbytes = k // 2, k // 2 * n
     nb = 2 if a.dry_run else max(2, min(16, 2 * L2_BYTES // nbytes + 2))
@@ -234,6 +284,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def sass_table(k: int = 8192, n: int = 8192, arch: int = 90) -> str:
+    """Markdown: the static sm_``arch`` profile of every :data:`DOT_CASES` rung (compiled on the CPU with PyPI
+    triton, no GPU): K-loop instructions per trip and per weight, shared-memory loads per trip by kind,
+    conversions, registers, resident blocks per SM and waves."""
+    from pallas_kernels import _triton_tools as tt
+
+    kp = k // 2
+    out = [
+        "| rung | BN x BK bytes, split, warps, stages | instr/trip | instr/weight | shared-memory loads per trip "
+        "| conversions/trip | registers | blocks/SM (bound), waves |",
+        "|---|---|---:|---:|---|---:|---:|---|",
+    ]
+    for form, nibbles, bn, bk, split, warps, stages in DOT_CASES:
+        shape = {"kn": (kp, n), "nk": (n, kp), "words": (kp, n // 4)}[form]
+        w = jax.ShapeDtypeStruct(shape, jnp.uint32 if form == "words" else jnp.uint8)
+        x = jax.ShapeDtypeStruct((16, kp * (2 if nibbles else 1)), jnp.bfloat16)
+        cfg = BlockConfig(16, bn, bk, split_k=split, num_warps=warps, num_stages=stages)
+        fn = functools.partial(stream_dot, cfg=cfg, form=form, nibbles=nibbles)
+        call = tt.triton_calls(tt.export_cuda(fn, x, w))[0]
+        sass, cubin = tt.sass_and_report(tt.ir_text(call.ir), arch, call.num_warps, call.num_stages)
+        prof = tt.k_loop_profile(sass, kp // (bk * split))
+        blocks, bind = tt.occupancy(cubin.n_regs, cubin.shared_bytes or 0, warps, arch)
+        weights = bk * bn * (2 if nibbles else 1)
+        lds = ", ".join(f"{op} {c}" for op, c in prof.counts.items() if op.startswith("LDS"))
+        conv = sum(prof.count(op) for op in ("I2F", "F2F", "I2I", "F2I"))
+        waves = call.grid[0] * call.grid[1] / max(blocks * 132, 1)
+        out.append(
+            f"| {form}{' nibbles' if nibbles else ''} | {bn}x{bk}, {split}, {warps}, {stages} | {prof.instructions} "
+            f"| {prof.instructions * 32 * warps / weights:.2f} | {lds} | {conv} | {cubin.n_regs} "
+            f"| {blocks} ({bind}), {waves:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def _report(name: str, t: float, nbytes: int, err: float, bound: float) -> None:
     flag = "" if err <= bound else f"  WRONG (rel err {err:.1e} > {bound:g})"
     print(f"{name}: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s, rel err {err:.1e}{flag}", flush=True)
@@ -244,25 +328,36 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _dot_rungs(dry_run: bool, ws: list, words: list, nbytes: int, calls: int, trials: int) -> None:
-    """The pipelined rungs: :func:`stream_dot` over the same bytes, 16 activation rows, vs float64 numpy."""
+    """The pipelined rungs: :func:`stream_dot` over the same bytes (and their K-major copy), 16 activation rows, vs
+    float64 NumPy."""
     rows, n = ws[0].shape
+    nk = [jnp.asarray(w.T) for w in ws]  # the K-major copy of the same bytes
     key = jax.random.PRNGKey(1)
     xs = [
-        jax.random.normal(jax.random.fold_in(key, b), (16, rows), jnp.float32).astype(jnp.bfloat16)
+        jax.random.normal(jax.random.fold_in(key, b), (16, 2 * rows), jnp.float32).astype(jnp.bfloat16)
         for b in range(len(ws))
     ]
-    want8 = np.asarray(xs[0], np.float64) @ np.asarray(ws[0], np.float64)
-    for dt, bn, bk, split, warps, stages in DOT_CASES:
-        src = ws if dt == "uint8" else words
+    x64, b64 = np.asarray(xs[0], np.float64), np.asarray(ws[0], np.int64)
+    want_bytes = x64[:, :rows] @ b64
+    want_nibbles = x64[:, :rows] @ (b64 & 15) + x64[:, rows:] @ (b64 >> 4)
+    for form, nibbles, bn, bk, split, warps, stages in DOT_CASES:
+        src = {"kn": ws, "nk": nk, "words": words}[form]
         if dry_run:
-            bn, bk, split = min(bn, 64 if dt == "uint32" else n), min(bk, rows // 2), min(split, 2)
+            bn, bk, split = min(bn, 64 if form == "words" else n), min(bk, rows // 2), min(split, 2)
         cfg = BlockConfig(block_m=16, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
-        name = f"dot {dt} {bn}x{bk}/{split} w{warps} s{stages}"
+        name = f"dot {form}{' nibbles' if nibbles else ''} {bn}x{bk}/{split} w{warps} s{stages}"
+        xl = xs if nibbles else [x[:, :rows] for x in xs]
         try:
-            f = jax.jit(lambda xl, wl, cfg=cfg: [stream_dot(x, w, cfg, dry_run) for x, w in zip(xl, wl)])
-            got = np.asarray(f(xs[:1], src[:1])[0], np.float64).reshape(split, 16, n).sum(axis=0)
-            want = want8 if dt == "uint8" else want8[:, word_columns(n, bn)]
-            t = time_per_call(f, (xs, src), calls, trials) / len(ws)
+            f = jax.jit(
+                lambda xl, wl, cfg=cfg, form=form, nib=nibbles: [
+                    stream_dot(x, w, cfg, form, nib, dry_run) for x, w in zip(xl, wl)
+                ]
+            )
+            got = np.asarray(f(xl[:1], src[:1])[0], np.float64).reshape(split, 16, n).sum(axis=0)
+            want = want_nibbles if nibbles else want_bytes
+            if form == "words":
+                want = want[:, word_columns(n, bn)]
+            t = time_per_call(f, (xl, src), calls, trials) / len(ws)
             _report(name, t, nbytes, _rel_err(got, want), 1e-5)
         except Exception as e:  # one failing config must not hide the others
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)

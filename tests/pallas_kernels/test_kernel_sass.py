@@ -21,3 +21,29 @@ def test_profile_case_reports_the_loop_and_the_occupancy():
     # every line has as many cells as the header
     assert head.count("|") == rule.count("|") == good.count("|") == bad.count("|")
     assert f"{blocks} ({bind}), " in good and "boom" in bad
+
+
+def test_parse_config_reads_a_repr_and_nothing_else():
+    import pytest
+
+    from benchmarks.kernel_sass import parse_config
+    from pallas_kernels._common import BlockConfig
+
+    cfg = BlockConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=5, variant="interleave")
+    assert parse_config(repr(cfg)) == cfg
+    for bad in ("BlockConfig(16, 64)", "__import__('os').system('true')", "BlockConfig(block_m=x)", "Foo(a=1)", "("):
+        with pytest.raises(ValueError, match="unreadable block config"):
+            parse_config(bad)
+
+
+def test_report_mode_refuses_a_file_that_is_not_a_report(tmp_path, capsys):
+    from benchmarks.kernel_sass import main
+    from pallas_kernels import _triton_tools as tt
+
+    bad = tmp_path / "r.json"
+    bad.write_text('{"bench": []}')
+    code = main(["--report", str(bad)])
+    if tt.triton_available():
+        assert code == 2 and "not a gpu_suite report" in capsys.readouterr().err
+    else:
+        assert code == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,28 +25,46 @@ def test_stream_sum_is_the_column_sum():
         stream_sum(w, BlockConfig(block_m=1, block_n=64, block_k=16, split_k=2), interpret=True)
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "uint32"])
-def test_stream_dot_is_the_product_with_the_bytes(dtype):
-    """The pipelined rung: ``x @ bytes(w)`` in float32, per K split; uint32 words feed one dot per byte, their
-    output columns mapped back to the byte columns by :func:`word_columns` (vs float64 NumPy)."""
+@pytest.mark.parametrize(
+    ("form", "nibbles"), [("kn", False), ("kn", True), ("nk", False), ("nk", True), ("words", False)]
+)
+def test_stream_dot_is_the_product_with_the_bytes(form, nibbles):
+    """The pipelined rungs: ``x @ B`` (or the two nibbles' products) in float32 per K split, for the bytes as stored,
+    K-major, or as words whose output columns :func:`word_columns` maps back (vs float64 NumPy)."""
     from benchmarks.stream_probe import stream_dot, word_columns
 
-    w8 = jax.random.randint(jax.random.PRNGKey(0), (64, 128), 0, 256).astype(jnp.uint8)
-    x = jax.random.normal(jax.random.PRNGKey(1), (16, 64), jnp.float32).astype(jnp.bfloat16)
-    want = np.asarray(x, np.float64) @ np.asarray(w8, np.float64)
-    cfg = BlockConfig(block_m=16, block_n=64, block_k=16, split_k=2)
-    if dtype == "uint32":
-        w = jax.lax.bitcast_convert_type(w8.reshape(64, 32, 4), jnp.uint32)
-        want = want[:, word_columns(128, 64)]
+    b = jax.random.randint(jax.random.PRNGKey(0), (64, 128), 0, 256).astype(jnp.uint8)
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 128), jnp.float32).astype(jnp.bfloat16)
+    x64, b64 = np.asarray(x, np.float64), np.asarray(b, np.int64)
+    if nibbles:
+        want = x64[:, :64] @ (b64 & 15) + x64[:, 64:] @ (b64 >> 4)
     else:
-        w = w8
-    got = np.asarray(stream_dot(x, w, cfg, interpret=True), np.float64)
+        x, want = x[:, :64], x64[:, :64] @ b64
+    w = {"kn": b, "nk": b.T, "words": jax.lax.bitcast_convert_type(b.reshape(64, 32, 4), jnp.uint32)}[form]
+    if form == "words":
+        want = want[:, word_columns(128, 64)]
+    cfg = BlockConfig(block_m=16, block_n=64, block_k=16, split_k=2)
+    got = np.asarray(stream_dot(x, w, cfg, form, nibbles, interpret=True), np.float64)
     assert got.shape == (32, 128)
     np.testing.assert_allclose(got.reshape(2, 16, 128).sum(axis=0), want, rtol=1e-6, atol=1e-3)
+
+
+def test_stream_dot_refuses_bad_input():
+    from benchmarks.stream_probe import stream_dot
+
+    b = jnp.zeros((64, 128), jnp.uint8)
+    x = jnp.zeros((16, 64), jnp.bfloat16)
+    cfg = BlockConfig(block_m=16, block_n=64, block_k=16, split_k=2)
     with pytest.raises(ValueError, match="does not divide"):
-        stream_dot(x, w, BlockConfig(block_m=16, block_n=256, block_k=16, split_k=2), interpret=True)
-    with pytest.raises(ValueError, match="uint8/uint32"):
-        stream_dot(x, w.astype(jnp.int32), cfg, interpret=True)
+        stream_dot(x, b, BlockConfig(block_m=16, block_n=256, block_k=16, split_k=2), interpret=True)
+    with pytest.raises(ValueError, match="uint8"):
+        stream_dot(x, b.astype(jnp.int32), cfg, interpret=True)
+    with pytest.raises(ValueError, match="form must be"):
+        stream_dot(x, b, cfg, "mn", interpret=True)
+    with pytest.raises(ValueError, match="byte forms only"):
+        stream_dot(x, jnp.zeros((64, 32), jnp.uint32), cfg, "words", True, interpret=True)
+    with pytest.raises(ValueError, match="does not match"):
+        stream_dot(x, b, cfg, "kn", True, interpret=True)  # nibbles need 2 * 64 activation columns
 
 
 def test_word_columns_is_a_permutation_within_each_tile():
@@ -58,15 +78,21 @@ def test_word_columns_is_a_permutation_within_each_tile():
 
 @requires_triton
 def test_stream_dot_lowers_and_compiles_for_sm90():
-    """The rungs must run on the GPU when it comes: CUDA lowering and an sm_90 cubin for both tile dtypes."""
+    """The rungs must run on the GPU when it comes: CUDA lowering and an sm_90 cubin for every form."""
     from benchmarks.stream_probe import DOT_CASES, stream_dot
 
-    x = jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16)
-    for dtype, bn, bk, split, warps, stages in DOT_CASES[:1] + DOT_CASES[-1:]:
-        words = dtype == "uint32"
-        w = jax.ShapeDtypeStruct((1024, 1024 // (4 if words else 1)), jnp.uint32 if words else jnp.uint8)
+    seen = set()
+    for form, nibbles, bn, bk, split, warps, stages in DOT_CASES:
+        if (form, nibbles) in seen:
+            continue
+        seen.add((form, nibbles))
+        shape = {"kn": (512, 1024), "nk": (1024, 512), "words": (512, 256)}[form]
+        w = jax.ShapeDtypeStruct(shape, jnp.uint32 if form == "words" else jnp.uint8)
+        x = jax.ShapeDtypeStruct((16, 1024 if nibbles else 512), jnp.bfloat16)
         cfg = BlockConfig(16, bn, bk, split_k=split, num_warps=warps, num_stages=stages)
-        assert_compiles(cuda_lowering(lambda a, b, cfg=cfg: stream_dot(a, b, cfg), x, w))
+        fn = functools.partial(stream_dot, cfg=cfg, form=form, nibbles=nibbles)
+        assert_compiles(cuda_lowering(fn, x, w))
+    assert len(seen) == 5
 
 
 def test_cli_refuses_unknown_rungs(capsys):
@@ -75,3 +101,16 @@ def test_cli_refuses_unknown_rungs(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--dry-run", "--rungs", "sum,fast"])
     assert e.value.code == 2 and "--rungs" in capsys.readouterr().err
+
+
+@requires_triton
+def test_sass_table_reads_the_weight_tile_as_the_layout_says(monkeypatch):
+    """The static profile of two rungs (compiled for sm_90 on the CPU): the (K, N) byte tile is read from shared
+    memory byte by byte (LDS.U8); the K-major copy of the same tile is not (ldmatrix)."""
+    import benchmarks.stream_probe as sp
+
+    monkeypatch.setattr(sp, "DOT_CASES", [("kn", False, 64, 64, 4, 4, 4), ("nk", False, 64, 64, 4, 4, 4)])
+    head, rule, kn, nk = sp.sass_table(1024, 1024).splitlines()
+    assert head.count("|") == rule.count("|") == kn.count("|") == nk.count("|")
+    assert kn.startswith("| kn |") and "LDS.U8" in kn
+    assert nk.startswith("| nk |") and "LDS.U8" not in nk and "LDSM" in nk
