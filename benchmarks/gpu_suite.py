@@ -53,6 +53,8 @@ PLAN = [
     ("int8_outlier_nk", "1,16,4096", "8192x8192", 25),
     ("fp8_w8a8_nk", "1,16,64,8192", "8192x8192", 27),
     ("ternary_w158a8", "1,16,64,4096", "8192x8192", 27),
+    # int4 codes stored K-major (session 12): the split dot reads its weight tiles by ldmatrix, not byte by byte
+    ("int4_g128_nk", "1,16,128", "8192x8192", 20),
     ("int8_outlier", "1,16", "8192x8192", 12),  # (K, N) storage, as measured in session 2
     ("fp8_w8a8", "1,16", "8192x8192", 12),
     ("int4_g128_asym", "1,16", "8192x8192", 12),
@@ -349,6 +351,12 @@ def section_tune(args) -> dict[str, Any]:
 #: ``(benchmark kernel, BlockConfig fields[, M values])`` in run order, most useful first, until the section's budget
 #: ends; without M values: the ``--m`` values <= 16
 TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # int4 codes stored K-major (IntScheme(layout="nk")): the (K, N) tile is read from shared memory byte by byte
+    # (sm_90: 32 LDS.U8 per thread per trip), the K-major one by 2 ldmatrix; the H200 sweep's tiles, both forms
+    ("int4_g128_nk", (16, 64, 128, 4, 4, 3, "split")),
+    ("int4_g128_nk", (16, 128, 128, 8, 8, 3, "split+postscale")),
+    ("int4_g128_nk", (16, 64, 128, 4, 4, 3, "split+postscale")),
+    ("int4_g128_nk", (16, 128, 128, 8, 8, 3, "split")),
     # K-major 8-bit weights (layout="nk"): at M <= 16 the int8 / fp8 mma.sync reads the weight by ldmatrix instead of
     # byte by byte (sm_90 K loop of LLM.int8's 16x64x128 tile: 67 instructions per trip vs 198); at large M no
     # per-call transposed copy
@@ -511,7 +519,7 @@ def section_tune_kernels(args) -> dict[str, Any]:
 
 
 #: kernels traced by ``section_trace`` (with a bf16 ``jnp.dot`` of the same shape first)
-TRACE_KERNELS = ("int4_g128", "nf4", "int8_outlier_nk", "fp8_w8a8_nk", "ternary_w158a8")
+TRACE_KERNELS = ("int4_g128", "int4_g128_nk", "nf4", "int8_outlier_nk", "fp8_w8a8_nk", "ternary_w158a8")
 
 
 def section_trace(args) -> dict[str, Any]:

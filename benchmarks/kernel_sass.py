@@ -60,6 +60,7 @@ DOT_MMA = {"int8_outlier": ("IMMA", "IGMMA")}
 TUNING_NAME = {
     "int4_g128": "int4",
     "int4_g128_asym": "int4",
+    "int4_g128_nk": "int4_nk",  # its own key (pallas_kernels.tuning.STORAGE_KEYS)
     "int8_w8a16": "int8w",
     "int3_g128": "int3w",
     "int3_g128_asym": "int3w",

@@ -65,6 +65,11 @@ def _specs() -> dict[str, KernelSpec]:
             lambda: jq.IntScheme(bits=4, group_size=128, symmetric=False),
             "W4A16 int4 asym (zero points) g128",
         ),
+        KernelSpec(
+            "int4_g128_nk",
+            lambda: jq.IntScheme(bits=4, group_size=128, layout="nk"),
+            "W4A16 int4 sym g128, codes stored K-major (N, K/2)",
+        ),
         KernelSpec("int8_w8a16", lambda: jq.IntScheme(bits=8), "W8A16 int8 per-channel"),
         KernelSpec("int3_g128", lambda: jq.IntScheme(bits=3, group_size=128), "W3A16 int3 sym g128"),
         KernelSpec(

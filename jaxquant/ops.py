@@ -183,7 +183,7 @@ def _dequant_kernel_name(w: QArray) -> str | None:
     kind = getattr(w.scheme, "kind", None)
     if kind == "nf4":
         return "nf4"
-    return _INT_KERNEL.get(w.scheme.bits) if kind == "int" else None
+    return _int_kernel_name(w) if kind == "int" and w.scheme.bits in _INT_KERNEL else None
 
 
 def _routed_dequant(x, w: QArray) -> jax.Array:
@@ -230,12 +230,16 @@ def _int_adapter(x, w: QArray, m: int, interpret: bool):
     k, n = w.shape
     if s.bits not in _INT_KERNEL:
         return None, f"no {s.bits}-bit integer kernel"
+    why = _act_order(w)
+    if why:
+        return None, why
     layout = _int_layout(w)
-    name = _INT_KERNEL[s.bits]
+    name = _int_kernel_name(w)
     why = _check_limit(name, m, interpret)
     if why:
         return None, why
-    cfg = tuning.get_config(name, m, k, n)
+    # rows the storage cannot run are skipped (K-major codes: the strided and split dots only)
+    cfg = tuning.get_config(name, m, k, n, accept=lambda c: km.supported(layout, c, x.dtype) is None)
     why = km.supported(layout, cfg, x.dtype)
     if why:
         return None, why
@@ -261,7 +265,23 @@ def _int_layout(w: QArray):
     s = w.scheme
     k, n = w.shape
     mode = "sym" if s.symmetric else s.range
-    return km.IntLayout(bits=s.bits, mode=mode, k=k, n=n, group_size=s.group_size if s.granularity == "group" else None)
+    gs = s.group_size if s.granularity == "group" else None
+    return km.IntLayout(bits=s.bits, mode=mode, k=k, n=n, group_size=gs, nk=s.layout == "nk")
+
+
+def _int_kernel_name(w: QArray) -> str:
+    """The tuning key of ``w``'s integer kernel: ``"int4"`` etc., ``"int4_nk"`` for K-major storage
+    (``tuning.STORAGE_KEYS``)."""
+    name = _INT_KERNEL[w.scheme.bits]
+    return f"{name}_nk" if w.scheme.layout == "nk" else name
+
+
+def _act_order(w: QArray) -> str | None:
+    """Why the integer kernels cannot run ``w``: GPTQ act-order rows with their own group index (``aux["g_idx"]``;
+    the kernels read group ``k // group_size``), or ``None``."""
+    if isinstance(w.aux, dict) and w.aux.get("g_idx") is not None:
+        return "act-order group index (aux['g_idx']): the integer kernels take group k // group_size"
+    return None
 
 
 def _nf4_operands(w: QArray):
@@ -534,6 +554,9 @@ def _dequant_kernel_weight(w: QArray, dtype, interpret: bool) -> tuple[jax.Array
         ), ""
     if kind != "int" or s.bits not in _INT_KERNEL:
         return None, f"no dequantization kernel for {type(s).__name__}"
+    why = _act_order(w)
+    if why:
+        return None, why
     from pallas_kernels import int4_matmul as km
 
     layout = _int_layout(w)

@@ -84,7 +84,7 @@ _FIXED: dict[str, tuple[str, Scheme | None]] = {
     "ternary": ("BitNet b1.58 absmean ternary weights, one scale per tensor, 2-bit packed", TernaryScheme()),
 }
 
-_INT_RE = re.compile(r"int(?P<bits>[2-8])(?:-g(?P<g>\d+))?(?P<kind>-asym|-minmax)?(?P<tensor>-tensor)?")
+_INT_RE = re.compile(r"int(?P<bits>[2-8])(?:-g(?P<g>\d+))?(?P<kind>-asym|-minmax)?(?P<tensor>-tensor)?(?P<nk>-nk)?")
 
 #: the integer SPECs listed by ``jaxquant schemes`` (any SPEC of the grammar is accepted)
 _LISTED_INT = [
@@ -92,6 +92,7 @@ _LISTED_INT = [
     "int8-tensor",
     "int4-g128",
     "int4-g128-asym",
+    "int4-g128-nk",
     "int4-g64",
     "int4-g64-asym",
     "int4-g32-minmax",
@@ -119,6 +120,7 @@ def _int_spec(name: str) -> Spec | None:
             granularity="tensor" if m["tensor"] else None,
             symmetric=not kind,
             range="minmax" if kind == "-minmax" else "zeropoint",
+            layout="nk" if m["nk"] else "kn",
         )
     except ValueError as e:
         raise UnknownSpecError(f"SPEC {name!r}: {e}") from None

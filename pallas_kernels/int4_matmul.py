@@ -123,6 +123,10 @@ class IntLayout:
       offset: ``mode="sym"`` with unsigned codes: the integer subtracted from every code, ``W = (c - offset) * s``
         (``None``: ``2**(bits-1)``). Ternary codes ``t + 1`` are 2-bit codes with offset 1: a constant the kernels
         fold, where a zero-point row would be loaded and converted per step.
+      nk: 2/4/8 bits only: the packed array is stored transposed, ``(N, packed rows)`` (K-major: each column's
+        bytes contiguous; ``IntScheme(layout="nk")``). The tensor-core kernels' weight tiles are then read from
+        shared memory by ``ldmatrix`` instead of byte by byte (sm_90 code, ``benchmarks/stream_probe.py --sass``);
+        only the ``strided`` and ``split`` dots run it.
     """
 
     bits: int
@@ -131,6 +135,7 @@ class IntLayout:
     n: int
     group_size: int | None = None
     offset: int | None = None
+    nk: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or self.bits not in range(2, 9):
@@ -144,6 +149,8 @@ class IntLayout:
         if self.offset is not None and (self.mode != "sym" or not 0 <= self.offset < (1 << self.bits)):
             top = (1 << self.bits) - 1
             raise ValueError(f"IntLayout.offset: a code value 0..{top} with mode 'sym', got {self.offset!r}")
+        if self.nk and self.bits not in (2, 4, 8):
+            raise ValueError(f"IntLayout.nk: K-major storage is for 2/4/8-bit codes, not {self.bits}-bit streams")
 
     @property
     def dense(self) -> bool:
@@ -185,6 +192,8 @@ class IntLayout:
 # -------------------------------------------------------------------------------------------------
 def _unpack_codes(packed: jax.Array, layout: IntLayout) -> jax.Array:
     """Codes ``(K, N)`` as int32 (signed for int8 storage)."""
+    if layout.nk:
+        packed = packed.T
     if layout.bits == 8:
         return packed.astype(jnp.int32)[: layout.k]
     if layout.dense:
@@ -294,6 +303,8 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
             f"group_size={layout.group_size} too small for a {layout.bits}-bit K step "
             f"(the kernel needs groups that are multiples of {need})"
         )
+    if layout.nk and cfg.variant.split("+")[0] not in ("", "strided", "split"):
+        return f"K-major (nk) storage runs the strided and split dots, not {cfg.variant!r}"
     if cfg.variant in _GEMV_VARIANTS:
         if cfg.block_m > 8 or cfg.block_n < 16:
             return "gemv needs block_m <= 8 and block_n >= 16"
@@ -485,46 +496,59 @@ def _kernel(
     base, post = variant.split("+")[0], variant.endswith("+postscale")
     native = not post and _native(layout, s_ref.dtype, cdtype, w_round)
 
+    nk = layout.nk
+
+    def mm(xt, w):  # (BM, BK') x the weight tile: (BK', BN), or (BN, BK') for K-major storage
+        if not nk:
+            return jnp.dot(xt, w, preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
     def body(t, acc):
         kb = sk * steps + t
         k0 = kb * bk
         r0 = kb * pk
-        wmask = and_masks(nmask, (r0 + jnp.arange(pk) < layout.packed_rows)[:, None] if k_ragged else None)
-        p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
+        rmask = r0 + jnp.arange(pk) < layout.packed_rows
+        if nk:  # (BN, pk) tile of the (N, packed rows) storage; the scale rows as (BN, 1) columns
+            wmask = and_masks(None if nmask is None else nmask.T, rmask[None, :] if k_ragged else None)
+            p = load(w_ref.at[pl.ds(n0, bn), pl.ds(r0, pk)], wmask).astype(jnp.int32)
+        else:
+            wmask = and_masks(nmask, rmask[:, None] if k_ragged else None)
+            p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
         s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, nmask, native, post or native)
         exact = _exact_product(s_ref.dtype)
+        sw, zw, ziw = (s, z, zi) if not nk else (v if v is None else v.T for v in (s, z, zi))
         tiles = []
         for c in _code_tiles(p, layout):
             if post:  # integer offsets only: exact in bf16/f16 (|c - z| <= 255); the scale comes after the dot
                 if layout.mode == "sym" and sym_int8:
                     tiles.append(c.astype(cdtype))
                 elif bits < 8:
-                    off = _code_offset(layout) if layout.mode == "sym" else zi
+                    off = _code_offset(layout) if layout.mode == "sym" else ziw
                     tiles.append(exact_int(c, off, cdtype))
                 else:
-                    off = _code_offset(layout) if layout.mode == "sym" else zi
+                    off = _code_offset(layout) if layout.mode == "sym" else ziw
                     tiles.append((c - off).astype(cdtype))
                 continue
-            tiles.append(_weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, cdtype, exact))
+            tiles.append(_weight_tile(c, sw, zw, ziw, layout, sym_int8, native, w_round, cdtype, exact))
         if per == 1 or base == "interleave":
             w = tiles[0] if per == 1 else interleave_rows(tiles)
             xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
             xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask)
-            d = jnp.dot(xt, w, preferred_element_type=jnp.float32)
+            d = mm(xt, w)
             return acc + (d * s if post else d)
         if base == "split":  # one contiguous (BM, BK) activation tile, split into per strided column sets
             xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
             xs = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask), per)
             d = None
             for xt, w in zip(xs, tiles):
-                dj = jnp.dot(xt, w, preferred_element_type=jnp.float32)
+                dj = mm(xt, w)
                 d = dj if d is None else d + dj
             return acc + (d * s if post else d)
         # strided activation loads cannot be masked (interpret mode): x is zero-padded to (BM, BK) multiples
         d = None
         for jj, w in enumerate(tiles):
             xt = x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, per)]
-            dj = jnp.dot(xt, w, preferred_element_type=jnp.float32)
+            dj = mm(xt, w)
             d = dj if d is None else d + dj
         return acc + (d * s if post else d)
 
@@ -807,8 +831,9 @@ def _stat_operands(scale, zero, layout: IntLayout, fn: str) -> list[jax.Array]:
 
 
 def _check_packed(packed: jax.Array, layout: IntLayout, fn: str) -> None:
-    if packed.shape != (layout.packed_rows, layout.n):
-        raise ValueError(f"{fn}: packed weight must be {(layout.packed_rows, layout.n)}, got {packed.shape}")
+    want = (layout.n, layout.packed_rows) if layout.nk else (layout.packed_rows, layout.n)
+    if packed.shape != want:
+        raise ValueError(f"{fn}: packed weight must be {want}{' (K-major)' * layout.nk}, got {packed.shape}")
     ok = (layout.storage_dtype,) + ((jnp.dtype(jnp.int8),) if layout.bits == 8 and layout.offset is None else ())
     if packed.dtype not in ok:
         raise ValueError(
@@ -944,6 +969,8 @@ def _dequant_kernel(*refs, layout: IntLayout, bk: int, bn: int, gs: int, w_round
 
 def dequantize_supported(layout: IntLayout, block_k: int = 128, block_n: int = 128) -> str | None:
     """``None`` when :func:`int_dequantize` handles this layout with these blocks, else why not."""
+    if layout.nk:
+        return "K-major (nk) storage: no dequantization kernel (the XLA path dequantizes it)"
     bk = min(block_k, _largest_pow2_divisor(layout.group_size)) if layout.group_size is not None else block_k
     if layout.k % bk or layout.n % block_n:
         return f"(K, N) = ({layout.k}, {layout.n}) not a multiple of the ({bk}, {block_n}) tile (no masked tiles)"

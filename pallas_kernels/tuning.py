@@ -43,8 +43,10 @@ _DENSE_KERNELS = ("int3w", "int5w", "int6w", "int7w")
 #: storage-specific tuning keys -> the kernel's key. A device's rows and limit under a storage key apply to weights in
 #: that storage only; where a device has none, the kernel's own rows, limit and heuristic apply. fp8 W8A8 from
 #: ``(N, K)`` codes ("nk", the layout XLA's fp8 GEMM reads without a transpose) measured the opposite way from
-#: ``(K, N)`` codes on the H200 (see the limit comment below).
-STORAGE_KEYS: dict[str, str] = {"fp8_w8a8_nk": "fp8_w8a8"}
+#: ``(K, N)`` codes on the H200 (see the limit comment below). K-major 2/4/8-bit integer codes (``IntScheme(layout=
+#: "nk")``) run only the strided and split dots: rows they cannot run are skipped (``get_config(accept=)``), their
+#: heuristic is the split dot at every ``M``; not yet timed on a GPU, so they take the kernel's limits.
+STORAGE_KEYS: dict[str, str] = {"fp8_w8a8_nk": "fp8_w8a8", "int4_nk": "int4", "int8w_nk": "int8w", "int2w_nk": "int2w"}
 
 
 def base_kernel(kernel: str) -> str:
@@ -242,8 +244,9 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     integer; the dense 3/5/6/7-bit widths: the GEMV up to ``M = 8``, then the chunk dot with 512-row K steps),
     ``nf4``, ``int8_outlier``,
     ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``; a storage key of :data:`STORAGE_KEYS`
-    gets its kernel's heuristic.
+    gets its kernel's heuristic (K-major integer codes: the split dot at every ``M``).
     """
+    kmajor_int = kernel in ("int4_nk", "int8w_nk", "int2w_nk")
     kernel = base_kernel(kernel)
     sms = sms or _num_sms()
     if kernel in _GEMV_HEURISTIC and m <= _GEMV_HEURISTIC[kernel]:
@@ -260,7 +263,7 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         # interleave with 4 warps and wide tiles can abort Triton ("Illegal shared layout"): strided up to 256
         # M <= 16: "split" (one contiguous activation tile split in registers): 416 K-loop instructions per trip
         # for sm_90 vs 464 strided, 654-745 interleave and 688 GEMV (benchmarks/kernel_sass.py); not yet timed
-        variant = "split" if m <= 16 else ("strided" if m <= 256 else "interleave")
+        variant = "split" if m <= 16 or kmajor_int else ("strided" if m <= 256 else "interleave")
         if kernel == "int2w":
             bk = max(bk, 128)
     elif kernel == "nf4":

@@ -56,6 +56,7 @@ def _child() -> dict:
         "nf4": NF4Scheme(),
         "fp8": FP8Scheme("e4m3", "channel"),
         "fp8-nk": FP8Scheme("e4m3", "channel", layout="nk"),  # codes (N, K): the output axis first
+        "int4-g128-nk": IntScheme(bits=4, group_size=128, layout="nk"),  # packed codes (N, K/2)
     }
     out["quantize"] = {}
     for name, sch in schemes.items():
@@ -224,6 +225,15 @@ def test_quantize_sharded_bit_exact_and_consistent(results):
     # K-major codes (256, 512): column-parallel splits their first axis, row-parallel their second
     assert q["fp8-nk/out"]["data_spec"] == ["model", None] and q["fp8-nk/out"]["data_shard_shape"] == [64, 512]
     assert q["fp8-nk/in"]["data_spec"] == [None, "model"] and q["fp8-nk/out"]["scale_spec"] == ["model"]
+    # K-major packed int4 codes (256, 256): the same, with the group scales split as for the (K, N) codes
+    assert q["int4-g128-nk/out"]["data_spec"] == ["model", None] and q["int4-g128-nk/out"]["data_shard_shape"] == [
+        64,
+        256,
+    ]
+    assert q["int4-g128-nk/in"]["data_spec"] == [None, "model"] and q["int4-g128-nk/in"]["scale_spec"] == [
+        "model",
+        None,
+    ]
 
 
 def test_model_forward_sharded_equals_unsharded(results):

@@ -124,8 +124,8 @@ def position_weights(seq_len: int, first_token_weight: float) -> np.ndarray | No
 def split_columns(q: QArray, sizes: list[int]) -> list[QArray]:
     """Split a QArray of an IntScheme along its output axis into pieces of ``sizes`` columns.
 
-    Codes are packed along the input axis, so every field is sliced along its last axis; ``aux`` arrays
-    indexed by input row (``g_idx``) are shared.
+    Codes are packed along the input axis, so every field is sliced along its last axis (the first of K-major
+    ``data``); ``aux`` arrays indexed by input row (``g_idx``) are shared.
     """
     if not isinstance(q, QArray) or not isinstance(q.scheme, IntScheme):
         raise TypeError("split_columns expects a QArray of an IntScheme")
@@ -139,9 +139,10 @@ def split_columns(q: QArray, sizes: list[int]) -> list[QArray]:
         def cut(x, a=a, b=b):
             return None if x is None else x[..., a:b]
 
+        kmajor = getattr(q.scheme, "layout", "kn") == "nk"  # data (N, packed rows): columns are its rows
         out.append(
             QArray(
-                data=cut(q.data),
+                data=q.data[a:b] if kmajor else cut(q.data),
                 scale=cut(q.scale),
                 zero=cut(q.zero),
                 aux=dict(q.aux),

@@ -61,6 +61,7 @@ import numpy as np
 
 from jaxquant.core import packing
 from jaxquant.core.formats import int_range
+from jaxquant.core.layout import codes_kn
 from jaxquant.core.numerics import true_divide
 from jaxquant.core.qarray import QArray
 from jaxquant.core.validate import check_weight, is_concrete
@@ -400,6 +401,7 @@ def _to_qarray(raw: _Raw, scheme: IntScheme, shape: tuple[int, int], dtype_name:
         scale = scale[0]
         zero = None if zero is None else zero[0]
     aux = {"g_idx": raw.g_idx} if with_gidx else {}
+    data = codes_kn(data, scheme.layout)  # (N, packed rows) for a K-major scheme
     return QArray(data=data, scale=scale, zero=zero, aux=aux, scheme=scheme, shape=shape, dtype=dtype_name)
 
 

@@ -1,4 +1,5 @@
-"""Storage orientation of the 8-bit weight schemes (:class:`~jaxquant.LLMInt8Scheme`, :class:`~jaxquant.FP8Scheme`).
+"""Storage orientation of the 8-bit weight schemes (:class:`~jaxquant.LLMInt8Scheme`, :class:`~jaxquant.FP8Scheme`)
+and of :class:`~jaxquant.IntScheme`'s packed 2/4/8-bit codes.
 
 A QArray always stands for a logical ``(K, N)`` kernel (``in_features, out_features``, as Flax stores it). Its
 codes can be stored two ways, chosen by the scheme's ``layout`` field:
@@ -8,7 +9,8 @@ codes can be stored two ways, chosen by the scheme's ``layout`` field:
   ("K-major"). Hopper's 8-bit tensor-core instructions (int8 / fp8 ``wgmma``) and the int8 ``mma.sync`` read the
   weight operand K-major; with ``"kn"`` storage the GPU kernels either transpose each weight tile byte by byte
   through shared memory or need a transposed copy of the weight per call. bitsandbytes stores LLM.int8 weights
-  this way (``CB``, out x in).
+  this way (``CB``, out x in). For ``IntScheme`` the packed array is transposed, ``(N, packed rows)``: the int4
+  kernel's dot then reads each weight tile from shared memory by ``ldmatrix`` instead of byte by byte.
 
 Scales, zero points and every other field keep their shapes. Dequantization gives the same array bit for bit,
 and so do the int8 products (exact) and the Pallas kernels (tested in interpret mode). Float32 dots over the
@@ -58,6 +60,9 @@ def _relayout_one(q: QArray, layout: str) -> QArray:
     current = getattr(q.scheme, "layout", None)
     if current is None or current == layout:
         return q
+    can_store = getattr(q.scheme, "can_store", None)
+    if can_store is not None and not can_store(layout):  # e.g. 3-bit IntScheme codes: a dense stream, kept as is
+        return q
     if len(q.shape) != 2:
         raise ValueError(f"relayout: {type(q.scheme).__name__} QArray of shape {q.shape} is not a 2-D kernel")
     scheme = dataclasses.replace(q.scheme, layout=layout)
@@ -66,7 +71,8 @@ def _relayout_one(q: QArray, layout: str) -> QArray:
 
 def relayout(tree: Any, layout: str) -> Any:
     """Store the codes of every QArray in ``tree`` (a QArray or any pytree) whose scheme has a ``layout`` field in
-    ``layout`` (``"kn"`` or ``"nk"``; see the module docstring); other leaves are returned as they are.
+    ``layout`` (``"kn"`` or ``"nk"``; see the module docstring); other leaves, and QArrays whose scheme cannot store
+    that layout (3/5/6/7-bit ``IntScheme`` codes), are returned as they are.
 
     The conversion is exact (a transpose of the codes; scales unchanged), so ``dequantize`` and ``qdot`` give the
     same results before and after. Do it once after loading a checkpoint, not per call. Raises ``ValueError`` for

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from jaxquant.core import packing
+from jaxquant.core.layout import relayout
 from jaxquant.core.qarray import QArray
 from jaxquant.schemes.rtn import IntScheme
 
@@ -141,6 +142,8 @@ def codes_of(q: QArray, where: str = "") -> IntCodes:
         raise ValueError(f"{where}: GPTQ/AWQ store float16 scales; this QArray has {s.scale_dtype} scales")
     if not s.symmetric and s.range != "zeropoint":
         raise ValueError(f"{where}: range='minmax' (float minima) has no GPTQ/AWQ layout; use range='zeropoint'")
+    if s.layout == "nk":  # K-major codes: the (K-packed, N) storage the formats hold is their transpose
+        q = relayout(q, "kn")
     gs = s.group_size if s.granularity == "group" else -1
     g_idx = (np.arange(k) // gs if gs > 0 else np.zeros(k)).astype(np.int32)
     scales = np.asarray(q.scale, np.float16).reshape(-1, n)

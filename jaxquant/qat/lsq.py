@@ -26,6 +26,7 @@ import numpy as np
 from jaxquant.core import packing
 from jaxquant.core.api import quantize
 from jaxquant.core.formats import int_range
+from jaxquant.core.layout import codes_kn
 from jaxquant.core.numerics import true_divide
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.schemes import IntScheme
@@ -139,7 +140,7 @@ def _lsq_quantize_compiled(w: jax.Array, step: jax.Array, scheme: IntScheme) -> 
     else:
         data = packing.pack((codes + (qmax + 1)).astype(jnp.uint8), scheme.bits)
     return QArray(
-        data=data,
+        data=codes_kn(data, scheme.layout),  # (N, packed rows) for a K-major scheme
         scale=_stored_step(step, scheme),
         scheme=scheme,
         shape=tuple(w.shape),

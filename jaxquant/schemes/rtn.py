@@ -27,9 +27,12 @@ weight inside the representable range.
 Storage (``QArray`` fields): ``data`` = codes packed along K with :func:`jaxquant.core.packing.pack`
 (symmetric codes offset by ``qmax + 1`` into unsigned; 8-bit symmetric codes are stored as plain ``int8``),
 ``scale`` = ``()`` / ``(N,)`` / ``(G, N)``, ``zero`` = uint8 zero points (zeropoint) or minima in ``scale_dtype``
-(minmax), same shape as ``scale``. Optional ``aux["g_idx"]`` (int32, ``(K,)``, grouped only): input row ``k``
-uses scale/zero row ``g_idx[k]`` instead of ``k // group_size`` (GPTQ act-order without static groups, made by
-:mod:`jaxquant.algorithms.gptq_core`; ``quantize`` never sets it).
+(minmax), same shape as ``scale``. With ``layout="nk"`` (2-D kernels of 2, 4 or 8 bits) ``data`` is that packed
+array transposed, ``(N, packed rows)``: each output column's codes contiguous ("K-major"), the storage the GPU
+kernels read through ``ldmatrix`` instead of byte by byte; it dequantizes bit for bit alike. Optional
+``aux["g_idx"]`` (int32, ``(K,)``, grouped only): input row ``k`` uses scale/zero row ``g_idx[k]`` instead of
+``k // group_size`` (GPTQ act-order without static groups, made by :mod:`jaxquant.algorithms.gptq_core`;
+``quantize`` never sets it; the GPU kernels do not read it, so ``qdot`` takes the XLA path for such weights).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 
 from jaxquant.core import packing
 from jaxquant.core.formats import int_range
+from jaxquant.core.layout import check_layout, codes_kn
 from jaxquant.core.numerics import rounded_product, true_divide
 from jaxquant.core.qarray import QArray, Scheme
 from jaxquant.schemes._grouping import expand_rows, group_view, num_groups, round_scale_up
@@ -65,6 +69,10 @@ class IntScheme(Scheme):
       granularity: ``"tensor"``, ``"channel"`` or ``"group"``; inferred from ``group_size`` when omitted.
       range: asymmetric only: ``"zeropoint"`` (integer zero point, range includes 0) or ``"minmax"``.
       scale_dtype: storage dtype of scales (and minmax minima): ``"float16"``, ``"bfloat16"``, ``"float32"``.
+      layout: how ``data`` stores a 2-D kernel's packed codes: ``"kn"`` (packed along K, ``(packed rows, N)``,
+        default) or ``"nk"`` (its transpose, K-major; 2, 4 and 8 bits, 2-D kernels only; see the module docstring
+        and :mod:`jaxquant.core.layout`). Convert at quantization time or once after loading
+        (:func:`jaxquant.core.layout.relayout`), never per call.
     """
 
     bits: int = 8
@@ -73,6 +81,7 @@ class IntScheme(Scheme):
     granularity: str | None = None
     range: str = "zeropoint"
     scale_dtype: str = "float16"
+    layout: str = "kn"
 
     kind = "int"
 
@@ -102,15 +111,27 @@ class IntScheme(Scheme):
             raise ValueError("IntScheme: range='minmax' needs symmetric=False")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"IntScheme: scale_dtype must be one of {_SCALE_DTYPES}, got {self.scale_dtype!r}")
+        check_layout("IntScheme", self.layout)
+        if self.layout == "nk" and self.bits not in (2, 4, 8):
+            raise ValueError(
+                f"IntScheme: layout='nk' stores 2, 4 or 8-bit codes K-major; {self.bits}-bit codes are a dense bit "
+                "stream along K (use layout='kn')"
+            )
+
+    def can_store(self, layout: str) -> bool:
+        """Whether codes of this scheme can be stored in ``layout`` (``"nk"``: 2, 4 and 8 bits only); what
+        :func:`jaxquant.core.layout.relayout` asks before converting."""
+        return layout == "kn" or (layout == "nk" and self.bits in (2, 4, 8))
 
     # ------------------------------------------------------------------------------------------------
     def describe(self) -> str:
         g = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         kind = "sym" if self.symmetric else ("asym-minmax" if self.range == "minmax" else "asym")
-        return f"int{self.bits} {g} {kind}"
+        kmajor = " K-major" if self.layout == "nk" else ""
+        return f"int{self.bits} {g} {kind}{kmajor}"
 
     def _check_shape(self, shape):
-        if self.granularity == "tensor":
+        if self.granularity == "tensor" and self.layout == "kn":
             return
         super()._check_shape(shape)
 
@@ -188,6 +209,7 @@ class IntScheme(Scheme):
         scale = self._store_stats(s_st, orig_shape)
         if zero is not None and self.range == "zeropoint":
             zero = self._store_stats(zero, orig_shape)
+        data = codes_kn(data, self.layout)  # (N, packed rows) for "nk"
         return QArray(data=data, scale=scale, zero=zero, scheme=self, shape=orig_shape, dtype=orig_dtype)
 
     def _dequantize(self, q: QArray) -> jax.Array:
@@ -208,10 +230,11 @@ class IntScheme(Scheme):
                 return self._load_stats(x, k, n)
 
         s = load(q.scale.astype(jnp.float32))
+        data = codes_kn(q.data, self.layout)
         if self.symmetric and self.bits == 8:
-            codes = q.data.astype(jnp.float32)
+            codes = data.astype(jnp.float32)
         else:
-            codes = packing.unpack(q.data, self.bits, k).astype(jnp.float32)
+            codes = packing.unpack(data, self.bits, k).astype(jnp.float32)
             if self.symmetric:
                 codes = codes - (qmax + 1)
         if self.symmetric:

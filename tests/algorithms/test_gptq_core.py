@@ -194,3 +194,17 @@ def test_errors():
         gptq(w, h, s, act_order=1)
     with pytest.raises(ValueError, match="2-D"):
         gptq(jnp.ones((32,)), h, s)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_kmajor_scheme_gives_the_transposed_codes(act_order):
+    """GPTQ with ``IntScheme(layout="nk")``: the same codes, stored K-major; the same weights; column splits too."""
+    w, h = _problem(k=256, n=24)
+    w, h = jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32)
+    q_kn = gptq(w, h, jq.IntScheme(4, 64, False), act_order=act_order)
+    q_nk = gptq(w, h, jq.IntScheme(4, 64, False, layout="nk"), act_order=act_order)
+    np.testing.assert_array_equal(np.asarray(q_nk.data), np.asarray(q_kn.data).T)
+    np.testing.assert_array_equal(np.asarray(jq.dequantize(q_nk)), np.asarray(jq.dequantize(q_kn)))
+    for a, b in zip(split_columns(q_nk, [16, 8]), split_columns(q_kn, [16, 8])):
+        assert a.data.shape == b.data.shape[::-1]
+        np.testing.assert_array_equal(np.asarray(jq.dequantize(a)), np.asarray(jq.dequantize(b)))

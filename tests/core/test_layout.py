@@ -46,13 +46,17 @@ def test_relayout_is_exact_both_ways_over_a_tree():
     q8 = jq.quantize(_w(), jq.LLMInt8Scheme())
     f8 = jq.quantize(_w(seed=2), jq.FP8Scheme("e4m3", "channel"))
     i4 = jq.quantize(_w(seed=3), jq.IntScheme(4, 32))
-    tree = {"a": q8, "b": [f8, i4], "c": jnp.ones(3)}
+    i3 = jq.quantize(_w(seed=4), jq.IntScheme(3, 32))
+    n4 = jq.quantize(_w(seed=5), jq.NF4Scheme())
+    tree = {"a": q8, "b": [f8, i4], "c": jnp.ones(3), "d": [i3, n4]}
     nk = jq.relayout(tree, "nk")
     assert nk["a"].scheme == jq.LLMInt8Scheme(layout="nk") and nk["b"][0].scheme.layout == "nk"
-    assert nk["b"][1] is i4 and nk["c"] is tree["c"]  # schemes without a layout, and plain arrays: untouched
+    assert nk["b"][1].scheme == jq.IntScheme(4, 32, layout="nk")
+    # schemes without a layout, 3-bit codes (a dense stream, no K-major form) and plain arrays: untouched
+    assert nk["d"][0] is i3 and nk["d"][1] is n4 and nk["c"] is tree["c"]
     assert jq.relayout(nk["a"], "nk") is nk["a"]  # already there: no copy
     back = jq.relayout(nk, "kn")
-    for a, b in ((back["a"], q8), (back["b"][0], f8)):
+    for a, b in ((back["a"], q8), (back["b"][0], f8), (back["b"][1], i4)):
         assert a.scheme == b.scheme
         np.testing.assert_array_equal(np.asarray(a.data, np.float32), np.asarray(b.data, np.float32))
         np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
@@ -144,6 +148,7 @@ def test_checkpoints_written_before_layouts_load_as_kn():
     for cls, fields in (
         ("LLMInt8Scheme", {"threshold": 6.0, "outlier_rows": [], "granularity": "channel"}),
         ("FP8Scheme", {"fmt": "e4m3", "granularity": "channel"}),
+        ("IntScheme", {"bits": 4, "group_size": 128, "symmetric": True}),
     ):
         s = _scheme_from_json({"class": cls, "module": "jaxquant.schemes", "fields": fields})
         assert s.layout == "kn", cls
@@ -153,7 +158,24 @@ def test_k_major_specs():
     """SPECs for the CLI and the decode benchmark: the same schemes stored K-major."""
     from jaxquant.specs import list_specs, parse_spec
 
-    for name, base in (("llm-int8-nk", "llm-int8"), ("fp8-e4m3-nk", "fp8-e4m3")):
+    for name, base in (("llm-int8-nk", "llm-int8"), ("fp8-e4m3-nk", "fp8-e4m3"), ("int4-g128-nk", "int4-g128")):
         assert name in list_specs()
         (_, s), (_, b) = parse_spec(name).rules[0], parse_spec(base).rules[0]
         assert s.layout == "nk" and s == jq.relayout(jq.quantize(_w(), b), "nk").scheme
+
+
+def test_int_codes_stored_k_major_through_a_model():
+    """``IntScheme(layout="nk")`` (packed codes ``(N, packed rows)``) through ``quantize_params`` and the model's
+    forward pass (XLA path): the same logits as the (K, N) storage, bit for bit; ``int4-asym-nk`` parses too."""
+    from jaxquant.models import Llama, LlamaConfig, forward, model_params, with_params
+    from jaxquant.specs import parse_spec
+
+    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=128)
+    model = Llama(cfg)
+    toks = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 64
+    outs = []
+    for spec in ("int4-g32", "int4-g32-nk"):
+        params = jq.quantize_params(model_params(model), list(parse_spec(spec).rules))
+        outs.append(np.asarray(forward(with_params(model, params), toks)))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert parse_spec("int4-asym-nk").rules[0][1].layout == "nk"

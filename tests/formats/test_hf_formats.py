@@ -228,3 +228,12 @@ def test_safetensors_header_checks(tmp_path):
             check_safetensors(str(p))
         with pytest.raises(ValueError):
             inspect_path(p)
+
+
+def test_kmajor_qarrays_export_as_their_kn_storage():
+    """GPTQ/AWQ tensors hold codes packed along K: a K-major QArray exports exactly as its (K, N) twin."""
+    kn = jq.quantize(W, jq.IntScheme(bits=4, group_size=32, symmetric=False))
+    nk = jq.quantize(W, jq.IntScheme(bits=4, group_size=32, symmetric=False, layout="nk"))
+    for export in (to_gptq, to_awq):
+        a, b = export(nk), export(kn)
+        assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)

@@ -42,6 +42,7 @@ SCHEMES = [
     jq.CastScheme("bfloat16"),
     jq.LLMInt8Scheme(layout="nk"),  # K-major codes: the scheme's layout travels with the manifest
     jq.FP8Scheme("e4m3", "channel", layout="nk"),
+    jq.IntScheme(4, 32, symmetric=False, layout="nk"),
 ]
 
 

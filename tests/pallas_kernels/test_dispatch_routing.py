@@ -172,3 +172,37 @@ def test_fp8_w8a8_storage_key(fake_h200):
     with ops.kernel_mode("auto"):
         assert kernel_call(1, nk) and not kernel_call(2, nk) and not kernel_call(16, nk)
         assert kernel_call(1, kn) and kernel_call(16, kn) and kernel_call(64, kn) and not kernel_call(65, kn)
+
+
+def test_kmajor_int_codes_route_to_the_split_dot(fake_h200):
+    """K-major integer codes (``IntScheme(layout="nk")``) have their own key: the H200's int4 rows (``interleave``,
+    which they cannot run) are skipped for the split dot; the limit is int4's; no Pallas dequantization above it."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (256, 128)) * 0.05
+    q = jq.quantize(w, jq.IntScheme(bits=4, group_size=128, layout="nk"))
+    with ops.kernel_mode("auto"):
+        small = ops.explain_qdot(_x(1, 256), q)
+        assert small.startswith("kernel: int4_nk") and "variant='split'" in small
+        assert ops.explain_qdot(_x(128, 256), q).startswith("kernel: int4_nk")
+        assert ops.explain_qdot(_x(256, 256), q).startswith("xla: M=256 above the tuned limit 128 for int4_nk")
+    assert tuning.heuristic("int4_nk", 4096, 8192, 8192).variant == "split"
+    assert tuning.heuristic("int4", 4096, 8192, 8192).variant == "interleave"
+    with ops.kernel_mode("on"):
+        assert "variant='split'" in ops.explain_qdot(_x(4096, 256), q)
+
+
+def test_act_order_weights_never_reach_the_integer_kernels():
+    """GPTQ act-order weights carry their own group per input row (``aux["g_idx"]``), which the kernels do not
+    read: ``qdot`` takes the XLA path for them (it once ran the kernel with groups ``k // group_size``: wrong)."""
+    import dataclasses
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (256, 64)) * 0.05
+    q = jq.quantize(w, jq.IntScheme(bits=4, group_size=64))
+    g_idx = (jax.random.permutation(jax.random.PRNGKey(3), 256) // 64).astype(jnp.int32)
+    q = dataclasses.replace(q, aux={"g_idx": g_idx})
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 256), jnp.float32).astype(jnp.bfloat16)
+    with ops.kernel_mode("off"):
+        want = ops.qdot(x, q)
+    with ops.kernel_mode("interpret"):
+        assert "act-order" in ops.explain_qdot(x, q)
+        assert jnp.array_equal(ops.qdot(x, q), want)
+        assert jnp.array_equal(ops.qdot_dequant_dot(x, q), want)

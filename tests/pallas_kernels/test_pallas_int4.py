@@ -906,3 +906,86 @@ def test_chunk_dot_configs_fit_and_do_not_spill(device, arch, limit_kib):
         assert loop.count("I2F") <= 16 * cfg.block_n // 128, (m, cfg)
         if cfg.block_m <= 32:
             assert loop.count("BAR") <= 4, (m, cfg)
+
+
+# K-major (``IntScheme(layout="nk")``) storage: (m, k, n, bits, group, symmetric, range, variant, split_k, x dtype)
+NK_CASES = [
+    (1, 256, 128, 4, 128, True, "zeropoint", "split", 2, jnp.bfloat16),
+    (5, 200, 80, 4, 64, False, "zeropoint", "split", 1, jnp.float16),  # ragged M, K, N; short last group
+    (33, 256, 96, 4, 128, False, "minmax", "strided", 1, jnp.float32),
+    (3, 300, 64, 8, 128, True, "zeropoint", "split", 3, jnp.bfloat16),  # int8 codes, one tile per step
+    (2, 320, 48, 8, None, False, "zeropoint", "strided", 1, jnp.bfloat16),
+    (17, 320, 48, 2, 64, False, "zeropoint", "split", 1, jnp.float32),  # 2-bit: four column sets
+    (4, 256, 64, 4, 128, True, "zeropoint", "split+postscale", 2, jnp.bfloat16),
+    (9, 264, 40, 2, 64, False, "zeropoint", "strided+postscale", 1, jnp.float16),
+]
+
+
+@pytest.mark.parametrize("case", NK_CASES, ids=lambda c: f"m{c[0]}k{c[1]}n{c[2]}b{c[3]}g{c[4]}{c[7]}s{c[8]}")
+def test_kmajor_storage_gives_the_kn_result_bit_for_bit(case):
+    """The same weights stored K-major, ``(N, packed rows)``: the kernel computes the (K, N) storage's weights (the
+    XLA references agree bit for bit) and products; its output differs from the (K, N) kernel's only by the dot's
+    summation order (a transposed contraction), within the float64 bounds of the other tests."""
+    m, k, n, bits, group, sym, rng_mode, variant, split, dt = case
+    rng = np.random.default_rng(7 * m + k + bits)
+    w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32))
+    kw = {"bits": bits, "group_size": group, "symmetric": sym, "range": rng_mode}
+    q_kn = jq.quantize(w, jq.IntScheme(**kw))
+    q_nk = jq.quantize(w, jq.IntScheme(**kw, layout="nk"))
+    mode = "sym" if sym else rng_mode
+    layout = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=group)
+    layout_nk = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=group, nk=True)
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    cfg = BlockConfig(block_m=16, block_n=32, block_k=128, split_k=split, variant=variant)
+    zero = None if sym else q_kn.zero
+    y_kn = int_matmul(x, q_kn.data, q_kn.scale, zero, layout=layout, config=cfg, interpret=True)
+    y_nk = int_matmul(x, q_nk.data, q_nk.scale, zero, layout=layout_nk, config=cfg, interpret=True)
+    assert rel_err(y_nk, y_kn) <= BOUND[dt]
+    wd64 = np_dequant(q_kn, bits, group, sym, rng_mode, k, n)
+    assert rel_err(y_nk, np.asarray(x, np.float64) @ round_to(wd64, dt)) <= (3e-3 if "post" in variant else BOUND[dt])
+    np.testing.assert_array_equal(
+        np.asarray(int_matmul_reference(x, q_nk.data, q_nk.scale, zero, layout_nk)),
+        np.asarray(int_matmul_reference(x, q_kn.data, q_kn.scale, zero, layout)),
+    )
+
+
+def test_kmajor_storage_refuses_what_it_cannot_run():
+    lay = IntLayout(bits=4, mode="sym", k=256, n=64, group_size=128, nk=True)
+    for variant in ("interleave", "interleave+postscale", "gemv", "split-gemv"):
+        bm = 1 if "gemv" in variant else 16
+        why = supported(lay, BlockConfig(bm, 64, 128, variant=variant), jnp.bfloat16)
+        assert why and "K-major" in why, variant
+    for variant in ("", "strided", "split", "split+postscale"):
+        assert supported(lay, BlockConfig(16, 64, 128, variant=variant), jnp.bfloat16) is None, variant
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"must be \(64, 128\) \(K-major\)"):
+        int_matmul(x, jnp.zeros((128, 64), jnp.uint8), jnp.ones((2, 64)), None, layout=lay,
+                   config=BlockConfig(16, 64, 128, variant="split"), interpret=True)  # fmt: skip
+    with pytest.raises(ValueError, match="2/4/8-bit"):
+        IntLayout(bits=3, mode="sym", k=256, n=64, nk=True)
+
+
+@requires_triton
+def test_kmajor_weight_tiles_are_read_by_ldmatrix_sm90():
+    """Why K-major storage exists: in the sm_90 K loop of the split dot (M=1, 8192^2, the 16x64x128 tile) the (K, N)
+    byte tile is read from shared memory one byte per load (``LDS.U8``, 32 per thread per trip); stored (N, K) it is
+    read by ``ldmatrix`` (``LDSM``), two per thread per trip, with no byte loads."""
+
+    def loop(nk: bool) -> tt.LoopProfile:
+        layout = IntLayout(bits=4, mode="sym", k=8192, n=8192, group_size=128, nk=nk)
+        cfg = BlockConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3, variant="split")
+        w_shape = (8192, layout.packed_rows) if nk else (layout.packed_rows, 8192)
+        args = [
+            shape_struct((1, 8192), jnp.bfloat16),
+            shape_struct(w_shape, jnp.uint8),
+            shape_struct((layout.groups, 8192), jnp.float16),
+            None,
+        ]
+        call = cuda_lowering(functools.partial(int_matmul, layout=layout, config=cfg), *args)[0]
+        assert_compiles([call])
+        return tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+
+    kn, nk = loop(False), loop(True)
+    assert kn.counts.get("LDS.U8", 0) >= 32
+    assert nk.counts.get("LDS.U8", 0) == 0 and nk.count("LDSM") >= 2
+    assert nk.count("HMMA") == kn.count("HMMA") > 0 and nk.count("I2F") == 0

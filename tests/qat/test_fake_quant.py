@@ -163,7 +163,14 @@ def test_qat_step_trains_latent_float_weights():
 
 
 @pytest.mark.parametrize(
-    "scheme", [jq.IntScheme(4, 32), jq.IntScheme(8), jq.IntScheme(3, granularity="tensor"), jq.IntScheme(4, 40)]
+    "scheme",
+    [
+        jq.IntScheme(4, 32),
+        jq.IntScheme(8),
+        jq.IntScheme(3, granularity="tensor"),
+        jq.IntScheme(4, 40),
+        jq.IntScheme(4, 32, layout="nk"),  # K-major codes: the export stores them transposed
+    ],
 )
 def test_lsq_starts_at_rtn_and_exports_exactly(scheme):
     w = _w((100, 24), 8)

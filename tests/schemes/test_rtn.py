@@ -191,3 +191,33 @@ def test_int8_symmetric_is_plain_int8():
     q = jq.quantize(jnp.array([[1.0], [-1.0], [0.5]]), jq.IntScheme(8, scale_dtype="float32"))
     assert q.data.dtype == jnp.int8
     np.testing.assert_array_equal(np.asarray(q.data)[:, 0], [127, -127, 64])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(
+    "kw", [{"symmetric": True}, {"symmetric": False}, {"symmetric": False, "range": "minmax"}], ids=["sym", "zp", "mm"]
+)
+@pytest.mark.parametrize("group", [64, None])
+def test_kmajor_layout_is_the_transposed_packing(bits, kw, group):
+    """``layout="nk"``: ``data`` is the (K-packed, N) array transposed; everything else and the weights are the same."""
+    from jaxquant.core.layout import relayout
+
+    w = jax.random.normal(jax.random.PRNGKey(bits), (200, 24)) * 0.1  # ragged: 200 = 3 groups of 64 + 8
+    kn = jq.quantize(w, jq.IntScheme(bits=bits, group_size=group, **kw))
+    nk = jq.quantize(w, jq.IntScheme(bits=bits, group_size=group, layout="nk", **kw))
+    np.testing.assert_array_equal(np.asarray(nk.data), np.asarray(kn.data).T)
+    np.testing.assert_array_equal(np.asarray(nk.scale), np.asarray(kn.scale))
+    np.testing.assert_array_equal(np.asarray(jq.dequantize(nk)), np.asarray(jq.dequantize(kn)))
+    assert nk.nbytes == kn.nbytes == nk.scheme.storage_bytes((200, 24))
+    assert nk.scheme.describe().endswith(" K-major")
+    back = relayout(nk, "kn")
+    assert back.scheme == kn.scheme and np.array_equal(np.asarray(back.data), np.asarray(kn.data))
+
+
+def test_kmajor_layout_errors():
+    with pytest.raises(ValueError, match="dense bit stream"):
+        jq.IntScheme(bits=3, group_size=128, layout="nk")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        jq.IntScheme(bits=4, layout="mn")
+    with pytest.raises(ValueError, match="2-D"):  # per-tensor schemes take any shape, K-major ones only kernels
+        jq.quantize(jnp.ones((4, 4, 4)), jq.IntScheme(bits=8, granularity="tensor", layout="nk"))
