@@ -357,6 +357,10 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("int4_g128_nk", (16, 128, 128, 8, 8, 3, "split+postscale")),
     ("int4_g128_nk", (16, 64, 128, 4, 4, 3, "split+postscale")),
     ("int4_g128_nk", (16, 128, 128, 8, 8, 3, "split")),
+    # its GEMV: plain 16-byte loads straight into registers (no shared memory, no barrier; sm_90 6.0 / 8.5
+    # instructions per weight with / without +postscale at 64x128 tiles: more than the dots, but no smem traffic)
+    ("int4_g128_nk", (1, 64, 128, 8, 4, 4, "gemv+postscale")),
+    ("int4_g128_nk", (1, 64, 128, 8, 4, 4, "gemv")),
     # K-major 8-bit weights (layout="nk"): at M <= 16 the int8 / fp8 mma.sync reads the weight by ldmatrix instead of
     # byte by byte (sm_90 K loop of LLM.int8's 16x64x128 tile: 67 instructions per trip vs 198); at large M no
     # per-call transposed copy

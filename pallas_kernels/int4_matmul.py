@@ -126,7 +126,8 @@ class IntLayout:
       nk: 2/4/8 bits only: the packed array is stored transposed, ``(N, packed rows)`` (K-major: each column's
         bytes contiguous; ``IntScheme(layout="nk")``). The tensor-core kernels' weight tiles are then read from
         shared memory by ``ldmatrix`` instead of byte by byte (sm_90 code, ``benchmarks/stream_probe.py --sass``);
-        only the ``strided`` and ``split`` dots run it.
+        the ``strided`` and ``split`` dots and the ``gemv`` (each column's codes a row of the tile, its activations
+        a contiguous row of the reordered copy; the sums along K reduced once, after the loop) run it.
     """
 
     bits: int
@@ -303,8 +304,8 @@ def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
             f"group_size={layout.group_size} too small for a {layout.bits}-bit K step "
             f"(the kernel needs groups that are multiples of {need})"
         )
-    if layout.nk and cfg.variant.split("+")[0] not in ("", "strided", "split"):
-        return f"K-major (nk) storage runs the strided and split dots, not {cfg.variant!r}"
+    if layout.nk and cfg.variant.split("+")[0] not in ("", "strided", "split", "gemv"):
+        return f"K-major (nk) storage runs the strided and split dots and the gemv, not {cfg.variant!r}"
     if cfg.variant in _GEMV_VARIANTS:
         if cfg.block_m > 8 or cfg.block_n < 16:
             return "gemv needs block_m <= 8 and block_n >= 16"
@@ -653,6 +654,11 @@ def _gemv_kernel(
     nmask = (n0 + jnp.arange(bn) < n)[None, :] if n % bn else None
     k_ragged = k % bk != 0
     cdtype = xt_ref.dtype
+    nk = layout.nk  # K-major storage: (BN, pk) tiles, (BN, 1) scale columns, (1, pk) activation rows
+
+    def col(v):  # a (1, BN) row as the (BN, 1) column the K-major tiles broadcast against
+        return v if v is None or not nk else v.T
+
     sym_int8 = w_ref.dtype == jnp.int8
     scale_steps = post and not xq  # "+xq": one group, its scale applied after the loop with s_x
     exact = _exact_product(s_ref.dtype)
@@ -667,17 +673,25 @@ def _gemv_kernel(
         kb = sk * steps + t
         k0 = kb * bk
         u0 = kb * pk
-        wmask = and_masks(nmask, (u0 + jnp.arange(pk) < layout.units)[:, None] if k_ragged else None)
+        umask = u0 + jnp.arange(pk) < layout.units
+        if nk:
+            wmask = and_masks(col(nmask), umask[None, :] if k_ragged else None)
+        else:
+            wmask = and_masks(nmask, umask[:, None] if k_ragged else None)
         g = k0 // gs
-        s = None if xq else load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
-        z = None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        s = None if xq else col(load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
+        z = None if z_ref is None else col(load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
         accs = list(accs)
         if split_x:  # per row one contiguous (pk, chunk) tile of x, split into its chunk columns in registers
             xs = [split_cols(x_tile(mi, u0), layout.chunk) for mi in range(bm)]
         steps_acc = [None] * bm  # "+postscale": this step's sum of x * (c - offset), scaled once at the end
         zs = None if post else _zero_scale(s, z, layout, exact)
         sub = z if layout.mode == "zeropoint" and zs is None else _code_offset(layout)
-        for jj, (v, off) in enumerate(_code_fields(_load_packed(w_ref, u0, pk, n0, bn, wmask, layout), layout)):
+        if nk:
+            packed = load(w_ref.at[pl.ds(n0, bn), pl.ds(u0, pk)], wmask).astype(jnp.int32)
+        else:
+            packed = _load_packed(w_ref, u0, pk, n0, bn, wmask, layout)
+        for jj, (v, off) in enumerate(_code_fields(packed, layout)):
             # the exact integers c - offset in float32 (|c - z| <= 255)
             w = v.astype(jnp.float32) if sym_int8 else exact_field(v, off, layout.bits, sub)
             if not post:  # the XLA path's weights (its float32 operations, then its roundings), in float32
@@ -685,6 +699,8 @@ def _gemv_kernel(
             for mi in range(bm):
                 if split_x:
                     xc = xs[mi][jj]
+                elif nk:  # the same activations as a contiguous row of the (Mp, Kp) reordered copy
+                    xc = xt_ref[pl.ds(m0 + mi, 1), pl.ds(k0 + jj * pk, pk)].astype(jnp.float32)
                 else:
                     # activations k0 + jj + chunk * r, r < pk: a contiguous column of the reordered (K, M) copy
                     xc = xt_ref[pl.ds(k0 + jj * pk, pk), pl.ds(m0 + mi, 1)].astype(jnp.float32)
@@ -696,12 +712,12 @@ def _gemv_kernel(
             accs = [a + d * s for a, d in zip(accs, steps_acc)]
         return tuple(accs)
 
-    init = tuple(jnp.zeros((pk, bn), jnp.float32) for _ in range(bm))
+    init = tuple(jnp.zeros((bn, pk) if nk else (pk, bn), jnp.float32) for _ in range(bm))
     accs = jax.lax.fori_loop(0, steps, body, init)
     if xq:
         s = load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
     for mi in range(bm):
-        row = jnp.sum(accs[mi], axis=0).reshape(1, bn)
+        row = jnp.sum(accs[mi], axis=1 if nk else 0).reshape(1, bn)
         if xq:  # the exact integer sum, then (acc * s_x) * s as the XLA epilogue rounds it
             row = row * quantizers[mi][0] * s
         if len(o_ref.shape) == 3:  # split-K partial sums
@@ -854,6 +870,8 @@ def _int_gemv(
         xt = jnp.pad(x, ((0, mp - m), (0, kp - x.shape[1]))).reshape(mp, kp // layout.chunk, layout.chunk)
     else:
         xt = _gemv_activations(x, mp, nsteps * bk, bk, layout.chunk)
+        if layout.nk:  # each code position's activations a contiguous row
+            xt = xt.T
     split = largest_divisor_at_most(nsteps, config.split_k)
     steps = nsteps // split
     gs = layout.group_size if layout.group_size is not None else nsteps * bk

@@ -918,6 +918,11 @@ NK_CASES = [
     (17, 320, 48, 2, 64, False, "zeropoint", "split", 1, jnp.float32),  # 2-bit: four column sets
     (4, 256, 64, 4, 128, True, "zeropoint", "split+postscale", 2, jnp.bfloat16),
     (9, 264, 40, 2, 64, False, "zeropoint", "strided+postscale", 1, jnp.float16),
+    # the GEMV (8 rows per block): each column's codes a row of the tile, the sums along K reduced after the loop
+    (1, 256, 128, 4, 128, True, "zeropoint", "gemv", 2, jnp.bfloat16),
+    (5, 200, 80, 4, 64, False, "minmax", "gemv", 1, jnp.float16),
+    (3, 300, 64, 8, 128, False, "zeropoint", "gemv+postscale", 2, jnp.bfloat16),
+    (2, 320, 48, 2, 64, True, "zeropoint", "gemv", 1, jnp.float32),
 ]
 
 
@@ -936,7 +941,7 @@ def test_kmajor_storage_gives_the_kn_result_bit_for_bit(case):
     layout = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=group)
     layout_nk = IntLayout(bits=bits, mode=mode, k=k, n=n, group_size=group, nk=True)
     x = jnp.asarray(rng.standard_normal((m, k)), dt)
-    cfg = BlockConfig(block_m=16, block_n=32, block_k=128, split_k=split, variant=variant)
+    cfg = BlockConfig(block_m=8 if "gemv" in variant else 16, block_n=32, block_k=128, split_k=split, variant=variant)
     zero = None if sym else q_kn.zero
     y_kn = int_matmul(x, q_kn.data, q_kn.scale, zero, layout=layout, config=cfg, interpret=True)
     y_nk = int_matmul(x, q_nk.data, q_nk.scale, zero, layout=layout_nk, config=cfg, interpret=True)
@@ -951,12 +956,13 @@ def test_kmajor_storage_gives_the_kn_result_bit_for_bit(case):
 
 def test_kmajor_storage_refuses_what_it_cannot_run():
     lay = IntLayout(bits=4, mode="sym", k=256, n=64, group_size=128, nk=True)
-    for variant in ("interleave", "interleave+postscale", "gemv", "split-gemv"):
+    for variant in ("interleave", "interleave+postscale", "split-gemv", "split-gemv+postscale"):
         bm = 1 if "gemv" in variant else 16
         why = supported(lay, BlockConfig(bm, 64, 128, variant=variant), jnp.bfloat16)
         assert why and "K-major" in why, variant
-    for variant in ("", "strided", "split", "split+postscale"):
-        assert supported(lay, BlockConfig(16, 64, 128, variant=variant), jnp.bfloat16) is None, variant
+    for variant in ("", "strided", "split", "split+postscale", "gemv", "gemv+postscale"):
+        bm = 1 if "gemv" in variant else 16
+        assert supported(lay, BlockConfig(bm, 64, 128, variant=variant), jnp.bfloat16) is None, variant
     x = jnp.ones((2, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"must be \(64, 128\) \(K-major\)"):
         int_matmul(x, jnp.zeros((128, 64), jnp.uint8), jnp.ones((2, 64)), None, layout=lay,
@@ -989,3 +995,23 @@ def test_kmajor_weight_tiles_are_read_by_ldmatrix_sm90():
     assert kn.counts.get("LDS.U8", 0) >= 32
     assert nk.counts.get("LDS.U8", 0) == 0 and nk.count("LDSM") >= 2
     assert nk.count("HMMA") == kn.count("HMMA") > 0 and nk.count("I2F") == 0
+
+
+@requires_triton
+def test_kmajor_gemv_streams_the_weight_into_registers_sm90():
+    """The K-major GEMV's sm_90 K loop (M=1, 8192^2, 1x64x128 tiles): each column's bytes are contiguous, so the
+    weight arrives by 16-byte global loads straight into registers: no shared memory, no barrier, no spill."""
+    layout = IntLayout(bits=4, mode="sym", k=8192, n=8192, group_size=128, nk=True)
+    cfg = BlockConfig(1, 64, 128, split_k=8, num_warps=4, num_stages=4, variant="gemv+postscale")
+    args = [
+        shape_struct((1, 8192), jnp.bfloat16),
+        shape_struct((8192, layout.packed_rows), jnp.uint8),
+        shape_struct((layout.groups, 8192), jnp.float16),
+        None,
+    ]
+    call = cuda_lowering(functools.partial(int_matmul, layout=layout, config=cfg), *args)[0]
+    (rep,) = assert_compiles([call])
+    assert rep.spill_bytes == 0
+    loop = tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+    assert loop.counts.get("LDG.E.128", 0) >= 4
+    assert loop.count("LDS") == 0 and loop.count("STS") == 0 and loop.barriers == 0 and loop.count("I2F") == 0
