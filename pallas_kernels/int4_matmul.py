@@ -979,16 +979,19 @@ def _dequant_kernel(*refs, layout: IntLayout, bk: int, bn: int, gs: int, w_round
     native = _native(layout, s_ref.dtype, out_dtype, w_round)
     s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, None, native, native)
     sym_int8 = w_ref.dtype == jnp.int8
-    for jj, c in enumerate(_code_tiles(_load_packed(w_ref, kb * pk, pk, n0, bn, None, layout), layout)):
+    if layout.nk:  # K-major: (BN, pk) tiles against (BN, 1) scale columns, each weight tile transposed to (pk, BN)
+        packed = load(w_ref.at[pl.ds(n0, bn), pl.ds(kb * pk, pk)]).astype(jnp.int32)
+        s, z, zi = (v if v is None else v.T for v in (s, z, zi))
+    else:
+        packed = _load_packed(w_ref, kb * pk, pk, n0, bn, None, layout)
+    for jj, c in enumerate(_code_tiles(packed, layout)):
         tile = _weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, out_dtype, _exact_product(s_ref.dtype))
         rows = pl.ds(k0, bk) if per == 1 else pl.ds(k0 + jj, pk, stride=per)  # code jj: rows k0 + jj + per*r
-        o_ref[rows, pl.ds(n0, bn)] = tile
+        o_ref[rows, pl.ds(n0, bn)] = tile.T if layout.nk else tile
 
 
 def dequantize_supported(layout: IntLayout, block_k: int = 128, block_n: int = 128) -> str | None:
     """``None`` when :func:`int_dequantize` handles this layout with these blocks, else why not."""
-    if layout.nk:
-        return "K-major (nk) storage: no dequantization kernel (the XLA path dequantizes it)"
     bk = min(block_k, _largest_pow2_divisor(layout.group_size)) if layout.group_size is not None else block_k
     if layout.k % bk or layout.n % block_n:
         return f"(K, N) = ({layout.k}, {layout.n}) not a multiple of the ({bk}, {block_n}) tile (no masked tiles)"
@@ -1017,7 +1020,8 @@ def int_dequantize(
     ...))`` is the XLA path with a faster dequantization: the same weights, the same dot, the same result.
     Grid ``(K / BK, N / BN)``: each program loads one packed ``(BK / chunk, BN)`` tile (``bits`` word tiles for
     dense widths) and its scale (and zero) row and stores each code's tile to its rows ``k0 + j + chunk * r`` with a
-    strided store.
+    strided store. K-major storage (``layout.nk``): a ``(BN, BK / chunk)`` tile, each code's weights transposed in
+    the kernel before the same store.
 
     ``scale`` / ``zero`` as for :func:`int_matmul`: ``(G, N)`` rows, or ``(N,)`` / ``()`` with one group.
 

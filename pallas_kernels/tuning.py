@@ -41,11 +41,12 @@ __all__ = [
 _DENSE_KERNELS = ("int3w", "int5w", "int6w", "int7w")
 
 #: storage-specific tuning keys -> the kernel's key. A device's rows and limit under a storage key apply to weights in
-#: that storage only; where a device has none, the kernel's own rows, limit and heuristic apply. fp8 W8A8 from
-#: ``(N, K)`` codes ("nk", the layout XLA's fp8 GEMM reads without a transpose) measured the opposite way from
-#: ``(K, N)`` codes on the H200 (see the limit comment below). K-major 2/4/8-bit integer codes (``IntScheme(layout=
-#: "nk")``) run only the strided and split dots: rows they cannot run are skipped (``get_config(accept=)``), their
-#: heuristic is the split dot at every ``M``; not yet timed on a GPU, so they take the kernel's limits.
+#: that storage only; where a device has none, the kernel's own rows, limit, heuristic and DEQUANT_DOT start apply.
+#: fp8 W8A8 from ``(N, K)`` codes ("nk", the layout XLA's fp8 GEMM reads without a transpose) measured the opposite
+#: way from ``(K, N)`` codes on the H200 (see the limit comment below). K-major 2/4/8-bit integer codes
+#: (``IntScheme(layout="nk")``) run the strided and split dots and the gemv: rows they cannot run are skipped
+#: (``get_config(accept=)``), their heuristic is the split dot at every ``M``; not yet timed on a GPU, so they take
+#: the kernel's limits.
 STORAGE_KEYS: dict[str, str] = {"fp8_w8a8_nk": "fp8_w8a8", "int4_nk": "int4", "int8w_nk": "int8w", "int2w_nk": "int2w"}
 
 
@@ -447,7 +448,9 @@ def use_kernel(kernel: str, m: int, device: str | None = None) -> bool:
 
 def use_dequant_dot(kernel: str, m: int, device: str | None = None) -> bool:
     """Whether ``qdot`` in "auto" mode should dequantize with the Pallas kernel for ``M`` rows of ``kernel``'s
-    weights on ``device`` (only where :data:`DEQUANT_DOT` records a measurement and the fused kernel is not used)."""
+    weights on ``device`` (only where :data:`DEQUANT_DOT` records a measurement and the fused kernel is not used; a
+    storage key of :data:`STORAGE_KEYS` takes its kernel's start: K-major int4 codes run the same dequantization
+    kernel, each tile transposed in it, not timed on a GPU)."""
     dev = device or device_key()
-    start = DEQUANT_DOT.get(dev, {}).get(kernel)
+    start = _entry(DEQUANT_DOT.get(dev, {}), kernel)
     return start is not None and m >= start and not use_kernel(kernel, m, dev)

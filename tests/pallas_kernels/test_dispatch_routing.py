@@ -176,14 +176,16 @@ def test_fp8_w8a8_storage_key(fake_h200):
 
 def test_kmajor_int_codes_route_to_the_split_dot(fake_h200):
     """K-major integer codes (``IntScheme(layout="nk")``) have their own key: the H200's int4 rows (``interleave``,
-    which they cannot run) are skipped for the split dot; the limit is int4's; no Pallas dequantization above it."""
+    which they cannot run) are skipped for the split dot; the limit and the Pallas dequantization above it are
+    int4's."""
     w = jax.random.normal(jax.random.PRNGKey(0), (256, 128)) * 0.05
     q = jq.quantize(w, jq.IntScheme(bits=4, group_size=128, layout="nk"))
     with ops.kernel_mode("auto"):
         small = ops.explain_qdot(_x(1, 256), q)
         assert small.startswith("kernel: int4_nk") and "variant='split'" in small
         assert ops.explain_qdot(_x(128, 256), q).startswith("kernel: int4_nk")
-        assert ops.explain_qdot(_x(256, 256), q).startswith("xla: M=256 above the tuned limit 128 for int4_nk")
+        assert ops.explain_qdot(_x(256, 256), q).startswith("xla with the Pallas dequantization")
+        assert "int4_dequantize" in str(jax.make_jaxpr(ops.qdot)(_x(256, 256), q))
     assert tuning.heuristic("int4_nk", 4096, 8192, 8192).variant == "split"
     assert tuning.heuristic("int4", 4096, 8192, 8192).variant == "interleave"
     with ops.kernel_mode("on"):

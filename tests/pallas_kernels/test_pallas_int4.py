@@ -638,6 +638,9 @@ DEQUANT_SCHEMES = [
     jq.IntScheme(5, 128, symmetric=False),
     jq.IntScheme(6, 64),
     jq.IntScheme(7, 128, symmetric=False, range="minmax"),
+    jq.IntScheme(4, 128, layout="nk"),  # K-major codes: each tile transposed in the kernel
+    jq.IntScheme(8, 128, symmetric=False, layout="nk"),
+    jq.IntScheme(2, 64, symmetric=False, range="minmax", layout="nk"),
 ]
 
 
@@ -655,7 +658,7 @@ DEQUANT_CASES = [
     DEQUANT_CASES,
     ids=[
         f"b{s.bits}{'s' if s.symmetric else s.range}{'' if s.scale_dtype == 'float16' else s.scale_dtype}-"
-        f"{jnp.dtype(dt).name}"
+        f"{'nk-' if s.layout == 'nk' else ''}{jnp.dtype(dt).name}"
         for s, dt in DEQUANT_CASES
     ],
 )
@@ -726,17 +729,22 @@ def test_minmax_weights_are_not_contracted_into_an_fma_sm90(bits, s_dtype):
 
 
 @requires_triton
-def test_dequant_kernel_compiles_sm90_with_vector_stores():
+@pytest.mark.parametrize("nk", [False, True])
+def test_dequant_kernel_compiles_sm90_with_vector_stores(nk):
     """sm_90 machine code of the 8192^2 int4 -> bf16 dequantization: 128-bit global stores, no int-to-float
-    conversion, a few instructions per weight (memory bound: 160 MB moved vs ~15 us of issue on an H100)."""
+    conversion, a few instructions per weight (memory bound: 160 MB moved vs ~15 us of issue on an H100); from
+    K-major codes too (the tiles transposed in the kernel), without spills."""
     import re
 
     from pallas_kernels.int4_matmul import int_dequantize
 
-    lay = IntLayout(bits=4, mode="sym", k=8192, n=8192, group_size=128)
+    lay = IntLayout(bits=4, mode="sym", k=8192, n=8192, group_size=128, nk=nk)
     fn = functools.partial(int_dequantize, layout=lay, out_dtype=jnp.bfloat16)
-    call = cuda_lowering(fn, shape_struct((4096, 8192), jnp.uint8), shape_struct((64, 8192), jnp.float16), None)[0]
+    packed = shape_struct((8192, 4096) if nk else (4096, 8192), jnp.uint8)
+    call = cuda_lowering(fn, packed, shape_struct((64, 8192), jnp.float16), None)[0]
     assert call.name == "int4_dequantize" and call.grid == (64, 64, 1)
+    (rep,) = assert_compiles([call])
+    assert rep.spill_bytes == 0
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)", tt.sass(tt.ir_text(call.ir)))
     assert ops.count("STG.E.128") > 0 and not any(o.startswith("I2F") for o in ops)
     assert len(ops) * 128 / (128 * 128) <= 10  # thread instructions per weight
