@@ -238,7 +238,7 @@ def _int_adapter(x, w: QArray, m: int, interpret: bool):
     why = _check_limit(name, m, interpret)
     if why:
         return None, why
-    # rows the storage cannot run are skipped (K-major codes: the strided and split dots only)
+    # rows the storage cannot run are skipped (K-major codes: no interleave dot, no split-gemv)
     cfg = tuning.get_config(name, m, k, n, accept=lambda c: km.supported(layout, c, x.dtype) is None)
     why = km.supported(layout, cfg, x.dtype)
     if why:
