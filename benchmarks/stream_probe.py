@@ -45,6 +45,7 @@ import argparse
 import functools
 import os
 import sys
+from typing import Any
 
 # run from the repository root without installing: python benchmarks/stream_probe.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of: sum (unpipelined column sums), dot (pipelined dots on the bytes), int4 (the "
         "library's kernel)",
     )
+    p.add_argument("--out", help="also write the printed lines (with date, commit, device and command) to this file")
     p.add_argument(
         "--sass",
         action="store_true",
@@ -243,6 +245,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--sass needs PyPI triton (pip install -e '.[dev]')")
         print(sass_table(a.k, a.n))
         return 0
+    if a.out:
+        import datetime
+
+        from benchmarks.provenance import git_commit
+
+        _OUT["path"], _OUT["lines"] = a.out, []
+        _OUT["head"] = (
+            f"# Pallas-Triton streaming ladder on {jax.devices()[0].device_kind} (`benchmarks/stream_probe.py`)\n\n"
+            f"- date (UTC): {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}\n"
+            f"- commit: {git_commit()}; JAX {jax.__version__}\n"
+            f"- command: `python benchmarks/stream_probe.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        )
     k, n = (256, 256) if a.dry_run else (a.k, a.n)
     rows, nbytes = k // 2, k // 2 * n
     nb = 2 if a.dry_run else max(2, min(16, 2 * L2_BYTES // nbytes + 2))
@@ -258,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         d: np.asarray(jnp.sum(src[0].astype(jnp.int32), axis=0), np.int64)
         for d, src in (("uint8", ws), ("uint32", words))
     }
-    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: {nbytes / 1e6:.1f} MB packed int4 weight "
+    _emit(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: {nbytes / 1e6:.1f} MB packed int4 weight "
           f"(K={k}, N={n}), {nb} rotating buffers")  # fmt: skip
     f_xla = jax.jit(lambda wl: [jnp.sum(w.astype(jnp.int32), axis=0) for w in wl])
     t = time_per_call(f_xla, (ws,), calls, trials) / nb
-    print(f"xla column sum: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s", flush=True)
+    _emit(f"xla column sum: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s")
     for dt, bn, bk, split, warps, stages in CASES if "sum" in rungs else []:
         src = ws if dt == "uint8" else words
         if a.dry_run:
@@ -274,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             got = np.asarray(f(src[:1])[0], np.int64).sum(axis=0)
             ok = bool(np.all((got - want[dt]) % 2**32 == 0))
             t = time_per_call(f, (src,), calls, trials) / nb
-            print(f"{name}: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s{'' if ok else '  WRONG SUM'}", flush=True)
+            _emit(f"{name}: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s{'' if ok else '  WRONG SUM'}")
         except Exception as e:  # one failing config must not hide the others
-            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
     if "dot" in rungs:
         _dot_rungs(a.dry_run, ws, words, nbytes, calls, trials)
     if "int4" in rungs:
@@ -318,9 +332,24 @@ def sass_table(k: int = 8192, n: int = 8192, arch: int = 90) -> str:
     return "\n".join(out)
 
 
+#: with ``--out``: the file the printed lines are also written to (rewritten after each line), and its header
+_OUT: dict[str, Any] = {"path": None, "head": "", "lines": []}
+
+
+def _emit(line: str) -> None:
+    """Print one result line; with ``--out`` also rewrite the results file (atomically: a run cut short leaves
+    every line printed so far)."""
+    print(line, flush=True)
+    if _OUT["path"]:
+        from jaxquant.files import atomic_write
+
+        _OUT["lines"].append(line)
+        atomic_write(_OUT["path"], _OUT["head"] + "```\n" + "\n".join(_OUT["lines"]) + "\n```\n", mode=0o644)
+
+
 def _report(name: str, t: float, nbytes: int, err: float, bound: float) -> None:
     flag = "" if err <= bound else f"  WRONG (rel err {err:.1e} > {bound:g})"
-    print(f"{name}: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s, rel err {err:.1e}{flag}", flush=True)
+    _emit(f"{name}: {1e6 * t:.1f} us, {nbytes / t / 1e12:.2f} TB/s, rel err {err:.1e}{flag}")
 
 
 def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -360,7 +389,7 @@ def _dot_rungs(dry_run: bool, ws: list, words: list, nbytes: int, calls: int, tr
             t = time_per_call(f, (xl, src), calls, trials) / len(ws)
             _report(name, t, nbytes, _rel_err(got, want), 1e-5)
         except Exception as e:  # one failing config must not hide the others
-            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 
 
 def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -> None:
@@ -400,7 +429,7 @@ def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -
                 t = time_per_call(f, (xs, ws), calls, trials) / len(ws)
                 _report(name, t, nbytes, _rel_err(got, want), 1e-2)
             except Exception as e:  # one failing config must not hide the others
-                print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,14 @@ def test_sass_table_reads_the_weight_tile_as_the_layout_says(monkeypatch):
     assert head.count("|") == rule.count("|") == kn.count("|") == nk.count("|")
     assert kn.startswith("| kn |") and "LDS.U8" in kn
     assert nk.startswith("| nk |") and "LDS.U8" not in nk and "LDSM" in nk
+
+
+def test_out_file_holds_every_printed_line(tmp_path, capsys):
+    from benchmarks.stream_probe import main
+
+    out = tmp_path / "ladder.md"
+    assert main(["--dry-run", "--rungs", "int4", "--out", str(out)]) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    text = out.read_text()
+    assert text.startswith("# Pallas-Triton streaming ladder on ") and "- commit: " in text and "--rungs int4" in text
+    assert all(ln in text for ln in printed) and sum("int4 kernel M=" in ln for ln in printed) == 4
