@@ -9,6 +9,8 @@ Weights come in jaxquant's ``IntScheme`` storage, read as is (no conversion): fo
   ``bits*u .. bits*u + bits-1`` (some codes straddle two words: 3 bits codes 10 and 21; 5 and 6 bits four codes,
   7 bits six); the GEMV (``M <= 8``), the chunk dot (below) and the dequantization kernel;
 * ``bits=8``: ``int8 (K, N)`` (symmetric, signed codes) or ``uint8 (K, N)``;
+* K-major (``IntScheme(layout="nk")``, :attr:`IntLayout.nk`; 2, 4 and 8 bits): the packed array above transposed,
+  ``(N, packed rows)``; the ``strided`` / ``split`` dots, the ``gemv`` and the dequantization kernel read it;
 * ``scale`` ``(G, N)`` (float16/bfloat16/float32), one row per group of ``group_size`` consecutive K rows (the
   last group may be shorter); per-channel ``(1, N)`` with ``group_size >= K``;
 * ``zero`` ``(G, N)``: uint8 zero points (``mode="zeropoint"``) or float minima (``mode="minmax"``).
