@@ -390,13 +390,21 @@ def _code_fields(p, layout: IntLayout) -> list:
 def _load_packed(w_ref, u0, pu: int, n0, bn: int, mask, layout: IntLayout):
     """The packed tile of units ``u0 .. u0+pu`` and columns ``n0 ..`` as :func:`_code_fields` takes it.
 
-    2/4/8 bits: one ``(pu, BN)`` load of ``w_ref`` (the storage as is), as int32. Dense: ``w_ref`` is the storage
-    reshaped to ``(units, bits*N)`` and word ``i`` of the chunks is the column tile ``i*N + n0 ..`` (``mask`` applies
-    to each): a list of ``bits`` uint32 tiles."""
+    2/4/8 bits: one ``(pu, BN)`` load of ``w_ref`` (the storage as is), as int32; K-major storage (``layout.nk``):
+    the ``(BN, pu)`` tile of the ``(N, packed rows)`` array (``mask`` in that orientation). Dense: ``w_ref`` is the
+    storage reshaped to ``(units, bits*N)`` and word ``i`` of the chunks is the column tile ``i*N + n0 ..`` (``mask``
+    applies to each): a list of ``bits`` uint32 tiles."""
+    if layout.nk:
+        return load(w_ref.at[pl.ds(n0, bn), pl.ds(u0, pu)], mask).astype(jnp.int32)
     if not layout.dense:
         return load(w_ref.at[pl.ds(u0, pu), pl.ds(n0, bn)], mask).astype(jnp.int32)
     n = layout.n
     return [load(w_ref.at[pl.ds(u0, pu), pl.ds(i * n + n0, bn)], mask) for i in range(layout.words)]
+
+
+def _as_columns(*rows):
+    """``(1, BN)`` rows (or ``None``) as the ``(BN, 1)`` columns that K-major ``(BN, pu)`` tiles broadcast against."""
+    return tuple(None if v is None else v.T for v in rows)
 
 
 def _kernel_weight(packed: jax.Array, layout: IntLayout) -> jax.Array:
@@ -512,14 +520,13 @@ def _kernel(
         r0 = kb * pk
         rmask = r0 + jnp.arange(pk) < layout.packed_rows
         if nk:  # (BN, pk) tile of the (N, packed rows) storage; the scale rows as (BN, 1) columns
-            wmask = and_masks(None if nmask is None else nmask.T, rmask[None, :] if k_ragged else None)
-            p = load(w_ref.at[pl.ds(n0, bn), pl.ds(r0, pk)], wmask).astype(jnp.int32)
+            wmask = and_masks(*_as_columns(nmask), rmask[None, :] if k_ragged else None)
         else:
             wmask = and_masks(nmask, rmask[:, None] if k_ragged else None)
-            p = load(w_ref.at[pl.ds(r0, pk), pl.ds(n0, bn)], wmask).astype(jnp.int32)
+        p = _load_packed(w_ref, r0, pk, n0, bn, wmask, layout)
         s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, nmask, native, post or native)
         exact = _exact_product(s_ref.dtype)
-        sw, zw, ziw = (s, z, zi) if not nk else (v if v is None else v.T for v in (s, z, zi))
+        sw, zw, ziw = _as_columns(s, z, zi) if nk else (s, z, zi)
         tiles = []
         for c in _code_tiles(p, layout):
             if post:  # integer offsets only: exact in bf16/f16 (|c - z| <= 255); the scale comes after the dot
@@ -659,7 +666,7 @@ def _gemv_kernel(
     nk = layout.nk  # K-major storage: (BN, pk) tiles, (BN, 1) scale columns, (1, pk) activation rows
 
     def col(v):  # a (1, BN) row as the (BN, 1) column the K-major tiles broadcast against
-        return v if v is None or not nk else v.T
+        return _as_columns(v)[0] if nk else v
 
     sym_int8 = w_ref.dtype == jnp.int8
     scale_steps = post and not xq  # "+xq": one group, its scale applied after the loop with s_x
@@ -689,11 +696,7 @@ def _gemv_kernel(
         steps_acc = [None] * bm  # "+postscale": this step's sum of x * (c - offset), scaled once at the end
         zs = None if post else _zero_scale(s, z, layout, exact)
         sub = z if layout.mode == "zeropoint" and zs is None else _code_offset(layout)
-        if nk:
-            packed = load(w_ref.at[pl.ds(n0, bn), pl.ds(u0, pk)], wmask).astype(jnp.int32)
-        else:
-            packed = _load_packed(w_ref, u0, pk, n0, bn, wmask, layout)
-        for jj, (v, off) in enumerate(_code_fields(packed, layout)):
+        for jj, (v, off) in enumerate(_code_fields(_load_packed(w_ref, u0, pk, n0, bn, wmask, layout), layout)):
             # the exact integers c - offset in float32 (|c - z| <= 255)
             w = v.astype(jnp.float32) if sym_int8 else exact_field(v, off, layout.bits, sub)
             if not post:  # the XLA path's weights (its float32 operations, then its roundings), in float32
@@ -982,11 +985,8 @@ def _dequant_kernel(*refs, layout: IntLayout, bk: int, bn: int, gs: int, w_round
     s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, None, native, native)
     sym_int8 = w_ref.dtype == jnp.int8
     if layout.nk:  # K-major: (BN, pk) tiles against (BN, 1) scale columns, each weight tile transposed to (pk, BN)
-        packed = load(w_ref.at[pl.ds(n0, bn), pl.ds(kb * pk, pk)]).astype(jnp.int32)
-        s, z, zi = (v if v is None else v.T for v in (s, z, zi))
-    else:
-        packed = _load_packed(w_ref, kb * pk, pk, n0, bn, None, layout)
-    for jj, c in enumerate(_code_tiles(packed, layout)):
+        s, z, zi = _as_columns(s, z, zi)
+    for jj, c in enumerate(_code_tiles(_load_packed(w_ref, kb * pk, pk, n0, bn, None, layout), layout)):
         tile = _weight_tile(c, s, z, zi, layout, sym_int8, native, w_round, out_dtype, _exact_product(s_ref.dtype))
         rows = pl.ds(k0, bk) if per == 1 else pl.ds(k0 + jj, pk, stride=per)  # code jj: rows k0 + jj + per*r
         o_ref[rows, pl.ds(n0, bn)] = tile.T if layout.nk else tile

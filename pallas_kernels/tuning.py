@@ -247,7 +247,7 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
     ``fp8_w8a16``, ``fp8_w8a8``, ``ternary`` (weight-only), ``ternary_a8``; a storage key of :data:`STORAGE_KEYS`
     gets its kernel's heuristic (K-major integer codes: the split dot at every ``M``).
     """
-    kmajor_int = kernel in ("int4_nk", "int8w_nk", "int2w_nk")
+    kmajor = kernel in STORAGE_KEYS  # K-major codes (the integer storage keys reach the variant choice below)
     kernel = base_kernel(kernel)
     sms = sms or _num_sms()
     if kernel in _GEMV_HEURISTIC and m <= _GEMV_HEURISTIC[kernel]:
@@ -264,7 +264,7 @@ def heuristic(kernel: str, m: int, k: int, n: int, sms: int | None = None) -> Bl
         # interleave with 4 warps and wide tiles can abort Triton ("Illegal shared layout"): strided up to 256
         # M <= 16: "split" (one contiguous activation tile split in registers): 416 K-loop instructions per trip
         # for sm_90 vs 464 strided, 654-745 interleave and 688 GEMV (benchmarks/kernel_sass.py); not yet timed
-        variant = "split" if m <= 16 or kmajor_int else ("strided" if m <= 256 else "interleave")
+        variant = "split" if m <= 16 or kmajor else ("strided" if m <= 256 else "interleave")
         if kernel == "int2w":
             bk = max(bk, 128)
     elif kernel == "nf4":
