@@ -279,6 +279,7 @@ def section_tune(args) -> dict[str, Any]:
     import jaxquant as jq
     from benchmarks.kernels import time_per_call
     from pallas_kernels import int4_matmul as km
+    from pallas_kernels import tuning
 
     t_start = time.time()
     rows = []
@@ -304,6 +305,8 @@ def section_tune(args) -> dict[str, Any]:
         cases = [(m, cfg) for cfg in cands for m in ms]
     else:
         cases = [(m, c) for m in ms for c in _tune_candidates(m, wide=args.tune_wide, postscale=args.tune_postscale)]
+    done = measured_before(tuning.device_key(), "tune", f"{k}x{n}")
+    cases = unmeasured_first(cases, [f"{m}|{cfg!r}" for m, cfg in cases], done)
     for m, cfg in cases:
         if time.time() - t_start > args.budget_s:
             break
@@ -349,7 +352,8 @@ def section_tune(args) -> dict[str, Any]:
 #: (kernel, config, M in {1, 16}) case compiled for sm_90 at K=N=8192 on the CPU; a GEMV is timed only at
 #: M <= block_m. Each (tile, split, warps, stages, variant).
 #: ``(benchmark kernel, BlockConfig fields[, M values])`` in run order, most useful first, until the section's budget
-#: ends; without M values: the ``--m`` values <= 16
+#: ends (cases a saved report of this device already timed at this shape run after the rest: ``measured_before``);
+#: without M values: the ``--m`` values <= 16
 TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     # int4 codes stored K-major (IntScheme(layout="nk")): the (K, N) tile is read from shared memory byte by byte
     # (sm_90: 32 LDS.U8 per thread per trip), the K-major one by 2 ldmatrix; the H200 sweep's tiles, both forms
@@ -361,6 +365,12 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     # instructions per weight with / without +postscale at 64x128 tiles: more than the dots, but no smem traffic)
     ("int4_g128_nk", (1, 64, 128, 8, 4, 4, "gemv+postscale")),
     ("int4_g128_nk", (1, 64, 128, 8, 4, 4, "gemv")),
+    # K-major with float16 scales, the scale columns that dequantize the tile are 2-byte loads Triton does not
+    # pipeline (sm_90: 2 exposed loads per trip, "split"); float32 scales are 4-byte ones it does (0 exposed)
+    ("int4_g128_nk_s32", (16, 64, 128, 4, 4, 3, "split")),
+    # the same question for 8-bit integer codes: the H200 table row's tile (K, N) took 46.8 / 49.9 us at M = 1 / 16
+    # (h200-2026-11-28-rest), and fp8 W8A16 with this tile 45.7 us from (K, N) codes but 25.5 us from (N, K) ones
+    ("int8_w8a16_nk", (16, 64, 128, 4, 4, 4, "strided")),
     # K-major 8-bit weights (layout="nk"): at M <= 16 the int8 / fp8 mma.sync reads the weight by ldmatrix instead of
     # byte by byte (sm_90 K loop of LLM.int8's 16x64x128 tile: 67 instructions per trip vs 198); at large M no
     # per-call transposed copy
@@ -478,47 +488,50 @@ def section_tune_kernels(args) -> dict[str, Any]:
     mode = "interpret" if args.dry_run else "on"
     dev = tuning.device_key()
     table = tuning.TABLE.setdefault(dev, {})
+    cases = []
     for name, cfg, cfg_ms in tune_kernel_candidates():
-        spec, tname = kb.SPECS[name], TUNING_NAME[name]
-        op = jq.qdot if spec.direct is None else kb._direct_fn(spec, args.dry_run)
         if cfg_ms is not None and args.dry_run:
             cfg_ms = tuple(min(v, 2 * cfg.block_m) for v in cfg_ms)  # interpret mode: small, two row blocks
-        for m in cfg_ms or ms:
-            if time.time() - t_start > args.budget_s:
-                break
-            if "gemv" in cfg.variant and m > cfg.block_m:  # a GEMV tile covers only its own block of rows
-                continue
-            row = {"kernel": name, "m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{name}|{m}|{cfg!r}"}
-            if row["key"] in _skips(args):
-                continue
-            _mark(args, row)
-            key = jax.random.PRNGKey(m)
-            nb = 2 if args.dry_run else (12 if m <= 256 else 3)  # large M: each input set is far beyond L2
-            w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
-            qs = [jq.quantize(jnp.roll(w, b, axis=1), spec.scheme()) for b in range(nb)]
-            xs = [kb._activations(spec.activations, jax.random.fold_in(key, 100 + b), m, k) for b in range(nb)]
-            saved = table.get(tname)
-            table[tname] = [(1 << 62, cfg)]
-            try:
-                jax.clear_caches()  # the config is read when qdot is traced
-                with kernel_mode(mode):
-                    f = jax.jit(lambda xl, ql, op=op: [op(xi, qi) for xi, qi in zip(xl, ql)])
-                    y = np.asarray(f(xs[:1], qs[:1])[0], np.float64)
-                    row["path"] = explain_qdot(xs[0], qs[0]) if spec.direct is None else spec.direct
-                    row["t"] = kb.time_per_call(f, (xs, qs), 2 if args.dry_run else 10, 1 if args.dry_run else 3) / nb
-                with kernel_mode("off"):
-                    r = np.asarray(jax.jit(op)(xs[0], qs[0]), np.float64)
-                row["rel_err_vs_xla"] = float(np.linalg.norm(y - r) / max(np.linalg.norm(r), 1e-30))
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            finally:
-                if saved is None:
-                    del table[tname]
-                else:
-                    table[tname] = saved
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            _write_partial(args.result, {"rows": rows})
+        # a GEMV tile covers only its own block of rows
+        cases += [(name, cfg, m) for m in cfg_ms or ms if not ("gemv" in cfg.variant and m > cfg.block_m)]
+    done = measured_before(dev, "tune_kernels", f"{k}x{n}")
+    cases = unmeasured_first(cases, [f"{name}|{m}|{cfg!r}" for name, cfg, m in cases], done)
+    for name, cfg, m in cases:
+        spec, tname = kb.SPECS[name], TUNING_NAME[name]
+        op = jq.qdot if spec.direct is None else kb._direct_fn(spec, args.dry_run)
+        if time.time() - t_start > args.budget_s:
+            break
+        row = {"kernel": name, "m": m, "k": k, "n": n, "config": repr(cfg), "key": f"{name}|{m}|{cfg!r}"}
+        if row["key"] in _skips(args):
+            continue
+        _mark(args, row)
+        key = jax.random.PRNGKey(m)
+        nb = 2 if args.dry_run else (12 if m <= 256 else 3)  # large M: each input set is far beyond L2
+        w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
+        qs = [jq.quantize(jnp.roll(w, b, axis=1), spec.scheme()) for b in range(nb)]
+        xs = [kb._activations(spec.activations, jax.random.fold_in(key, 100 + b), m, k) for b in range(nb)]
+        saved = table.get(tname)
+        table[tname] = [(1 << 62, cfg)]
+        try:
+            jax.clear_caches()  # the config is read when qdot is traced
+            with kernel_mode(mode):
+                f = jax.jit(lambda xl, ql, op=op: [op(xi, qi) for xi, qi in zip(xl, ql)])
+                y = np.asarray(f(xs[:1], qs[:1])[0], np.float64)
+                row["path"] = explain_qdot(xs[0], qs[0]) if spec.direct is None else spec.direct
+                row["t"] = kb.time_per_call(f, (xs, qs), 2 if args.dry_run else 10, 1 if args.dry_run else 3) / nb
+            with kernel_mode("off"):
+                r = np.asarray(jax.jit(op)(xs[0], qs[0]), np.float64)
+            row["rel_err_vs_xla"] = float(np.linalg.norm(y - r) / max(np.linalg.norm(r), 1e-30))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            if saved is None:
+                del table[tname]
+            else:
+                table[tname] = saved
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        _write_partial(args.result, {"rows": rows})
     return {"rows": rows}
 
 
@@ -605,6 +618,47 @@ SECTIONS = {
     "tune_kernels": section_tune_kernels,
     "trace": section_trace,
 }
+
+
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+
+
+def measured_before(device: str, section: str, kn: str, results_dir: str = RESULTS_DIR) -> set[str]:
+    """Row keys that a saved suite report of ``device`` timed without error in ``section`` (``"tune"`` or
+    ``"tune_kernels"``) at ``kn`` (``"KxN"``), read from every ``*.json`` report in ``results_dir``.
+
+    The sweeps time these after the configs this device has not timed yet (:func:`unmeasured_first`): a short
+    device budget then buys new measurements before repeats. Unreadable files and reports of other devices or
+    shapes are ignored.
+    """
+    keys: set[str] = set()
+    if not os.path.isdir(results_dir):
+        return keys
+    for fname in sorted(os.listdir(results_dir)):
+        if not fname.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(results_dir, fname)) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(report, dict) or (report.get("env") or {}).get("device_key") != device:
+            continue
+        if report.get("tune_kn") != kn:
+            continue
+        for row in (report.get(section) or {}).get("rows", []):
+            if isinstance(row, dict) and "key" in row and "t" in row and "error" not in row:
+                keys.add(row["key"])
+    return keys
+
+
+def unmeasured_first(cases: list[Any], keys: list[str], done: set[str]) -> list[Any]:
+    """``cases`` (with their row ``keys``) reordered so that those whose key is not in ``done`` come first; the
+    order within each part is kept."""
+    if len(cases) != len(keys):
+        raise ValueError(f"{len(cases)} cases but {len(keys)} keys")
+    new = [c for c, k in zip(cases, keys) if k not in done]
+    return new + [c for c, k in zip(cases, keys) if k in done]
 
 
 def _skips(args) -> set[str]:

@@ -61,7 +61,9 @@ TUNING_NAME = {
     "int4_g128": "int4",
     "int4_g128_asym": "int4",
     "int4_g128_nk": "int4_nk",  # its own key (pallas_kernels.tuning.STORAGE_KEYS)
+    "int4_g128_nk_s32": "int4_nk",
     "int8_w8a16": "int8w",
+    "int8_w8a16_nk": "int8w_nk",  # its own key (pallas_kernels.tuning.STORAGE_KEYS)
     "int3_g128": "int3w",
     "int3_g128_asym": "int3w",
     "int5_g128_asym": "int5w",

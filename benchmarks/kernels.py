@@ -70,7 +70,17 @@ def _specs() -> dict[str, KernelSpec]:
             lambda: jq.IntScheme(bits=4, group_size=128, layout="nk"),
             "W4A16 int4 sym g128, codes stored K-major (N, K/2)",
         ),
+        KernelSpec(
+            "int4_g128_nk_s32",
+            lambda: jq.IntScheme(bits=4, group_size=128, layout="nk", scale_dtype="float32"),
+            "W4A16 int4 sym g128, K-major codes, float32 scales (4-byte scale loads: pipelined in K-major tiles)",
+        ),
         KernelSpec("int8_w8a16", lambda: jq.IntScheme(bits=8), "W8A16 int8 per-channel"),
+        KernelSpec(
+            "int8_w8a16_nk",
+            lambda: jq.IntScheme(bits=8, layout="nk"),
+            "W8A16 int8 per-channel, codes stored K-major (N, K)",
+        ),
         KernelSpec("int3_g128", lambda: jq.IntScheme(bits=3, group_size=128), "W3A16 int3 sym g128"),
         KernelSpec(
             "int3_g128_asym",

@@ -83,3 +83,57 @@ def test_bad_shape_lists_stop_before_any_section(capsys):
         assert message in capsys.readouterr().err, argv
     assert kernels._parse_kn("8192x8192,4096X14336") == [(8192, 8192), (4096, 14336)]
     assert kernels._parse_m("1,4,16") == [1, 4, 16]
+
+
+def test_sweeps_time_what_this_device_has_not_timed_first(tmp_path):
+    """``measured_before`` reads the keys a saved report of the same device and shape timed without error; other
+    devices, other shapes, failed rows and unreadable files count for nothing. ``unmeasured_first`` moves those
+    keys behind the rest, keeping each part's order."""
+    import json
+
+    import pytest
+
+    from benchmarks import gpu_suite
+
+    def report(device, kn, rows):
+        return {"env": {"device_key": device}, "tune_kn": kn, "tune_kernels": {"rows": rows}}
+
+    rows = [
+        {"key": "nf4|1|A", "t": 1e-5},
+        {"key": "nf4|16|A", "t": 2e-5, "error": "boom"},  # failed: still to measure
+        {"key": "nf4|1|B"},  # no time (cut off): still to measure
+    ]
+    (tmp_path / "h200-a.json").write_text(json.dumps(report("h200", "8192x8192", rows)))
+    (tmp_path / "h200-b.json").write_text(json.dumps(report("h200", "4096x4096", [{"key": "nf4|1|C", "t": 1e-5}])))
+    (tmp_path / "h100.json").write_text(json.dumps(report("h100", "8192x8192", [{"key": "nf4|1|D", "t": 1e-5}])))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    done = gpu_suite.measured_before("h200", "tune_kernels", "8192x8192", str(tmp_path))
+    assert done == {"nf4|1|A"}
+    assert gpu_suite.measured_before("h200", "tune", "8192x8192", str(tmp_path)) == set()
+    assert gpu_suite.measured_before("h200", "tune_kernels", "8192x8192", str(tmp_path / "absent")) == set()
+
+    keys = ["nf4|1|A", "nf4|16|A", "nf4|1|B", "nf4|1|D"]
+    assert gpu_suite.unmeasured_first(["a", "b", "c", "d"], keys, {"nf4|1|A", "nf4|1|B"}) == ["b", "d", "a", "c"]
+    with pytest.raises(ValueError, match="3 cases but 2 keys"):
+        gpu_suite.unmeasured_first([1, 2, 3], ["x", "y"], set())
+
+
+def test_the_saved_h200_reports_put_new_configs_first():
+    """With the reports in benchmarks/results, the H200 sweep at 8192^2 starts with configs it never timed (the
+    K-major int4 ones, then W1.58A8 ``split+ptx`` and NF4 ``prmt``), not with the repeats of its last run."""
+    from benchmarks import gpu_suite
+
+    done = gpu_suite.measured_before("h200", "tune_kernels", "8192x8192")
+    assert len(done) >= 20  # the 2026-11-28 run's sweep
+    cases = [
+        (name, cfg, m)
+        for name, cfg, ms in gpu_suite.tune_kernel_candidates()
+        for m in ms or (1, 16)
+        if not ("gemv" in cfg.variant and m > cfg.block_m)
+    ]
+    keys = [f"{name}|{m}|{cfg!r}" for name, cfg, m in cases]
+    order = gpu_suite.unmeasured_first(cases, keys, done)
+    first = [f"{name}|{m}|{cfg!r}" for name, cfg, m in order[:24]]
+    assert not set(first) & done
+    assert any(k.startswith("nf4|") and "prmt" in k for k in first)
