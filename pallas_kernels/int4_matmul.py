@@ -514,6 +514,12 @@ def _kernel(
             return jnp.dot(xt, w, preferred_element_type=jnp.float32)
         return jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
+    # one group over all of K (per-channel scales): its rows are loaded once, before the loop, and "+postscale"
+    # scales the finished sum once (no load per step: a per-step load that no dot consumes is not pipelined)
+    one_group = gs >= k
+    if one_group:
+        rows0 = _group_rows(s_ref, z_ref, 0, n0, bn, nmask, native, post or native)
+
     def body(t, acc):
         kb = sk * steps + t
         k0 = kb * bk
@@ -524,7 +530,11 @@ def _kernel(
         else:
             wmask = and_masks(nmask, rmask[:, None] if k_ragged else None)
         p = _load_packed(w_ref, r0, pk, n0, bn, wmask, layout)
-        s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, nmask, native, post or native)
+        if one_group:
+            s, z, zi = rows0
+        else:
+            s, z, zi = _group_rows(s_ref, z_ref, k0 // gs, n0, bn, nmask, native, post or native)
+        step_scale = post and not one_group
         exact = _exact_product(s_ref.dtype)
         sw, zw, ziw = _as_columns(s, z, zi) if nk else (s, z, zi)
         tiles = []
@@ -545,7 +555,7 @@ def _kernel(
             xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
             xt = load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask)
             d = mm(xt, w)
-            return acc + (d * s if post else d)
+            return acc + (d * s if step_scale else d)
         if base == "split":  # one contiguous (BM, BK) activation tile, split into per strided column sets
             xmask = and_masks(mmask, (k0 + jnp.arange(bk) < k)[None, :] if k_ragged else None)
             xs = split_cols(load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], xmask), per)
@@ -553,16 +563,18 @@ def _kernel(
             for xt, w in zip(xs, tiles):
                 dj = mm(xt, w)
                 d = dj if d is None else d + dj
-            return acc + (d * s if post else d)
+            return acc + (d * s if step_scale else d)
         # strided activation loads cannot be masked (interpret mode): x is zero-padded to (BM, BK) multiples
         d = None
         for jj, w in enumerate(tiles):
             xt = x_ref[pl.ds(m0, bm), row_slice(k0 + jj, pk, per)]
             dj = mm(xt, w)
             d = dj if d is None else d + dj
-        return acc + (d * s if post else d)
+        return acc + (d * s if step_scale else d)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    if post and one_group:
+        acc = acc * rows0[0]
     _store_tile(o_ref, acc, sk, m0, bm, n0, bn, and_masks(mmask, nmask))
 
 
@@ -669,7 +681,13 @@ def _gemv_kernel(
         return _as_columns(v)[0] if nk else v
 
     sym_int8 = w_ref.dtype == jnp.int8
-    scale_steps = post and not xq  # "+xq": one group, its scale applied after the loop with s_x
+    # one group over all of K (per-channel scales; always with "+xq"): its rows are loaded once, before the loop,
+    # and "+postscale" scales the finished sums once, after it (with s_x for "+xq")
+    one_group = gs >= k
+    scale_steps = post and not one_group
+    if one_group:
+        s_row = load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        z_row = None if z_ref is None else load(z_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
     exact = _exact_product(s_ref.dtype)
     if xq:
         quantizers = [row_int8_quantizer(xt_ref, m0 + mi, pk, steps, interpret) for mi in range(bm)]
@@ -687,9 +705,12 @@ def _gemv_kernel(
             wmask = and_masks(col(nmask), umask[None, :] if k_ragged else None)
         else:
             wmask = and_masks(nmask, umask[:, None] if k_ragged else None)
-        g = k0 // gs
-        s = None if xq else col(load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
-        z = None if z_ref is None else col(load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
+        if one_group:
+            s, z = col(s_row), None if z_row is None else col(z_row)
+        else:
+            g = k0 // gs
+            s = col(load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
+            z = None if z_ref is None else col(load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
         accs = list(accs)
         if split_x:  # per row one contiguous (pk, chunk) tile of x, split into its chunk columns in registers
             xs = [split_cols(x_tile(mi, u0), layout.chunk) for mi in range(bm)]
@@ -719,12 +740,12 @@ def _gemv_kernel(
 
     init = tuple(jnp.zeros((bn, pk) if nk else (pk, bn), jnp.float32) for _ in range(bm))
     accs = jax.lax.fori_loop(0, steps, body, init)
-    if xq:
-        s = load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
     for mi in range(bm):
         row = jnp.sum(accs[mi], axis=1 if nk else 0).reshape(1, bn)
         if xq:  # the exact integer sum, then (acc * s_x) * s as the XLA epilogue rounds it
-            row = row * quantizers[mi][0] * s
+            row = row * quantizers[mi][0] * s_row
+        elif post and one_group:
+            row = row * s_row
         if len(o_ref.shape) == 3:  # split-K partial sums
             store(o_ref.at[sk, pl.ds(m0 + mi, 1), pl.ds(n0, bn)], row, nmask)
         else:

@@ -1023,3 +1023,67 @@ def test_kmajor_gemv_streams_the_weight_into_registers_sm90():
     loop = tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
     assert loop.counts.get("LDG.E.128", 0) >= 4
     assert loop.count("LDS") == 0 and loop.count("STS") == 0 and loop.barriers == 0 and loop.count("I2F") == 0
+
+
+# one group over all of K (per-channel scales): (m, k, n, bits, symmetric, variant, split_k, nk, x dtype)
+ONE_GROUP_CASES = [
+    (3, 384, 64, 8, True, "strided", 2, False, jnp.bfloat16),
+    (3, 384, 64, 8, True, "split+postscale", 3, False, jnp.bfloat16),
+    (5, 300, 40, 8, False, "strided+postscale", 1, True, jnp.float16),  # ragged K, N; zero points
+    (2, 256, 96, 4, False, "split", 2, True, jnp.bfloat16),
+    (1, 384, 64, 8, True, "gemv+postscale", 3, False, jnp.float32),
+    (4, 300, 48, 8, False, "split-gemv+postscale", 1, False, jnp.bfloat16),
+    (2, 256, 64, 4, True, "gemv", 2, True, jnp.float16),
+    (1, 256, 64, 8, True, "gemv+postscale", 2, True, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", ONE_GROUP_CASES, ids=lambda c: f"m{c[0]}k{c[1]}n{c[2]}b{c[3]}{c[5]}s{c[6]}nk{c[7]}")
+def test_per_channel_scales_are_applied_once(case):
+    """Per-channel scales (one group over K) are loaded once per program and ``+postscale`` applies them once to the
+    finished sum: the result stays within the float64 bounds of the grouped forms (``+postscale``: within one
+    output rounding of the unrounded weights; the others: the XLA path's rounded weights, summation order only)."""
+    m, k, n, bits, sym, variant, split, nk, dt = case
+    rng = np.random.default_rng(11 * m + k + bits)
+    w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32))
+    scheme = jq.IntScheme(bits=bits, group_size=None, symmetric=sym, layout="nk" if nk else "kn")
+    q = jq.quantize(w, scheme)
+    q_kn = jq.quantize(w, jq.IntScheme(bits=bits, group_size=None, symmetric=sym))
+    layout = IntLayout(bits=bits, mode="sym" if sym else "zeropoint", k=k, n=n, group_size=None, nk=nk)
+    bm = 8 if "gemv" in variant else 16
+    cfg = BlockConfig(block_m=bm, block_n=32, block_k=64, split_k=split, variant=variant)
+    assert supported(layout, cfg, dt) is None
+    zero = None if sym else q.zero
+    y = int_matmul(x := jnp.asarray(rng.standard_normal((m, k)), dt), q.data, q.scale, zero, layout=layout,
+                   config=cfg, interpret=True)  # fmt: skip
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    wd64 = np_dequant(q_kn, bits, None, sym, "zeropoint", k, n)
+    x64 = np.asarray(x, np.float64)
+    if "post" in variant:
+        assert rel_err(y, x64 @ wd64) <= BOUND[dt]
+    else:
+        assert rel_err(y, x64 @ round_to(wd64, dt)) <= BOUND[dt]
+        yr = int_matmul_reference(x, q.data, q.scale, zero, layout)
+        assert rel_err(y, yr) <= BOUND[dt]
+
+
+@requires_triton
+@pytest.mark.parametrize("nk,variant", [(False, "split+postscale"), (True, "strided"), (True, "split+postscale")])
+def test_per_channel_scale_rows_leave_the_k_loop_sm90(nk, variant):
+    """int8 W8A16 per channel (sm_90, M=1, 8192^2, 16x64x128): the scale row is loaded before the K loop, so the
+    loop has no global load it waits for (per step, a float16 scale load that no dot consumes, or one in K-major
+    columns, is not pipelined by Triton: 2 exposed loads per trip before)."""
+    layout = IntLayout(bits=8, mode="sym", k=8192, n=8192, group_size=None, nk=nk)
+    cfg = BlockConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=4, variant=variant)
+    w_shape = (8192, layout.packed_rows) if nk else (layout.packed_rows, 8192)
+    args = [
+        shape_struct((1, 8192), jnp.bfloat16),
+        shape_struct(w_shape, jnp.int8),
+        shape_struct((1, 8192), jnp.float16),
+        None,
+    ]
+    call = cuda_lowering(functools.partial(int_matmul, layout=layout, config=cfg), *args)[0]
+    (rep,) = assert_compiles([call])
+    assert rep.spill_bytes == 0
+    loop = tt.loop_profile(tt.sass(tt.ir_text(call.ir), 90, call.num_warps, call.num_stages))
+    assert loop.exposed_loads == 0 and loop.count("HMMA") > 0
