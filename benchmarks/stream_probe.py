@@ -27,6 +27,13 @@ bytes, bracket where the fused kernel's time goes:
 - ``int4 kernel ...``: the library's int4 g128 kernel on the same bytes (as packed codes), M = 1 and 16, this
   device's table config and the H200 sweep's fastest, vs its XLA path.
 
+Beside the ladder, ``xla`` rungs (:func:`xla_s4_matmul`): no Pallas at all. The same codes as a ``jnp.int4`` array
+(XLA's own packed 4-bit type), ``(K, N)`` or K-major ``(N, K)``, dequantized by a convert and a multiply with the
+group (or channel) scales and fed to ``jnp.dot`` in one jitted function: whether XLA's GPU compiler fuses that
+dequantization into its own GEMM (then it reads 4-bit weights at its bf16 dot's rate) or materializes the bf16
+weight first (then it costs more than the bf16 dot). With ``bf16 dot`` of the same shape as the baseline, at M = 1
+and 16.
+
 Each line: median µs per call over rotating buffers (> 2x L2), the weight bytes read per second, and (dot and
 kernel rungs) the relative error against float64 NumPy / the XLA path. Not a kernel of the library; nothing in
 ``jaxquant`` uses it.
@@ -34,7 +41,7 @@ kernel rungs) the relative error against float64 NumPy / the XLA path. Not a ker
 Usage::
 
     python benchmarks/stream_probe.py                 # on a GPU: every rung
-    python benchmarks/stream_probe.py --rungs dot,int4
+    python benchmarks/stream_probe.py --rungs dot,int4,xla
     python benchmarks/stream_probe.py --dry-run       # CPU: a 256x256 weight through the Pallas interpreter
     python benchmarks/stream_probe.py --sass          # CPU: the dot rungs' static sm_90 profile
 """
@@ -58,7 +65,7 @@ from jax.experimental import pallas as pl
 from benchmarks.kernels import L2_BYTES, time_per_call
 from pallas_kernels._common import BlockConfig, compiler_params
 
-__all__ = ["main", "stream_dot", "stream_sum"]
+__all__ = ["main", "stream_dot", "stream_sum", "to_int4", "xla_s4_matmul"]
 
 #: (element dtype, BN elements, BK rows, split-K, warps, stages)
 CASES = [
@@ -222,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=8192)
     p.add_argument(
         "--rungs",
-        default="sum,dot,int4",
+        default="sum,dot,int4,xla",
         help="comma-separated subset of: sum (unpipelined column sums), dot (pipelined dots on the bytes), int4 (the "
-        "library's kernel)",
+        "library's kernel), xla (XLA's dot on the codes as jnp.int4, no Pallas)",
     )
     p.add_argument("--out", help="also write the printed lines (with date, commit, device and command) to this file")
     p.add_argument(
@@ -234,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     rungs = set(a.rungs.split(","))
-    if not rungs or not rungs <= {"sum", "dot", "int4"}:
-        p.error(f"--rungs takes a comma-separated subset of sum,dot,int4, got {a.rungs!r}")
+    if not rungs or not rungs <= {"sum", "dot", "int4", "xla"}:
+        p.error(f"--rungs takes a comma-separated subset of sum,dot,int4,xla, got {a.rungs!r}")
     if a.k < 2 or a.n < 4 or a.k % 2 or a.n % 4:
         p.error("--k must be even and positive, --n a positive multiple of 4 (the uint32 view)")
     if a.sass:
@@ -295,7 +302,38 @@ def main(argv: list[str] | None = None) -> int:
         _dot_rungs(a.dry_run, ws, words, nbytes, calls, trials)
     if "int4" in rungs:
         _int4_rungs(a.dry_run, ws, nbytes, calls, trials)
+    if "xla" in rungs:
+        _xla_rungs(ws, nbytes, calls, trials)
     return 0
+
+
+def to_int4(packed: jax.Array, nk: bool = False) -> jax.Array:
+    """The ``(K/2, N)`` uint8 storage of ``IntScheme(4)`` codes (row ``2r`` in the low nibble of byte ``r``, row
+    ``2r + 1`` in the high one; symmetric offset 8) as the signed values ``c - 8`` in a ``jnp.int4`` array: ``(K, N)``,
+    or ``(N, K)`` with ``nk``."""
+    if packed.dtype != jnp.uint8 or packed.ndim != 2:
+        raise ValueError(f"to_int4: expected a 2-D uint8 array, got {packed.dtype} {packed.shape}")
+    rows, n = packed.shape
+    lo = (packed & 15).astype(jnp.int8) - 8
+    hi = (packed >> 4).astype(jnp.int8) - 8
+    v = jnp.stack([lo, hi], axis=1).reshape(2 * rows, n)
+    return (v.T if nk else v).astype(jnp.int4)
+
+
+def xla_s4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, nk: bool = False) -> jax.Array:
+    """``x @ (w * s)`` written for XLA to fuse: ``w`` a ``jnp.int4`` array ``(K, N)`` (or ``(N, K)`` with ``nk``),
+    ``scale`` ``(G, N)`` with ``G`` dividing ``K`` (``G = 1``: per channel) in the activation dtype. The dequantized
+    weight ``convert(w) * broadcast(s)`` appears only as the dot's operand; the result is in ``x.dtype``."""
+    g, n = scale.shape
+    k = w.shape[1] if nk else w.shape[0]
+    if w.dtype != jnp.int4 or (w.shape[0] if nk else w.shape[1]) != n or k % g or x.shape[-1] != k:
+        raise ValueError(f"xla_s4_matmul: x {x.shape}, w {w.dtype} {w.shape} (nk={nk}), scale {scale.shape} do not fit")
+    wf = w.astype(x.dtype)
+    if nk:
+        wd = (wf.reshape(n, g, k // g) * scale.T[:, :, None]).reshape(n, k)
+        return jax.lax.dot_general(x, wd, (((1,), (1,)), ((), ())))
+    wd = (wf.reshape(g, k // g, n) * scale[:, None, :]).reshape(k, n)
+    return jnp.dot(x, wd)
 
 
 def sass_table(k: int = 8192, n: int = 8192, arch: int = 90) -> str:
@@ -430,6 +468,51 @@ def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -
                 _report(name, t, nbytes, _rel_err(got, want), 1e-2)
             except Exception as e:  # one failing config must not hide the others
                 _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+
+
+def _xla_rungs(ws: list, nbytes: int, calls: int, trials: int) -> None:
+    """No Pallas: the same codes as ``jnp.int4`` arrays through :func:`xla_s4_matmul` (``(K, N)`` and K-major, group
+    128 and per channel), against a bf16 ``jnp.dot`` of the same shape, at M = 1 and 16, vs float64 NumPy."""
+    rows, n = ws[0].shape
+    k = 2 * rows
+    key = jax.random.PRNGKey(3)
+    groups = [g for g in (k // 128, 1) if g >= 1 and k % g == 0 and (g == 1 or k // g == 128)]
+    scales = {g: jax.random.uniform(jax.random.fold_in(key, g), (g, n), jnp.float32, 0.005, 0.02) for g in groups}
+    w4 = {nk: [jax.block_until_ready(to_int4(w, nk)) for w in ws] for nk in (False, True)}
+    c64 = np.asarray(to_int4(ws[0]).astype(jnp.int8), np.float64)  # (K, N) values c - 8
+    bf = [jax.random.normal(jax.random.fold_in(key, 100 + b), (k, n), jnp.bfloat16) for b in range(len(ws))]
+    for m in (1, 16):
+        xs = [
+            jax.random.normal(jax.random.fold_in(key, 1000 * m + b), (m, k), jnp.float32).astype(jnp.bfloat16)
+            for b in range(len(ws))
+        ]
+        x64 = np.asarray(xs[0], np.float64)
+        f = jax.jit(lambda xl, wl: [jnp.dot(x, w) for x, w in zip(xl, wl)])
+        try:
+            got = np.asarray(f(xs[:1], bf[:1])[0], np.float64)
+            t = time_per_call(f, (xs, bf), calls, trials) / len(ws)
+            _report(
+                f"xla bf16 dot M={m} (4x the bytes)",
+                t,
+                4 * nbytes,
+                _rel_err(got, x64 @ np.asarray(bf[0], np.float64)),
+                1e-2,
+            )
+        except Exception as e:  # one failing rung must not hide the others
+            _emit(f"xla bf16 dot M={m}: FAILED {type(e).__name__}: {str(e)[:200]}")
+        for nk in (False, True):
+            for g in groups:
+                s = scales[g].astype(jnp.bfloat16)
+                s64 = np.repeat(np.asarray(s, np.float64), k // g, axis=0)
+                want = x64 @ (c64 * s64)
+                name = f"xla s4 {'nk' if nk else 'kn'} {'channel' if g == 1 else f'g{k // g}'} M={m}"
+                try:
+                    f = jax.jit(lambda xl, wl, s=s, nk=nk: [xla_s4_matmul(x, w, s, nk) for x, w in zip(xl, wl)])
+                    got = np.asarray(f(xs[:1], w4[nk][:1])[0], np.float64)
+                    t = time_per_call(f, (xs, w4[nk]), calls, trials) / len(ws)
+                    _report(name, t, nbytes, _rel_err(got, want), 1e-2)
+                except Exception as e:  # one failing rung must not hide the others
+                    _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 
 
 if __name__ == "__main__":

@@ -125,3 +125,36 @@ def test_out_file_holds_every_printed_line(tmp_path, capsys):
     text = out.read_text()
     assert text.startswith("# Pallas-Triton streaming ladder on ") and "- commit: " in text and "--rungs int4" in text
     assert all(ln in text for ln in printed) and sum("int4 kernel M=" in ln for ln in printed) == 4
+
+
+@pytest.mark.parametrize("nk", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_xla_s4_rung_is_the_dequantized_product(nk, groups):
+    """The ``xla`` rungs' formulation: the IntScheme(4) bytes as ``jnp.int4`` values ``c - 8`` (K-major with ``nk``),
+    times group (or channel) scales, then the dot: the XLA reference's result, within bf16 output rounding of
+    float64."""
+    import jaxquant as jq
+    from benchmarks.stream_probe import to_int4, xla_s4_matmul
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (256, 64), jnp.float32)
+    q = jq.quantize(w, jq.IntScheme(4, 256 // groups, scale_dtype="bfloat16"))
+    v = to_int4(q.data, nk)
+    assert v.dtype == jnp.int4 and v.shape == ((64, 256) if nk else (256, 64))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 256), jnp.float32).astype(jnp.bfloat16)
+    got = np.asarray(xla_s4_matmul(x, v, q.scale.reshape(groups, 64), nk), np.float64)
+    wd64 = np.asarray(jq.dequantize(q), np.float64)
+    want = np.asarray(x, np.float64) @ wd64
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 4e-3
+    with pytest.raises(ValueError, match="do not fit"):
+        xla_s4_matmul(x, v, jnp.ones((3, 64), jnp.bfloat16), nk)  # 3 groups do not divide K = 256
+    with pytest.raises(ValueError, match="2-D uint8"):
+        to_int4(q.data.astype(jnp.int32))
+
+
+def test_xla_rungs_print_every_form(capsys):
+    from benchmarks.stream_probe import main
+
+    assert main(["--dry-run", "--rungs", "xla"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("xla bf16 dot M=") == 2 and out.count("xla s4 ") == 8
+    assert "FAILED" not in out and "WRONG" not in out
