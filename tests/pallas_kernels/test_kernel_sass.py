@@ -23,6 +23,18 @@ def test_profile_case_reports_the_loop_and_the_occupancy():
     assert f"{blocks} ({bind}), " in good and "boom" in bad
 
 
+@requires_triton
+def test_profile_case_names_the_config_qdot_runs():
+    """K-major int4 codes on the H200: the int4 table row (``interleave``) is one their storage cannot run, so qdot
+    skips it; the profile names the config that was compiled (the split dot), not the skipped row."""
+    from benchmarks.kernel_sass import profile_case
+
+    row = profile_case("int4_g128_nk", 1, 1024, 1024, "h200", 90, {})
+    assert "error" not in row, row.get("error")
+    assert row["config"].variant == "split"
+    assert profile_case("int4_g128", 1, 1024, 1024, "h200", 90, {})["config"].variant == "interleave"
+
+
 def test_parse_config_reads_a_repr_and_nothing_else():
     import pytest
 
