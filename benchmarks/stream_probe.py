@@ -27,7 +27,16 @@ bytes, bracket where the fused kernel's time goes:
 - ``int4 kernel ...``: the library's int4 g128 kernel on the same bytes (as packed codes), M = 1 and 16, this
   device's table config and the H200 sweep's fastest, vs its XLA path.
 
-Beside the ladder, ``xla`` rungs (:func:`xla_s4_matmul`): no Pallas at all. The same codes as a ``jnp.int4`` array
+Beside the ladder, ``mosaic`` rungs (:func:`mosaic_gemv`): the same K-major bytes through JAX's other Pallas GPU
+backend, Mosaic GPU, which moves each tile by TMA into a multi-buffered shared-memory pipeline
+(``plgpu.emit_pipeline``) instead of Triton's ``cp.async``; each step multiplies the tile (as int8 values, or as its
+two nibbles) with a broadcast activation row and adds it to a float32 register accumulator, summed over K once at
+the end: a GEMV at M = 1, no tensor cores. Whether this backend streams the weight faster than the Pallas-Triton
+rungs decides whether a Mosaic GPU kernel is worth writing. The interpreter checks the arithmetic on the CPU (without
+the shared-memory tiling and register layouts the GPU lowering uses); the GPU run checks the compiled kernel
+against float64.
+
+And ``xla`` rungs (:func:`xla_s4_matmul`): no Pallas at all. The same codes as a ``jnp.int4`` array
 (XLA's own packed 4-bit type), ``(K, N)`` or K-major ``(N, K)``, dequantized by a convert and a multiply with the
 group (or channel) scales and fed to ``jnp.dot`` in one jitted function: whether XLA's GPU compiler fuses that
 dequantization into its own GEMM (then it reads 4-bit weights at its bf16 dot's rate) or materializes the bf16
@@ -41,7 +50,7 @@ kernel rungs) the relative error against float64 NumPy / the XLA path. Not a ker
 Usage::
 
     python benchmarks/stream_probe.py                 # on a GPU: every rung
-    python benchmarks/stream_probe.py --rungs dot,int4,xla
+    python benchmarks/stream_probe.py --rungs dot,int4,mosaic,xla
     python benchmarks/stream_probe.py --dry-run       # CPU: a 256x256 weight through the Pallas interpreter
     python benchmarks/stream_probe.py --sass          # CPU: the dot rungs' static sm_90 profile
 """
@@ -65,7 +74,7 @@ from jax.experimental import pallas as pl
 from benchmarks.kernels import L2_BYTES, time_per_call
 from pallas_kernels._common import BlockConfig, compiler_params
 
-__all__ = ["main", "stream_dot", "stream_sum", "to_int4", "xla_s4_matmul"]
+__all__ = ["main", "mosaic_gemv", "stream_dot", "stream_sum", "to_int4", "xla_s4_matmul"]
 
 #: (element dtype, BN elements, BK rows, split-K, warps, stages)
 CASES = [
@@ -103,6 +112,19 @@ DOT_CASES = [
     ("nk", True, 128, 64, 8, 4, 3),
     ("nk", True, 64, 128, 4, 4, 4),
     ("nk", True, 128, 128, 4, 8, 3),
+]
+
+#: the ``mosaic`` rungs: (nibbles, BN rows, BK bytes, split-K, pipeline steps in flight); BN = 64 (one warpgroup's
+#: register layout), BK = 128 bytes (one 128-byte swizzled shared-memory row)
+MOSAIC_CASES = [
+    (False, 64, 128, 4, 4),
+    (False, 64, 128, 2, 4),
+    (False, 64, 128, 4, 2),
+    (False, 64, 128, 8, 3),
+    (True, 64, 128, 4, 4),
+    (True, 64, 128, 2, 4),
+    (True, 64, 128, 8, 3),
+    (True, 64, 128, 1, 6),
 ]
 
 #: the forms of :func:`stream_dot`
@@ -214,6 +236,88 @@ def stream_dot(
     )(x, w)
 
 
+def mosaic_gemv(
+    x: jax.Array,
+    w: jax.Array,
+    nibbles: bool = False,
+    block_n: int = 64,
+    block_k: int = 128,
+    split_k: int = 4,
+    steps_in_flight: int = 4,
+    interpret: bool = False,
+) -> jax.Array:
+    """``(split_k, N)`` float32 partial sums of ``B @ x[0]`` on the Mosaic GPU backend, for K-major bytes ``w``
+    (``(N, Kp)`` uint8: ``B = w`` as signed int8 values, or with ``nibbles`` the product with both nibbles:
+    ``(w & 15) @ x[0, :Kp] + (w >> 4) @ x[0, Kp:]``) and one bf16 activation row ``x`` (``(1, Kp)`` or ``(1, 2 Kp)``).
+
+    Grid ``(N / block_n, split_k)``; each program pipelines its ``(block_n, block_k)`` tiles by TMA through
+    ``steps_in_flight`` shared-memory buffers, multiplies each with the broadcast activations into a float32
+    accumulator in the warpgroup's register layout, and sums it over K once. ``interpret``: the Mosaic GPU
+    interpreter on the CPU (plain tiles, no shared-memory tiling or register layouts)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if w.dtype != jnp.uint8 or w.ndim != 2 or x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"mosaic_gemv: needs 2-D uint8 w and a (1, K) x, got w {w.dtype}{w.shape}, x {x.shape}")
+    n, kp = w.shape
+    if x.shape[1] != kp * (2 if nibbles else 1):
+        raise ValueError(f"mosaic_gemv: x {x.shape} does not match {kp} byte columns{' (two nibbles each)' * nibbles}")
+    bn, bk = block_n, block_k
+    if n % bn or kp % (bk * split_k):
+        raise ValueError(f"mosaic_gemv: ({n}, {kp}) does not divide into {split_k} x ({bn}, {bk}) tiles")
+    steps = kp // (bk * split_k)
+    xs = [x[:, :kp], x[:, kp:]] if nibbles else [x]
+    wv = w if nibbles else jax.lax.bitcast_convert_type(w, jnp.int8)
+    params = None
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        params = InterpretGPUParams()
+    layout = plgpu.Layout.WGMMA
+
+    def kernel(w_gmem, *refs):
+        x_gmems, o_gmem, o_smem = refs[:-2], refs[-2], refs[-1]
+        j, s = jax.lax.axis_index("n"), jax.lax.axis_index("s")
+
+        def row(ref):  # the step's activations, broadcast over the tile's rows, float32
+            if interpret:
+                return ref[...].astype(jnp.float32)
+            v = plgpu.load(ref.at[0], (), layout=layout.reduce(0)).astype(jnp.float32)
+            return jax.lax.broadcast_in_dim(v, (bn, bk), (1,))
+
+        def body(_, w_smem, *rest):
+            *x_smems, acc = rest
+            t = w_smem[...] if interpret else plgpu.load(w_smem, (), layout=layout)
+            if not nibbles:
+                return acc + t.astype(jnp.float32) * row(x_smems[0])
+            c = t.astype(jnp.int32)
+            lo, hi = (c & 15).astype(jnp.float32), ((c >> 4) & 15).astype(jnp.float32)
+            return acc + lo * row(x_smems[0]) + hi * row(x_smems[1])
+
+        tiled = () if interpret else (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+        zero = jnp.zeros((bn, bk), jnp.float32)
+        acc = plgpu.emit_pipeline(
+            body,
+            grid=(steps,),
+            in_specs=[plgpu.BlockSpec((bn, bk), lambda t: (j, s * steps + t), transforms=tiled)]
+            + [plgpu.BlockSpec((1, bk), lambda t: (0, s * steps + t)) for _ in x_gmems],
+            max_concurrent_steps=steps_in_flight,
+            init_carry=zero if interpret else plgpu.layout_cast(zero, layout),
+        )(w_gmem, *x_gmems)
+        o_smem[...] = jnp.sum(acc, axis=1)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s, pl.ds(j * bn, bn)])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((split_k, n), jnp.float32),
+        grid=(n // bn, split_k),
+        grid_names=("n", "s"),
+        scratch_types=[plgpu.SMEM((bn,), jnp.float32)],
+        interpret=params,
+    )(wv, *xs)
+
+
 def word_columns(n: int, block_n: int) -> np.ndarray:
     """For :func:`stream_dot` over ``uint32`` words: the byte column of ``w`` behind each output column."""
     out = np.arange(n)
@@ -229,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=8192)
     p.add_argument(
         "--rungs",
-        default="sum,dot,int4,xla",
+        default="sum,dot,int4,mosaic,xla",
         help="comma-separated subset of: sum (unpipelined column sums), dot (pipelined dots on the bytes), int4 (the "
-        "library's kernel), xla (XLA's dot on the codes as jnp.int4, no Pallas)",
+        "library's kernel), mosaic (a Mosaic GPU GEMV on the K-major bytes), xla (XLA's dot on the codes as "
+        "jnp.int4, no Pallas)",
     )
     p.add_argument("--out", help="also write the printed lines (with date, commit, device and command) to this file")
     p.add_argument(
@@ -241,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     rungs = set(a.rungs.split(","))
-    if not rungs or not rungs <= {"sum", "dot", "int4", "xla"}:
-        p.error(f"--rungs takes a comma-separated subset of sum,dot,int4,xla, got {a.rungs!r}")
+    if not rungs or not rungs <= {"sum", "dot", "int4", "mosaic", "xla"}:
+        p.error(f"--rungs takes a comma-separated subset of sum,dot,int4,mosaic,xla, got {a.rungs!r}")
     if a.k < 2 or a.n < 4 or a.k % 2 or a.n % 4:
         p.error("--k must be even and positive, --n a positive multiple of 4 (the uint32 view)")
     if a.sass:
@@ -302,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         _dot_rungs(a.dry_run, ws, words, nbytes, calls, trials)
     if "int4" in rungs:
         _int4_rungs(a.dry_run, ws, nbytes, calls, trials)
+    if "mosaic" in rungs:
+        _mosaic_rungs(a.dry_run, ws, nbytes, calls, trials)
     if "xla" in rungs:
         _xla_rungs(ws, nbytes, calls, trials)
     return 0
@@ -468,6 +575,38 @@ def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -
                 _report(name, t, nbytes, _rel_err(got, want), 1e-2)
             except Exception as e:  # one failing config must not hide the others
                 _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+
+
+def _mosaic_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -> None:
+    """:func:`mosaic_gemv` on the K-major copy of the same bytes, one activation row, vs float64 NumPy."""
+    rows = ws[0].shape[0]
+    nk = [jnp.asarray(w.T) for w in ws]
+    key = jax.random.PRNGKey(4)
+    xs = [
+        jax.random.normal(jax.random.fold_in(key, b), (1, 2 * rows), jnp.float32).astype(jnp.bfloat16)
+        for b in range(len(ws))
+    ]
+    x64, b64 = np.asarray(xs[0], np.float64)[0], np.asarray(ws[0], np.int64)
+    want = {
+        False: x64[:rows] @ b64.astype(np.int8).astype(np.float64),
+        True: x64[:rows] @ (b64 & 15) + x64[rows:] @ (b64 >> 4),
+    }
+    for nibbles, bn, bk, split, inflight in MOSAIC_CASES:
+        if dry_run:
+            bk, split = min(bk, rows // 2), min(split, 2)
+        name = f"mosaic gemv nk{' nibbles' if nibbles else ' int8'} {bn}x{bk}/{split} in-flight {inflight}"
+        xl = xs if nibbles else [x[:, :rows] for x in xs]
+        try:
+            f = jax.jit(
+                lambda xl, wl, nib=nibbles, bn=bn, bk=bk, sp=split, fl=inflight: [
+                    mosaic_gemv(x, w, nib, bn, bk, sp, fl, dry_run).sum(axis=0) for x, w in zip(xl, wl)
+                ]
+            )
+            got = np.asarray(f(xl[:1], nk[:1])[0], np.float64)
+            t = time_per_call(f, (xl, nk), calls, trials) / len(ws)
+            _report(name, t, nbytes, _rel_err(got, want[nibbles]), 1e-5)
+        except Exception as e:  # one failing config must not hide the others
+            _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 
 
 def _xla_rungs(ws: list, nbytes: int, calls: int, trials: int) -> None:

@@ -158,3 +158,45 @@ def test_xla_rungs_print_every_form(capsys):
     out = capsys.readouterr().out
     assert out.count("xla bf16 dot M=") == 2 and out.count("xla s4 ") == 8
     assert "FAILED" not in out and "WRONG" not in out
+
+
+@pytest.mark.parametrize("nibbles", [False, True])
+def test_mosaic_gemv_is_the_product_with_the_bytes(nibbles):
+    """The ``mosaic`` rungs' kernel in the Mosaic GPU interpreter: split-K partial sums of the K-major bytes (as int8
+    values, or both nibbles against the two halves of x) times the activation row, vs float64 NumPy."""
+    from benchmarks.stream_probe import mosaic_gemv
+
+    w = jax.random.randint(jax.random.PRNGKey(0), (128, 256), 0, 256).astype(jnp.uint8)  # (N, Kp) K-major
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 512 if nibbles else 256), jnp.float32).astype(jnp.bfloat16)
+    x64, b64 = np.asarray(x, np.float64)[0], np.asarray(w, np.int64)
+    if nibbles:
+        want = (b64 & 15) @ x64[:256] + (b64 >> 4) @ x64[256:]
+    else:
+        want = np.where(b64 > 127, b64 - 256, b64) @ x64
+    got = np.asarray(mosaic_gemv(x, w, nibbles, 64, 64, 2, 2, interpret=True), np.float64)
+    assert got.shape == (2, 128)
+    np.testing.assert_allclose(got.sum(axis=0), want, rtol=1e-6, atol=1e-4)
+    with pytest.raises(ValueError, match="does not divide"):
+        mosaic_gemv(x, w, nibbles, 64, 128, 4, 2, interpret=True)
+    with pytest.raises(ValueError, match="does not match"):
+        mosaic_gemv(x[:, :128], w, nibbles, 64, 64, 2, 2, interpret=True)
+    with pytest.raises(ValueError, match="uint8"):
+        mosaic_gemv(x, w.astype(jnp.int8), nibbles, interpret=True)
+
+
+def test_mosaic_gemv_lowers_for_cuda():
+    """Every ``mosaic`` rung config lowers to the Mosaic GPU custom call for CUDA at the probe's shape (the GPU
+    compiles it at run time: a failure there prints as FAILED in the rung, without stopping the others)."""
+    from jax import export
+
+    from benchmarks.stream_probe import MOSAIC_CASES, mosaic_gemv
+
+    w = jax.ShapeDtypeStruct((8192, 4096), jnp.uint8)
+    for nibbles, bn, bk, split, inflight in MOSAIC_CASES:
+        x = jax.ShapeDtypeStruct((1, 8192 if nibbles else 4096), jnp.bfloat16)
+        fn = jax.jit(functools.partial(mosaic_gemv, nibbles=nibbles, block_n=bn, block_k=bk, split_k=split,
+                                       steps_in_flight=inflight))  # fmt: skip
+        exp = export.export(
+            fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")]
+        )(x, w)
+        assert "mosaic_gpu" in exp.mlir_module()
