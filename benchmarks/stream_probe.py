@@ -114,17 +114,21 @@ DOT_CASES = [
     ("nk", True, 128, 128, 4, 8, 3),
 ]
 
-#: the ``mosaic`` rungs: (nibbles, BN rows, BK bytes, split-K, pipeline steps in flight); BN = 64 (one warpgroup's
-#: register layout), BK = 128 bytes (one 128-byte swizzled shared-memory row)
+#: the ``mosaic`` rungs: (nibbles, scaled, BN rows, BK bytes, split-K, pipeline steps in flight); BN = 64 (one
+#: warpgroup's register layout), BK = one swizzled shared-memory row (128 bytes; 64 for the scaled int4 GEMV: one
+#: group of 128 codes per step)
 MOSAIC_CASES = [
-    (False, 64, 128, 4, 4),
-    (False, 64, 128, 2, 4),
-    (False, 64, 128, 4, 2),
-    (False, 64, 128, 8, 3),
-    (True, 64, 128, 4, 4),
-    (True, 64, 128, 2, 4),
-    (True, 64, 128, 8, 3),
-    (True, 64, 128, 1, 6),
+    (False, False, 64, 128, 4, 4),
+    (False, False, 64, 128, 2, 4),
+    (False, False, 64, 128, 8, 3),
+    (True, False, 64, 128, 4, 4),
+    (True, False, 64, 128, 2, 4),
+    (True, False, 64, 128, 8, 3),
+    (True, False, 64, 128, 1, 6),
+    # the int4 g128 GEMV (IntScheme(4, 128) codes stored K-major, scales per step)
+    (True, True, 64, 64, 4, 4),
+    (True, True, 64, 64, 8, 6),
+    (True, True, 64, 64, 2, 6),
 ]
 
 #: the forms of :func:`stream_dot`
@@ -244,11 +248,17 @@ def mosaic_gemv(
     block_k: int = 128,
     split_k: int = 4,
     steps_in_flight: int = 4,
+    scale: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """``(split_k, N)`` float32 partial sums of ``B @ x[0]`` on the Mosaic GPU backend, for K-major bytes ``w``
     (``(N, Kp)`` uint8: ``B = w`` as signed int8 values, or with ``nibbles`` the product with both nibbles:
     ``(w & 15) @ x[0, :Kp] + (w >> 4) @ x[0, Kp:]``) and one bf16 activation row ``x`` (``(1, Kp)`` or ``(1, 2 Kp)``).
+
+    With ``scale`` (``(Kp / block_k, N)``, one row per K step: a group of ``block_k`` bytes) the weights are
+    quantized codes: nibbles are ``IntScheme(4)``'s symmetric codes (``code - 8``) and each step's product is scaled
+    by its row, ``sum_t ((lo - 8) @ x_lo + (hi - 8) @ x_hi) * s_t``: with K-major ``IntScheme(4, 128)`` bytes
+    (``block_k = 64``) and ``x`` reordered as ``[even columns, odd columns]`` this is the int4 g128 GEMV.
 
     Grid ``(N / block_n, split_k)``; each program pipelines its ``(block_n, block_k)`` tiles by TMA through
     ``steps_in_flight`` shared-memory buffers, multiplies each with the broadcast activations into a float32
@@ -262,8 +272,10 @@ def mosaic_gemv(
     if x.shape[1] != kp * (2 if nibbles else 1):
         raise ValueError(f"mosaic_gemv: x {x.shape} does not match {kp} byte columns{' (two nibbles each)' * nibbles}")
     bn, bk = block_n, block_k
-    if n % bn or kp % (bk * split_k):
-        raise ValueError(f"mosaic_gemv: ({n}, {kp}) does not divide into {split_k} x ({bn}, {bk}) tiles")
+    if n % bn or kp % (bk * split_k) or bk not in (32, 64, 128):
+        raise ValueError(f"mosaic_gemv: ({n}, {kp}) does not divide into {split_k} x ({bn}, {bk}) tiles (bk 32/64/128)")
+    if scale is not None and scale.shape != (kp // bk, n):
+        raise ValueError(f"mosaic_gemv: scale {scale.shape} must be ({kp // bk}, {n}): one row per K step")
     steps = kp // (bk * split_k)
     xs = [x[:, :kp], x[:, kp:]] if nibbles else [x]
     wv = w if nibbles else jax.lax.bitcast_convert_type(w, jnp.int8)
@@ -274,9 +286,18 @@ def mosaic_gemv(
         params = InterpretGPUParams()
     layout = plgpu.Layout.WGMMA
 
+    scaled = scale is not None
+
     def kernel(w_gmem, *refs):
-        x_gmems, o_gmem, o_smem = refs[:-2], refs[-2], refs[-1]
+        ins, o_gmem, o_smem = refs[:-2], refs[-2], refs[-1]
+        x_gmems = ins[:-1] if scaled else ins
         j, s = jax.lax.axis_index("n"), jax.lax.axis_index("s")
+
+        def column(ref):  # the step's scales, one per tile row, broadcast along K, float32
+            if interpret:
+                return ref[...].astype(jnp.float32).T
+            v = plgpu.load(ref.at[0], (), layout=layout.reduce(1)).astype(jnp.float32)
+            return jax.lax.broadcast_in_dim(v, (bn, bk), (0,))
 
         def row(ref):  # the step's activations, broadcast over the tile's rows, float32
             if interpret:
@@ -285,24 +306,30 @@ def mosaic_gemv(
             return jax.lax.broadcast_in_dim(v, (bn, bk), (1,))
 
         def body(_, w_smem, *rest):
-            *x_smems, acc = rest
+            *smems, acc = rest
+            x_smems = smems[:-1] if scaled else smems
             t = w_smem[...] if interpret else plgpu.load(w_smem, (), layout=layout)
             if not nibbles:
-                return acc + t.astype(jnp.float32) * row(x_smems[0])
-            c = t.astype(jnp.int32)
-            lo, hi = (c & 15).astype(jnp.float32), ((c >> 4) & 15).astype(jnp.float32)
-            return acc + lo * row(x_smems[0]) + hi * row(x_smems[1])
+                d = t.astype(jnp.float32) * row(x_smems[0])
+            else:
+                c = t.astype(jnp.int32)
+                lo, hi = (c & 15).astype(jnp.float32), ((c >> 4) & 15).astype(jnp.float32)
+                if scaled:  # symmetric 4-bit codes
+                    lo, hi = lo - 8.0, hi - 8.0
+                d = lo * row(x_smems[0]) + hi * row(x_smems[1])
+            return acc + (d * column(smems[-1]) if scaled else d)
 
-        tiled = () if interpret else (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+        tiled = () if interpret else (plgpu.TilingTransform((8, bk)), plgpu.SwizzleTransform(bk))
         zero = jnp.zeros((bn, bk), jnp.float32)
         acc = plgpu.emit_pipeline(
             body,
             grid=(steps,),
             in_specs=[plgpu.BlockSpec((bn, bk), lambda t: (j, s * steps + t), transforms=tiled)]
-            + [plgpu.BlockSpec((1, bk), lambda t: (0, s * steps + t)) for _ in x_gmems],
+            + [plgpu.BlockSpec((1, bk), lambda t: (0, s * steps + t)) for _ in x_gmems]
+            + ([plgpu.BlockSpec((1, bn), lambda t: (s * steps + t, j))] if scaled else []),
             max_concurrent_steps=steps_in_flight,
             init_carry=zero if interpret else plgpu.layout_cast(zero, layout),
-        )(w_gmem, *x_gmems)
+        )(w_gmem, *ins)
         o_smem[...] = jnp.sum(acc, axis=1)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s, pl.ds(j * bn, bn)])
@@ -315,7 +342,7 @@ def mosaic_gemv(
         grid_names=("n", "s"),
         scratch_types=[plgpu.SMEM((bn,), jnp.float32)],
         interpret=params,
-    )(wv, *xs)
+    )(wv, *xs, *([scale] if scaled else []))
 
 
 def word_columns(n: int, block_n: int) -> np.ndarray:
@@ -578,7 +605,9 @@ def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -
 
 
 def _mosaic_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -> None:
-    """:func:`mosaic_gemv` on the K-major copy of the same bytes, one activation row, vs float64 NumPy."""
+    """:func:`mosaic_gemv` on the K-major copy of the same bytes, one activation row, vs float64 NumPy; the scaled
+    cases read the bytes as ``IntScheme(4, 128)`` codes (rows ``2r`` / ``2r + 1`` in the low / high nibble of byte
+    ``r``) with random group scales, the activations given as ``[even columns, odd columns]``."""
     rows = ws[0].shape[0]
     nk = [jnp.asarray(w.T) for w in ws]
     key = jax.random.PRNGKey(4)
@@ -587,24 +616,34 @@ def _mosaic_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int)
         for b in range(len(ws))
     ]
     x64, b64 = np.asarray(xs[0], np.float64)[0], np.asarray(ws[0], np.int64)
+    lo, hi = b64 & 15, b64 >> 4
     want = {
-        False: x64[:rows] @ b64.astype(np.int8).astype(np.float64),
-        True: x64[:rows] @ (b64 & 15) + x64[rows:] @ (b64 >> 4),
+        (False, False): x64[:rows] @ np.where(b64 > 127, b64 - 256, b64),
+        (True, False): x64[:rows] @ lo + x64[rows:] @ hi,
     }
-    for nibbles, bn, bk, split, inflight in MOSAIC_CASES:
+    for nibbles, scaled, bn, bk, split, inflight in MOSAIC_CASES:
         if dry_run:
             bk, split = min(bk, rows // 2), min(split, 2)
-        name = f"mosaic gemv nk{' nibbles' if nibbles else ' int8'} {bn}x{bk}/{split} in-flight {inflight}"
+        sc = None
         xl = xs if nibbles else [x[:, :rows] for x in xs]
+        w_want = want.get((nibbles, scaled))
+        if scaled:  # IntScheme(4) codes: K row 2r in the low nibble of byte r, 2r + 1 in the high one
+            xl = [jnp.concatenate([x[:, 0::2], x[:, 1::2]], axis=1) for x in xs]
+            shape = (rows // bk, ws[0].shape[1])
+            sc = jax.random.uniform(jax.random.fold_in(key, 99), shape, jnp.float32, 0.005, 0.02).astype(jnp.bfloat16)
+            s64 = np.repeat(np.asarray(sc, np.float64), bk, axis=0)  # (rows, N)
+            w_want = x64[0::2] @ ((lo - 8) * s64) + x64[1::2] @ ((hi - 8) * s64)
+        kind = "int4 g128" if scaled else ("nibbles" if nibbles else "int8")
+        name = f"mosaic gemv nk {kind} {bn}x{bk}/{split} in-flight {inflight}"
         try:
             f = jax.jit(
-                lambda xl, wl, nib=nibbles, bn=bn, bk=bk, sp=split, fl=inflight: [
-                    mosaic_gemv(x, w, nib, bn, bk, sp, fl, dry_run).sum(axis=0) for x, w in zip(xl, wl)
+                lambda xl, wl, nib=nibbles, bn=bn, bk=bk, sp=split, fl=inflight, sc=sc: [
+                    mosaic_gemv(x, w, nib, bn, bk, sp, fl, sc, dry_run).sum(axis=0) for x, w in zip(xl, wl)
                 ]
             )
             got = np.asarray(f(xl[:1], nk[:1])[0], np.float64)
             t = time_per_call(f, (xl, nk), calls, trials) / len(ws)
-            _report(name, t, nbytes, _rel_err(got, want[nibbles]), 1e-5)
+            _report(name, t, nbytes, _rel_err(got, w_want), 1e-5)
         except Exception as e:  # one failing config must not hide the others
             _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 

@@ -192,11 +192,34 @@ def test_mosaic_gemv_lowers_for_cuda():
     from benchmarks.stream_probe import MOSAIC_CASES, mosaic_gemv
 
     w = jax.ShapeDtypeStruct((8192, 4096), jnp.uint8)
-    for nibbles, bn, bk, split, inflight in MOSAIC_CASES:
+    for nibbles, scaled, bn, bk, split, inflight in MOSAIC_CASES:
         x = jax.ShapeDtypeStruct((1, 8192 if nibbles else 4096), jnp.bfloat16)
-        fn = jax.jit(functools.partial(mosaic_gemv, nibbles=nibbles, block_n=bn, block_k=bk, split_k=split,
-                                       steps_in_flight=inflight))  # fmt: skip
+        sc = jax.ShapeDtypeStruct((4096 // bk, 8192), jnp.bfloat16) if scaled else None
+        fn = jax.jit(
+            lambda x, w, sc, nib=nibbles, bn=bn, bk=bk, sp=split, fl=inflight: mosaic_gemv(
+                x, w, nib, bn, bk, sp, fl, sc
+            )
+        )
         exp = export.export(
             fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")]
-        )(x, w)
+        )(x, w, sc)
         assert "mosaic_gpu" in exp.mlir_module()
+
+
+def test_mosaic_gemv_with_scales_is_the_int4_g128_gemv():
+    """With a scale row per K step, the K-major bytes of ``IntScheme(4, 128)`` and the activations as [even, odd]
+    columns, :func:`mosaic_gemv` is that scheme's GEMV: the XLA path's result within float32 summation order (the
+    interpreter), vs float64."""
+    import jaxquant as jq
+    from benchmarks.stream_probe import mosaic_gemv
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (512, 128), jnp.float32)
+    q = jq.relayout(jq.quantize(w, jq.IntScheme(4, 128, scale_dtype="bfloat16")), "nk")
+    assert q.data.shape == (128, 256)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 512), jnp.float32).astype(jnp.bfloat16)
+    xr = jnp.concatenate([x[:, 0::2], x[:, 1::2]], axis=1)
+    got = np.asarray(mosaic_gemv(xr, q.data, True, 64, 64, 2, 2, q.scale, interpret=True), np.float64).sum(axis=0)
+    want = np.asarray(x, np.float64) @ np.asarray(jq.dequantize(q), np.float64)
+    np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="one row per K step"):
+        mosaic_gemv(xr, q.data, True, 64, 128, 1, 2, q.scale, interpret=True)
