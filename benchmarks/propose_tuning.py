@@ -14,7 +14,7 @@ name (``int4``, ``nf4``, ``int8_outlier``, ...):
   takes now by more than ``--min-gain`` (timed in the same sweep, else the benchmark row at the same shape).
 
 Nothing is edited: the output is text to read and paste, with the evidence beside each line. Configs whose variant
-uses inline PTX are marked: check their rows in the report's correctness table first.
+uses inline PTX or the Mosaic GPU backend are marked: check their rows in the report's correctness table first.
 
 Usage::
 
@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 __all__ = ["format_proposals", "main", "propose"]
 
-#: variants whose code is inline PTX (checked against the XLA path only by the CPU emulator before a GPU run)
-PTX_MARKERS = ("ptx", "prmt", "dp4a", "xq", "prepass")
+#: variants whose code is inline PTX (checked against the XLA path only by the CPU emulator before a GPU run) or
+#: runs on the Mosaic GPU backend (checked only by its interpreter, on plain tiles, before a GPU run)
+PTX_MARKERS = ("ptx", "prmt", "dp4a", "xq", "prepass", "mosaic")
 
 
 def _tname(bench_kernel: str) -> str:
@@ -240,7 +241,7 @@ def format_proposals(props: dict[str, Any], device: str) -> str:
             lines.append(f"- `{tname}` dequant-dot: no proposal ({p['evidence']})")
     for tname, rows in props["rows"].items():
         for r in rows:
-            flag = " **inline PTX: check its correctness row first**" if r["ptx"] else ""
+            flag = " **inline PTX or Mosaic GPU: check its correctness row first**" if r["ptx"] else ""
             lines.append(
                 f"- `TABLE[{device!r}][{tname!r}]`: `({r['m']}, {r['config']})` {1e6 * r['t']:.1f} µs against "
                 f"{1e6 * r['t_current']:.1f} µs for the current `{r['current']}` ({r['current_timed_by']}) at "

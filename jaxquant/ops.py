@@ -239,8 +239,8 @@ def _int_adapter(x, w: QArray, m: int, interpret: bool):
     if why:
         return None, why
     # rows the storage cannot run are skipped (K-major codes: no interleave dot, no split-gemv)
-    cfg = tuning.get_config(name, m, k, n, accept=lambda c: km.supported(layout, c, x.dtype) is None)
-    why = km.supported(layout, cfg, x.dtype)
+    cfg = tuning.get_config(name, m, k, n, accept=lambda c: km.supported(layout, c, x.dtype, m) is None)
+    why = km.supported(layout, cfg, x.dtype, m)
     if why:
         return None, why
     zero = w.zero if layout.mode != "sym" else None

@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import int_gemv_mosaic as mosaic
 from pallas_kernels._common import (
     BlockConfig,
     and_masks,
@@ -280,8 +281,11 @@ def _min_block_k(layout: IntLayout, cfg: BlockConfig) -> int:
     return max(min_bk, layout.chunk * 8)  # packed tile rows >= 8
 
 
-def supported(layout: IntLayout, cfg: BlockConfig, x_dtype) -> str | None:
-    """``None`` when the kernel handles this case, else the reason it does not (callers fall back to XLA)."""
+def supported(layout: IntLayout, cfg: BlockConfig, x_dtype, m: int | None = None) -> str | None:
+    """``None`` when the kernel handles this case, else the reason it does not (callers fall back to XLA). ``m``
+    (the activation rows, when known) matters only to the Mosaic GPU GEMV, which computes one row."""
+    if cfg.variant == mosaic.VARIANT:
+        return mosaic.supported(layout, cfg, x_dtype, m)
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return f"activation dtype {jnp.dtype(x_dtype).name} (need bfloat16/float16/float32)"
     if layout.dense and cfg.variant not in (*_GEMV_VARIANTS, ""):
@@ -784,7 +788,8 @@ def int_matmul(
       config: block sizes (see :class:`~pallas_kernels._common.BlockConfig`); ``variant``: a tensor-core form
         (``"strided"``, ``"interleave"``, ``"split"``, each optionally ``+postscale``; ``""`` = ``"strided"``) or a
         GEMV (``"gemv"``, ``"split-gemv"``, ``+postscale``; ``M <= 8`` rows per block). Dense 3/5/6/7-bit layouts:
-        ``""`` is the chunk dot (``block_k`` >= 512, 2-byte activations), or a GEMV.
+        ``""`` is the chunk dot (``block_k`` >= 512, 2-byte activations), or a GEMV. ``"mosaic-gemv+postscale"``:
+        the Mosaic GPU GEMV of :mod:`pallas_kernels.int_gemv_mosaic` (K-major symmetric 4/8-bit codes, ``M = 1``).
       w_dtype: the dtype the XLA path rounds the float32 dequantized weight to before casting it to
         ``x.dtype`` (the QArray's original dtype); ``None``/float32: no intermediate rounding.
       interpret: run the kernel body with the Pallas interpreter (any backend; for tests).
@@ -798,7 +803,7 @@ def int_matmul(
     if x.ndim != 2 or x.shape[1] != layout.k:
         raise ValueError(f"int_matmul: x must be (M, {layout.k}), got {x.shape}")
     _check_packed(packed, layout, "int_matmul")
-    why = supported(layout, config, x.dtype)
+    why = supported(layout, config, x.dtype, x.shape[0])
     if why:
         raise ValueError(f"int_matmul: unsupported: {why}")
     operands = [x, packed, *_stat_operands(scale, zero, layout, "int_matmul")]
@@ -808,6 +813,8 @@ def int_matmul(
     nsteps = cdiv(layout.k, bk)
     variant = config.variant or "strided"
     w_round = weight_rounding(w_dtype)
+    if variant == mosaic.VARIANT:
+        return mosaic.mosaic_gemv(x, packed, operands[2], layout, config, interpret)
     if variant in _GEMV_VARIANTS:
         return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
     if layout.dense:

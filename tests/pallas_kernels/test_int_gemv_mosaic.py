@@ -1,0 +1,127 @@
+"""The Mosaic GPU GEMV for K-major integer codes: interpreter numerics, refusals, qdot dispatch, CUDA lowering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pallas_helpers import rel_err
+
+import jaxquant as jq
+from jaxquant.ops import explain_qdot, kernel_mode
+from pallas_kernels import int_gemv_mosaic as mosaic
+from pallas_kernels import tuning
+from pallas_kernels._common import BlockConfig
+from pallas_kernels.int4_matmul import IntLayout, int_matmul, int_matmul_reference, supported
+
+# one output rounding, relative (norm)
+BOUND = {jnp.bfloat16: 4e-3, jnp.float16: 1e-3}
+
+# (bits, group_size, K, N, split_k, steps in flight, x dtype)
+CASES = [
+    (4, 128, 512, 128, 2, 2, jnp.bfloat16),
+    (4, 256, 1024, 64, 2, 3, jnp.float16),  # two K steps per scale row
+    (8, None, 512, 128, 1, 2, jnp.bfloat16),  # int8 per channel: one scale row for all steps
+    (8, 128, 256, 192, 2, 4, jnp.float16),
+]
+
+
+def _cfg(split: int, stages: int) -> BlockConfig:
+    return BlockConfig(1, 64, 128, split_k=split, num_warps=4, num_stages=stages, variant=mosaic.VARIANT)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}g{c[1]}k{c[2]}n{c[3]}s{c[4]}")
+def test_mosaic_gemv_matches_float64_in_the_interpreter(case):
+    """``x @ dequantize(w)`` for K-major symmetric codes: within one output rounding of float64 (the weights are not
+    rounded to the activation dtype, as in ``+postscale``), and of the XLA path."""
+    bits, group, k, n, split, stages, dt = case
+    rng = np.random.default_rng(bits + k + n)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    q = jq.quantize(w, jq.IntScheme(bits, group, layout="nk"))
+    layout = IntLayout(bits=bits, mode="sym", k=k, n=n, group_size=group, nk=True)
+    x = jnp.asarray(rng.standard_normal((1, k)), dt)
+    cfg = _cfg(split, stages)
+    assert supported(layout, cfg, dt, 1) is None
+    y = int_matmul(x, q.data, q.scale, None, layout=layout, config=cfg, interpret=True)
+    assert y.shape == (1, n) and y.dtype == dt
+    want = np.asarray(x, np.float64) @ np.asarray(jq.dequantize(q), np.float64)
+    assert rel_err(y, want) <= BOUND[dt]
+    assert rel_err(y, int_matmul_reference(x, q.data, q.scale, None, layout)) <= 2 * BOUND[dt]
+
+
+def test_mosaic_gemv_subtracts_the_offset_of_unsigned_codes():
+    """Unsigned 8-bit codes (offset 128) and 4-bit codes with another offset (here 1, as ternary codes are read) give
+    the reference's weights, exactly: one-hot activation rows pick single weights."""
+    rng = np.random.default_rng(5)
+    for bits, dtype, offset in ((8, jnp.uint8, None), (4, jnp.uint8, 1)):
+        k, n = 256, 64
+        layout = IntLayout(bits=bits, mode="sym", k=k, n=n, group_size=128, offset=offset, nk=True)
+        packed = jnp.asarray(rng.integers(0, 256, (n, k * bits // 8)), dtype)
+        scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, n)), jnp.float32).astype(jnp.bfloat16)
+        want = np.asarray(int_matmul_reference(jnp.eye(k, dtype=jnp.bfloat16), packed, scale, None, layout), np.float32)
+        for row in (0, 1, 130, 255):
+            x = jnp.zeros((1, k), jnp.bfloat16).at[0, row].set(1.0)
+            got = int_matmul(x, packed, scale, None, layout=layout, config=_cfg(1, 2), interpret=True)
+            np.testing.assert_array_equal(np.asarray(got, np.float32)[0], want[row])
+
+
+def test_mosaic_gemv_refuses_what_it_cannot_run():
+    lay = IntLayout(bits=4, mode="sym", k=512, n=128, group_size=128, nk=True)
+    ok = _cfg(2, 2)
+    assert supported(lay, ok, jnp.bfloat16, 1) is None
+    reasons = {
+        "kn storage": supported(IntLayout(bits=4, mode="sym", k=512, n=128, group_size=128), ok, jnp.bfloat16, 1),
+        "zero points": supported(IntLayout(4, "zeropoint", 512, 128, 128, nk=True), ok, jnp.bfloat16, 1),
+        "2 bits": supported(IntLayout(2, "sym", 512, 128, 128, nk=True), ok, jnp.bfloat16, 1),
+        "float32 x": supported(lay, ok, jnp.float32, 1),
+        "two rows": supported(lay, ok, jnp.bfloat16, 2),
+        "block_n": supported(lay, BlockConfig(1, 32, 128, 2, 4, 2, mosaic.VARIANT), jnp.bfloat16, 1),
+        "step bytes": supported(lay, BlockConfig(1, 64, 512, 1, 4, 2, mosaic.VARIANT), jnp.bfloat16, 1),
+        "ragged N": supported(IntLayout(4, "sym", 512, 96, 128, nk=True), ok, jnp.bfloat16, 1),
+        "K split": supported(lay, BlockConfig(1, 64, 128, 8, 4, 2, mosaic.VARIANT), jnp.bfloat16, 1),
+        "group": supported(IntLayout(4, "sym", 512, 128, 64, nk=True), ok, jnp.bfloat16, 1),
+    }
+    for what, why in reasons.items():
+        assert why and "mosaic-gemv" in why, what
+    x = jnp.ones((2, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match="one activation row"):
+        int_matmul(x, jnp.zeros((128, 256), jnp.uint8), jnp.ones((4, 128)), None, layout=lay, config=ok, interpret=True)
+
+
+def test_qdot_runs_a_mosaic_table_row_at_m1_only(monkeypatch):
+    """A device table with the Mosaic GEMV for M <= 1 (as the sweep times it): ``qdot`` runs it at M = 1 (the same
+    result as calling the kernel) and skips it for M = 2, where the next row applies."""
+    monkeypatch.setattr(tuning, "device_key", lambda kind=None: "mosaic-probe")
+    rows = [(1, _cfg(2, 2)), (1 << 62, BlockConfig(16, 64, 128, 2, 4, 3, "split"))]
+    monkeypatch.setitem(tuning.TABLE, "mosaic-probe", {"int4_nk": rows})
+    w = jax.random.normal(jax.random.PRNGKey(0), (512, 128), jnp.float32)
+    q = jq.quantize(w, jq.IntScheme(4, 128, layout="nk"))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 512), jnp.float32).astype(jnp.bfloat16)
+    with kernel_mode("interpret"):
+        assert mosaic.VARIANT in explain_qdot(x[:1], q)
+        assert "'split'" in explain_qdot(x, q)
+        y1 = jq.qdot(x[:1], q)
+    layout = IntLayout(bits=4, mode="sym", k=512, n=128, group_size=128, nk=True)
+    direct = int_matmul(x[:1], q.data, q.scale, None, layout=layout, config=_cfg(2, 2), interpret=True)
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(direct))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mosaic_gemv_lowers_for_cuda(bits):
+    """At 8192^2 the kernel lowers to the Mosaic GPU custom call for CUDA with its shared-memory tiling and register
+    layouts (the interpreter runs plain tiles; Mosaic compiles to machine code only on a GPU)."""
+    from jax import export
+
+    k = n = 8192
+    layout = IntLayout(bits=bits, mode="sym", k=k, n=n, group_size=128, nk=True)
+    packed = jax.ShapeDtypeStruct((n, k * bits // 8), jnp.uint8 if bits == 4 else jnp.int8)
+    scale = jax.ShapeDtypeStruct((k // 128, n), jnp.float16)
+    x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
+    for cfg in (_cfg(4, 4), _cfg(8, 6)):
+        fn = jax.jit(lambda x, p, s, cfg=cfg: int_matmul(x, p, s, None, layout=layout, config=cfg))
+        exp = export.export(
+            fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")]
+        )(x, packed, scale)
+        text = exp.mlir_module()
+        assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" not in text
