@@ -27,14 +27,11 @@ bytes, bracket where the fused kernel's time goes:
 - ``int4 kernel ...``: the library's int4 g128 kernel on the same bytes (as packed codes), M = 1 and 16, this
   device's table config and the H200 sweep's fastest, vs its XLA path.
 
-Beside the ladder, ``mosaic`` rungs (:func:`mosaic_gemv`): the same K-major bytes through JAX's other Pallas GPU
-backend, Mosaic GPU, which moves each tile by TMA into a multi-buffered shared-memory pipeline
-(``plgpu.emit_pipeline``) instead of Triton's ``cp.async``; each step multiplies the tile (as int8 values, or as its
-two nibbles) with a broadcast activation row and adds it to a float32 register accumulator, summed over K once at
-the end: a GEMV at M = 1, no tensor cores. Whether this backend streams the weight faster than the Pallas-Triton
-rungs decides whether a Mosaic GPU kernel is worth writing. The interpreter checks the arithmetic on the CPU (without
-the shared-memory tiling and register layouts the GPU lowering uses); the GPU run checks the compiled kernel
-against float64.
+Beside the ladder, ``mosaic`` rungs: the library's Mosaic GPU GEMV (:mod:`pallas_kernels.int_gemv_mosaic`, JAX's
+other Pallas GPU backend: TMA copies into a multi-buffered shared-memory pipeline instead of Triton's ``cp.async``) on
+the K-major copy of the same bytes, read as int8 codes with one scale per channel (the bare streaming rate, K/2 rows)
+and as the int4 g128 codes they are (the whole W4A16 GEMV, against the ``int4`` rung), at M = 1. Whether this
+backend streams the weight faster than Pallas-Triton decides whether more Mosaic GPU kernels are worth writing.
 
 And ``xla`` rungs (:func:`xla_s4_matmul`): no Pallas at all. The same codes as a ``jnp.int4`` array
 (XLA's own packed 4-bit type), ``(K, N)`` or K-major ``(N, K)``, dequantized by a convert and a multiply with the
@@ -74,7 +71,7 @@ from jax.experimental import pallas as pl
 from benchmarks.kernels import L2_BYTES, time_per_call
 from pallas_kernels._common import BlockConfig, compiler_params
 
-__all__ = ["main", "mosaic_gemv", "stream_dot", "stream_sum", "to_int4", "xla_s4_matmul"]
+__all__ = ["main", "stream_dot", "stream_sum", "to_int4", "xla_s4_matmul"]
 
 #: (element dtype, BN elements, BK rows, split-K, warps, stages)
 CASES = [
@@ -114,22 +111,9 @@ DOT_CASES = [
     ("nk", True, 128, 128, 4, 8, 3),
 ]
 
-#: the ``mosaic`` rungs: (nibbles, scaled, BN rows, BK bytes, split-K, pipeline steps in flight); BN = 64 (one
-#: warpgroup's register layout), BK = one swizzled shared-memory row (128 bytes; 64 for the scaled int4 GEMV: one
-#: group of 128 codes per step)
-MOSAIC_CASES = [
-    (False, False, 64, 128, 4, 4),
-    (False, False, 64, 128, 2, 4),
-    (False, False, 64, 128, 8, 3),
-    (True, False, 64, 128, 4, 4),
-    (True, False, 64, 128, 2, 4),
-    (True, False, 64, 128, 8, 3),
-    (True, False, 64, 128, 1, 6),
-    # the int4 g128 GEMV (IntScheme(4, 128) codes stored K-major, scales per step)
-    (True, True, 64, 64, 4, 4),
-    (True, True, 64, 64, 8, 6),
-    (True, True, 64, 64, 2, 6),
-]
+#: the ``mosaic`` rungs: (bits, split-K, pipeline steps in flight); 64-row tiles, K steps of 128 rows (8 bits: 128
+#: bytes; 4 bits: 64 bytes, one g128 group)
+MOSAIC_CASES = [(8, 4, 4), (8, 2, 4), (8, 8, 3), (4, 4, 4), (4, 8, 6), (4, 2, 6), (4, 1, 6)]
 
 #: the forms of :func:`stream_dot`
 FORMS = ("kn", "nk", "words")
@@ -240,111 +224,6 @@ def stream_dot(
     )(x, w)
 
 
-def mosaic_gemv(
-    x: jax.Array,
-    w: jax.Array,
-    nibbles: bool = False,
-    block_n: int = 64,
-    block_k: int = 128,
-    split_k: int = 4,
-    steps_in_flight: int = 4,
-    scale: jax.Array | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """``(split_k, N)`` float32 partial sums of ``B @ x[0]`` on the Mosaic GPU backend, for K-major bytes ``w``
-    (``(N, Kp)`` uint8: ``B = w`` as signed int8 values, or with ``nibbles`` the product with both nibbles:
-    ``(w & 15) @ x[0, :Kp] + (w >> 4) @ x[0, Kp:]``) and one bf16 activation row ``x`` (``(1, Kp)`` or ``(1, 2 Kp)``).
-
-    With ``scale`` (``(Kp / block_k, N)``, one row per K step: a group of ``block_k`` bytes) the weights are
-    quantized codes: nibbles are ``IntScheme(4)``'s symmetric codes (``code - 8``) and each step's product is scaled
-    by its row, ``sum_t ((lo - 8) @ x_lo + (hi - 8) @ x_hi) * s_t``: with K-major ``IntScheme(4, 128)`` bytes
-    (``block_k = 64``) and ``x`` reordered as ``[even columns, odd columns]`` this is the int4 g128 GEMV.
-
-    Grid ``(N / block_n, split_k)``; each program pipelines its ``(block_n, block_k)`` tiles by TMA through
-    ``steps_in_flight`` shared-memory buffers, multiplies each with the broadcast activations into a float32
-    accumulator in the warpgroup's register layout, and sums it over K once. ``interpret``: the Mosaic GPU
-    interpreter on the CPU (plain tiles, no shared-memory tiling or register layouts)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    if w.dtype != jnp.uint8 or w.ndim != 2 or x.ndim != 2 or x.shape[0] != 1:
-        raise ValueError(f"mosaic_gemv: needs 2-D uint8 w and a (1, K) x, got w {w.dtype}{w.shape}, x {x.shape}")
-    n, kp = w.shape
-    if x.shape[1] != kp * (2 if nibbles else 1):
-        raise ValueError(f"mosaic_gemv: x {x.shape} does not match {kp} byte columns{' (two nibbles each)' * nibbles}")
-    bn, bk = block_n, block_k
-    if n % bn or kp % (bk * split_k) or bk not in (32, 64, 128):
-        raise ValueError(f"mosaic_gemv: ({n}, {kp}) does not divide into {split_k} x ({bn}, {bk}) tiles (bk 32/64/128)")
-    if scale is not None and scale.shape != (kp // bk, n):
-        raise ValueError(f"mosaic_gemv: scale {scale.shape} must be ({kp // bk}, {n}): one row per K step")
-    steps = kp // (bk * split_k)
-    xs = [x[:, :kp], x[:, kp:]] if nibbles else [x]
-    wv = w if nibbles else jax.lax.bitcast_convert_type(w, jnp.int8)
-    params = None
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        params = InterpretGPUParams()
-    layout = plgpu.Layout.WGMMA
-
-    scaled = scale is not None
-
-    def kernel(w_gmem, *refs):
-        ins, o_gmem, o_smem = refs[:-2], refs[-2], refs[-1]
-        x_gmems = ins[:-1] if scaled else ins
-        j, s = jax.lax.axis_index("n"), jax.lax.axis_index("s")
-
-        def column(ref):  # the step's scales, one per tile row, broadcast along K, float32
-            if interpret:
-                return ref[...].astype(jnp.float32).T
-            v = plgpu.load(ref.at[0], (), layout=layout.reduce(1)).astype(jnp.float32)
-            return jax.lax.broadcast_in_dim(v, (bn, bk), (0,))
-
-        def row(ref):  # the step's activations, broadcast over the tile's rows, float32
-            if interpret:
-                return ref[...].astype(jnp.float32)
-            v = plgpu.load(ref.at[0], (), layout=layout.reduce(0)).astype(jnp.float32)
-            return jax.lax.broadcast_in_dim(v, (bn, bk), (1,))
-
-        def body(_, w_smem, *rest):
-            *smems, acc = rest
-            x_smems = smems[:-1] if scaled else smems
-            t = w_smem[...] if interpret else plgpu.load(w_smem, (), layout=layout)
-            if not nibbles:
-                d = t.astype(jnp.float32) * row(x_smems[0])
-            else:
-                c = t.astype(jnp.int32)
-                lo, hi = (c & 15).astype(jnp.float32), ((c >> 4) & 15).astype(jnp.float32)
-                if scaled:  # symmetric 4-bit codes
-                    lo, hi = lo - 8.0, hi - 8.0
-                d = lo * row(x_smems[0]) + hi * row(x_smems[1])
-            return acc + (d * column(smems[-1]) if scaled else d)
-
-        tiled = () if interpret else (plgpu.TilingTransform((8, bk)), plgpu.SwizzleTransform(bk))
-        zero = jnp.zeros((bn, bk), jnp.float32)
-        acc = plgpu.emit_pipeline(
-            body,
-            grid=(steps,),
-            in_specs=[plgpu.BlockSpec((bn, bk), lambda t: (j, s * steps + t), transforms=tiled)]
-            + [plgpu.BlockSpec((1, bk), lambda t: (0, s * steps + t)) for _ in x_gmems]
-            + ([plgpu.BlockSpec((1, bn), lambda t: (s * steps + t, j))] if scaled else []),
-            max_concurrent_steps=steps_in_flight,
-            init_carry=zero if interpret else plgpu.layout_cast(zero, layout),
-        )(w_gmem, *ins)
-        o_smem[...] = jnp.sum(acc, axis=1)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s, pl.ds(j * bn, bn)])
-        plgpu.wait_smem_to_gmem(0)
-
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((split_k, n), jnp.float32),
-        grid=(n // bn, split_k),
-        grid_names=("n", "s"),
-        scratch_types=[plgpu.SMEM((bn,), jnp.float32)],
-        interpret=params,
-    )(wv, *xs, *([scale] if scaled else []))
-
-
 def word_columns(n: int, block_n: int) -> np.ndarray:
     """For :func:`stream_dot` over ``uint32`` words: the byte column of ``w`` behind each output column."""
     out = np.arange(n)
@@ -362,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rungs",
         default="sum,dot,int4,mosaic,xla",
         help="comma-separated subset of: sum (unpipelined column sums), dot (pipelined dots on the bytes), int4 (the "
-        "library's kernel), mosaic (a Mosaic GPU GEMV on the K-major bytes), xla (XLA's dot on the codes as "
+        "library's kernel), mosaic (the Mosaic GPU GEMV on the K-major bytes), xla (XLA's dot on the codes as "
         "jnp.int4, no Pallas)",
     )
     p.add_argument("--out", help="also write the printed lines (with date, commit, device and command) to this file")
@@ -605,45 +484,45 @@ def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -
 
 
 def _mosaic_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -> None:
-    """:func:`mosaic_gemv` on the K-major copy of the same bytes, one activation row, vs float64 NumPy; the scaled
-    cases read the bytes as ``IntScheme(4, 128)`` codes (rows ``2r`` / ``2r + 1`` in the low / high nibble of byte
-    ``r``) with random group scales, the activations given as ``[even columns, odd columns]``."""
-    rows = ws[0].shape[0]
+    """The Mosaic GPU GEMV (``int_matmul`` variant ``mosaic-gemv+postscale``) on the K-major copy of the same bytes,
+    read as int8 codes (per-channel scales) and as int4 g128 codes, one activation row, vs the XLA path."""
+    from pallas_kernels import int4_matmul as km
+    from pallas_kernels import int_gemv_mosaic as mosaic
+
+    rows, n = ws[0].shape
     nk = [jnp.asarray(w.T) for w in ws]
     key = jax.random.PRNGKey(4)
-    xs = [
-        jax.random.normal(jax.random.fold_in(key, b), (1, 2 * rows), jnp.float32).astype(jnp.bfloat16)
-        for b in range(len(ws))
-    ]
-    x64, b64 = np.asarray(xs[0], np.float64)[0], np.asarray(ws[0], np.int64)
-    lo, hi = b64 & 15, b64 >> 4
-    want = {
-        (False, False): x64[:rows] @ np.where(b64 > 127, b64 - 256, b64),
-        (True, False): x64[:rows] @ lo + x64[rows:] @ hi,
-    }
-    for nibbles, scaled, bn, bk, split, inflight in MOSAIC_CASES:
+    for bits, split, inflight in MOSAIC_CASES:
+        k = 2 * rows if bits == 4 else rows
+        group = 128 if bits == 4 else None
         if dry_run:
-            bk, split = min(bk, rows // 2), min(split, 2)
-        sc = None
-        xl = xs if nibbles else [x[:, :rows] for x in xs]
-        w_want = want.get((nibbles, scaled))
-        if scaled:  # IntScheme(4) codes: K row 2r in the low nibble of byte r, 2r + 1 in the high one
-            xl = [jnp.concatenate([x[:, 0::2], x[:, 1::2]], axis=1) for x in xs]
-            shape = (rows // bk, ws[0].shape[1])
-            sc = jax.random.uniform(jax.random.fold_in(key, 99), shape, jnp.float32, 0.005, 0.02).astype(jnp.bfloat16)
-            s64 = np.repeat(np.asarray(sc, np.float64), bk, axis=0)  # (rows, N)
-            w_want = x64[0::2] @ ((lo - 8) * s64) + x64[1::2] @ ((hi - 8) * s64)
-        kind = "int4 g128" if scaled else ("nibbles" if nibbles else "int8")
-        name = f"mosaic gemv nk {kind} {bn}x{bk}/{split} in-flight {inflight}"
+            split = max(1, min(split, k // 256))
+        layout = km.IntLayout(bits=bits, mode="sym", k=k, n=n, group_size=group, nk=True)
+        cfg = BlockConfig(
+            1, mosaic.BLOCK_N, 128, split_k=split, num_warps=4, num_stages=inflight, variant=mosaic.VARIANT
+        )
+        wl = nk if bits == 4 else [jax.lax.bitcast_convert_type(w, jnp.int8) for w in nk]
+        scale = jax.random.uniform(jax.random.fold_in(key, bits), (k // group if group else 1, n), jnp.float32, 0.005,
+                                   0.02).astype(jnp.bfloat16)  # fmt: skip
+        xs = [
+            jax.random.normal(jax.random.fold_in(key, 10 * bits + b), (1, k), jnp.float32).astype(jnp.bfloat16)
+            for b in range(len(ws))
+        ]
+        name = f"mosaic gemv nk {'int4 g128' if bits == 4 else 'int8 channel'} 64x128/{split} in-flight {inflight}"
         try:
-            f = jax.jit(
-                lambda xl, wl, nib=nibbles, bn=bn, bk=bk, sp=split, fl=inflight, sc=sc: [
-                    mosaic_gemv(x, w, nib, bn, bk, sp, fl, sc, dry_run).sum(axis=0) for x, w in zip(xl, wl)
-                ]
-            )
-            got = np.asarray(f(xl[:1], nk[:1])[0], np.float64)
-            t = time_per_call(f, (xl, nk), calls, trials) / len(ws)
-            _report(name, t, nbytes, _rel_err(got, w_want), 1e-5)
+            why = km.supported(layout, cfg, jnp.bfloat16, 1)
+            if why:
+                raise ValueError(why)
+
+            def f(xl, wl, cfg=cfg, layout=layout, scale=scale):
+                return [km.int_matmul(x, w, scale, None, layout=layout, config=cfg, interpret=dry_run)
+                        for x, w in zip(xl, wl)]  # fmt: skip
+
+            f = jax.jit(f)
+            want = np.asarray(km.int_matmul_reference(xs[0], wl[0], scale, None, layout), np.float64)
+            got = np.asarray(f(xs[:1], wl[:1])[0], np.float64)
+            t = time_per_call(f, (xs, wl), calls, trials) / len(ws)
+            _report(name, t, nbytes, _rel_err(got, want), 1e-2)
         except Exception as e:  # one failing config must not hide the others
             _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 

@@ -160,66 +160,12 @@ def test_xla_rungs_print_every_form(capsys):
     assert "FAILED" not in out and "WRONG" not in out
 
 
-@pytest.mark.parametrize("nibbles", [False, True])
-def test_mosaic_gemv_is_the_product_with_the_bytes(nibbles):
-    """The ``mosaic`` rungs' kernel in the Mosaic GPU interpreter: split-K partial sums of the K-major bytes (as int8
-    values, or both nibbles against the two halves of x) times the activation row, vs float64 NumPy."""
-    from benchmarks.stream_probe import mosaic_gemv
+def test_mosaic_rungs_run_every_case(capsys):
+    """The ``mosaic`` rungs (the library's Mosaic GPU GEMV on the probe's bytes, in its interpreter here): every case
+    runs and agrees with the XLA path."""
+    from benchmarks.stream_probe import MOSAIC_CASES, main
 
-    w = jax.random.randint(jax.random.PRNGKey(0), (128, 256), 0, 256).astype(jnp.uint8)  # (N, Kp) K-major
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, 512 if nibbles else 256), jnp.float32).astype(jnp.bfloat16)
-    x64, b64 = np.asarray(x, np.float64)[0], np.asarray(w, np.int64)
-    if nibbles:
-        want = (b64 & 15) @ x64[:256] + (b64 >> 4) @ x64[256:]
-    else:
-        want = np.where(b64 > 127, b64 - 256, b64) @ x64
-    got = np.asarray(mosaic_gemv(x, w, nibbles, 64, 64, 2, 2, interpret=True), np.float64)
-    assert got.shape == (2, 128)
-    np.testing.assert_allclose(got.sum(axis=0), want, rtol=1e-6, atol=1e-4)
-    with pytest.raises(ValueError, match="does not divide"):
-        mosaic_gemv(x, w, nibbles, 64, 128, 4, 2, interpret=True)
-    with pytest.raises(ValueError, match="does not match"):
-        mosaic_gemv(x[:, :128], w, nibbles, 64, 64, 2, 2, interpret=True)
-    with pytest.raises(ValueError, match="uint8"):
-        mosaic_gemv(x, w.astype(jnp.int8), nibbles, interpret=True)
-
-
-def test_mosaic_gemv_lowers_for_cuda():
-    """Every ``mosaic`` rung config lowers to the Mosaic GPU custom call for CUDA at the probe's shape (the GPU
-    compiles it at run time: a failure there prints as FAILED in the rung, without stopping the others)."""
-    from jax import export
-
-    from benchmarks.stream_probe import MOSAIC_CASES, mosaic_gemv
-
-    w = jax.ShapeDtypeStruct((8192, 4096), jnp.uint8)
-    for nibbles, scaled, bn, bk, split, inflight in MOSAIC_CASES:
-        x = jax.ShapeDtypeStruct((1, 8192 if nibbles else 4096), jnp.bfloat16)
-        sc = jax.ShapeDtypeStruct((4096 // bk, 8192), jnp.bfloat16) if scaled else None
-        fn = jax.jit(
-            lambda x, w, sc, nib=nibbles, bn=bn, bk=bk, sp=split, fl=inflight: mosaic_gemv(
-                x, w, nib, bn, bk, sp, fl, sc
-            )
-        )
-        exp = export.export(
-            fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")]
-        )(x, w, sc)
-        assert "mosaic_gpu" in exp.mlir_module()
-
-
-def test_mosaic_gemv_with_scales_is_the_int4_g128_gemv():
-    """With a scale row per K step, the K-major bytes of ``IntScheme(4, 128)`` and the activations as [even, odd]
-    columns, :func:`mosaic_gemv` is that scheme's GEMV: the XLA path's result within float32 summation order (the
-    interpreter), vs float64."""
-    import jaxquant as jq
-    from benchmarks.stream_probe import mosaic_gemv
-
-    w = jax.random.normal(jax.random.PRNGKey(0), (512, 128), jnp.float32)
-    q = jq.relayout(jq.quantize(w, jq.IntScheme(4, 128, scale_dtype="bfloat16")), "nk")
-    assert q.data.shape == (128, 256)
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, 512), jnp.float32).astype(jnp.bfloat16)
-    xr = jnp.concatenate([x[:, 0::2], x[:, 1::2]], axis=1)
-    got = np.asarray(mosaic_gemv(xr, q.data, True, 64, 64, 2, 2, q.scale, interpret=True), np.float64).sum(axis=0)
-    want = np.asarray(x, np.float64) @ np.asarray(jq.dequantize(q), np.float64)
-    np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="one row per K step"):
-        mosaic_gemv(xr, q.data, True, 64, 128, 1, 2, q.scale, interpret=True)
+    assert main(["--dry-run", "--rungs", "mosaic"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("mosaic gemv nk ") == len(MOSAIC_CASES)
+    assert "FAILED" not in out and "WRONG" not in out
