@@ -371,16 +371,21 @@ TUNE_KERNEL_CONFIGS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     # the same question for 8-bit integer codes: the H200 table row's tile (K, N) took 46.8 / 49.9 us at M = 1 / 16
     # (h200-2026-11-28-rest), and fp8 W8A16 with this tile 45.7 us from (K, N) codes but 25.5 us from (N, K) ones
     ("int8_w8a16_nk", (16, 64, 128, 4, 4, 4, "strided")),
-    # the Mosaic GPU GEMV (pallas_kernels/int_gemv_mosaic.py: TMA into a multi-buffered shared-memory pipeline) on the
-    # same K-major codes at M = 1; its first compile and run on a GPU
-    ("int4_g128_nk", (1, 64, 128, 4, 4, 4, "mosaic-gemv+postscale")),
-    ("int4_g128_nk", (1, 64, 128, 8, 4, 6, "mosaic-gemv+postscale")),
-    ("int8_w8a16_nk", (1, 64, 128, 4, 4, 4, "mosaic-gemv+postscale")),
     # NF4, the widest gap to its goal (0.39x bf16 on the H200): the inline-PTX byte-permute lookups, never yet run on
     # a GPU (their rel. error vs the XLA path here is their first on-device check)
     ("nf4", (16, 64, 128, 4, 4, 4, "prmt16-split")),
     ("nf4", (16, 64, 128, 4, 4, 4, "prmt-split")),
     ("nf4", (1, 128, 64, 16, 4, 4, "prmt-split-gemv")),
+    # the Mosaic GPU kernels (pallas_kernels/int_matmul_mosaic.py: TMA into a multi-buffered shared-memory pipeline)
+    # on the same K-major codes: the GEMV at M = 1, the transposed wgmma dot (M padded to 16 / 64); their first
+    # compile and run on a GPU
+    ("int4_g128_nk", (1, 64, 128, 4, 4, 4, "mosaic-gemv+postscale")),
+    ("int4_g128_nk", (16, 64, 128, 4, 4, 4, "mosaic-dot")),
+    ("int4_g128_nk", (1, 64, 128, 8, 4, 6, "mosaic-gemv+postscale")),
+    ("int4_g128_nk", (16, 64, 128, 8, 4, 6, "mosaic-dot")),
+    ("int8_w8a16_nk", (1, 64, 128, 4, 4, 4, "mosaic-gemv+postscale")),
+    ("int8_w8a16_nk", (16, 64, 128, 4, 4, 4, "mosaic-dot")),
+    ("int4_g128_nk", (64, 64, 128, 4, 4, 4, "mosaic-dot", (64,))),
     # K-major 8-bit weights (layout="nk"): at M <= 16 the int8 / fp8 mma.sync reads the weight by ldmatrix instead of
     # byte by byte (sm_90 K loop of LLM.int8's 16x64x128 tile: 67 instructions per trip vs 198); at large M no
     # per-call transposed copy

@@ -27,11 +27,12 @@ bytes, bracket where the fused kernel's time goes:
 - ``int4 kernel ...``: the library's int4 g128 kernel on the same bytes (as packed codes), M = 1 and 16, this
   device's table config and the H200 sweep's fastest, vs its XLA path.
 
-Beside the ladder, ``mosaic`` rungs: the library's Mosaic GPU GEMV (:mod:`pallas_kernels.int_gemv_mosaic`, JAX's
-other Pallas GPU backend: TMA copies into a multi-buffered shared-memory pipeline instead of Triton's ``cp.async``) on
-the K-major copy of the same bytes, read as int8 codes with one scale per channel (the bare streaming rate, K/2 rows)
-and as the int4 g128 codes they are (the whole W4A16 GEMV, against the ``int4`` rung), at M = 1. Whether this
-backend streams the weight faster than Pallas-Triton decides whether more Mosaic GPU kernels are worth writing.
+Beside the ladder, ``mosaic`` rungs: the library's Mosaic GPU kernels (:mod:`pallas_kernels.int_matmul_mosaic`,
+JAX's other Pallas GPU backend: TMA copies into a multi-buffered shared-memory pipeline instead of Triton's
+``cp.async``) on the K-major copy of the same bytes, read as int8 codes with one scale per channel (K/2 rows) and as
+the int4 g128 codes they are (the whole W4A16 product, against the ``int4`` rung): the GEMV at M = 1 and the
+transposed wgmma dot at M = 16. Whether this backend streams the weight faster than Pallas-Triton decides where
+the int4 kernels should go next.
 
 And ``xla`` rungs (:func:`xla_s4_matmul`): no Pallas at all. The same codes as a ``jnp.int4`` array
 (XLA's own packed 4-bit type), ``(K, N)`` or K-major ``(N, K)``, dequantized by a convert and a multiply with the
@@ -111,9 +112,20 @@ DOT_CASES = [
     ("nk", True, 128, 128, 4, 8, 3),
 ]
 
-#: the ``mosaic`` rungs: (bits, split-K, pipeline steps in flight); 64-row tiles, K steps of 128 rows (8 bits: 128
-#: bytes; 4 bits: 64 bytes, one g128 group)
-MOSAIC_CASES = [(8, 4, 4), (8, 2, 4), (8, 8, 3), (4, 4, 4), (4, 8, 6), (4, 2, 6), (4, 1, 6)]
+#: the ``mosaic`` rungs: (bits, M, split-K, pipeline steps in flight); 64-row tiles, K steps of 128 rows (8 bits: 128
+#: bytes; 4 bits: 64 bytes, one g128 group); M = 1: the GEMV, M = 16: the transposed wgmma dot
+MOSAIC_CASES = [
+    (8, 1, 4, 4),
+    (8, 1, 2, 4),
+    (8, 1, 8, 3),
+    (4, 1, 4, 4),
+    (4, 1, 8, 6),
+    (4, 1, 2, 6),
+    (4, 1, 1, 6),
+    (4, 16, 4, 4),
+    (4, 16, 8, 6),
+    (8, 16, 4, 4),
+]
 
 #: the forms of :func:`stream_dot`
 FORMS = ("kn", "nk", "words")
@@ -484,33 +496,34 @@ def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -
 
 
 def _mosaic_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -> None:
-    """The Mosaic GPU GEMV (``int_matmul`` variant ``mosaic-gemv+postscale``) on the K-major copy of the same bytes,
-    read as int8 codes (per-channel scales) and as int4 g128 codes, one activation row, vs the XLA path."""
+    """The Mosaic GPU kernels (``int_matmul`` variants ``mosaic-gemv+postscale`` at M = 1, ``mosaic-dot`` at
+    M = 16) on the K-major copy of the same bytes, read as int8 codes (per-channel scales) and as int4 g128 codes, vs
+    the XLA path."""
     from pallas_kernels import int4_matmul as km
-    from pallas_kernels import int_gemv_mosaic as mosaic
+    from pallas_kernels import int_matmul_mosaic as mosaic
 
     rows, n = ws[0].shape
     nk = [jnp.asarray(w.T) for w in ws]
     key = jax.random.PRNGKey(4)
-    for bits, split, inflight in MOSAIC_CASES:
+    for bits, m, split, inflight in MOSAIC_CASES:
         k = 2 * rows if bits == 4 else rows
         group = 128 if bits == 4 else None
         if dry_run:
             split = max(1, min(split, k // 256))
         layout = km.IntLayout(bits=bits, mode="sym", k=k, n=n, group_size=group, nk=True)
-        cfg = BlockConfig(
-            1, mosaic.BLOCK_N, 128, split_k=split, num_warps=4, num_stages=inflight, variant=mosaic.VARIANT
-        )
+        variant = mosaic.GEMV if m == 1 else mosaic.DOT
+        cfg = BlockConfig(m, mosaic.BLOCK_N, 128, split_k=split, num_warps=4, num_stages=inflight, variant=variant)
         wl = nk if bits == 4 else [jax.lax.bitcast_convert_type(w, jnp.int8) for w in nk]
         scale = jax.random.uniform(jax.random.fold_in(key, bits), (k // group if group else 1, n), jnp.float32, 0.005,
                                    0.02).astype(jnp.bfloat16)  # fmt: skip
         xs = [
-            jax.random.normal(jax.random.fold_in(key, 10 * bits + b), (1, k), jnp.float32).astype(jnp.bfloat16)
+            jax.random.normal(jax.random.fold_in(key, 10 * bits + b), (m, k), jnp.float32).astype(jnp.bfloat16)
             for b in range(len(ws))
         ]
-        name = f"mosaic gemv nk {'int4 g128' if bits == 4 else 'int8 channel'} 64x128/{split} in-flight {inflight}"
+        kind = "gemv" if m == 1 else f"dot M={m}"
+        name = f"mosaic {kind} nk {'int4 g128' if bits == 4 else 'int8 channel'} 64x128/{split} in-flight {inflight}"
         try:
-            why = km.supported(layout, cfg, jnp.bfloat16, 1)
+            why = km.supported(layout, cfg, jnp.bfloat16, m)
             if why:
                 raise ValueError(why)
 

@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import int_gemv_mosaic as mosaic
+from pallas_kernels import int_matmul_mosaic as mosaic
 from pallas_kernels._common import (
     BlockConfig,
     and_masks,
@@ -284,7 +284,7 @@ def _min_block_k(layout: IntLayout, cfg: BlockConfig) -> int:
 def supported(layout: IntLayout, cfg: BlockConfig, x_dtype, m: int | None = None) -> str | None:
     """``None`` when the kernel handles this case, else the reason it does not (callers fall back to XLA). ``m``
     (the activation rows, when known) matters only to the Mosaic GPU GEMV, which computes one row."""
-    if cfg.variant == mosaic.VARIANT:
+    if cfg.variant in mosaic.VARIANTS:
         return mosaic.supported(layout, cfg, x_dtype, m)
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return f"activation dtype {jnp.dtype(x_dtype).name} (need bfloat16/float16/float32)"
@@ -788,8 +788,9 @@ def int_matmul(
       config: block sizes (see :class:`~pallas_kernels._common.BlockConfig`); ``variant``: a tensor-core form
         (``"strided"``, ``"interleave"``, ``"split"``, each optionally ``+postscale``; ``""`` = ``"strided"``) or a
         GEMV (``"gemv"``, ``"split-gemv"``, ``+postscale``; ``M <= 8`` rows per block). Dense 3/5/6/7-bit layouts:
-        ``""`` is the chunk dot (``block_k`` >= 512, 2-byte activations), or a GEMV. ``"mosaic-gemv+postscale"``:
-        the Mosaic GPU GEMV of :mod:`pallas_kernels.int_gemv_mosaic` (K-major symmetric 4/8-bit codes, ``M = 1``).
+        ``""`` is the chunk dot (``block_k`` >= 512, 2-byte activations), or a GEMV. ``"mosaic-gemv+postscale"`` /
+        ``"mosaic-dot"``: the Mosaic GPU kernels of :mod:`pallas_kernels.int_matmul_mosaic` (K-major symmetric
+        4/8-bit codes; ``M = 1`` / ``M <= block_m``).
       w_dtype: the dtype the XLA path rounds the float32 dequantized weight to before casting it to
         ``x.dtype`` (the QArray's original dtype); ``None``/float32: no intermediate rounding.
       interpret: run the kernel body with the Pallas interpreter (any backend; for tests).
@@ -813,8 +814,10 @@ def int_matmul(
     nsteps = cdiv(layout.k, bk)
     variant = config.variant or "strided"
     w_round = weight_rounding(w_dtype)
-    if variant == mosaic.VARIANT:
+    if variant == mosaic.GEMV:
         return mosaic.mosaic_gemv(x, packed, operands[2], layout, config, interpret)
+    if variant == mosaic.DOT:
+        return mosaic.mosaic_dot(x, packed, operands[2], layout, config, w_round, interpret)
     if variant in _GEMV_VARIANTS:
         return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
     if layout.dense:

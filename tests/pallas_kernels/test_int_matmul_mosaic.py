@@ -1,4 +1,5 @@
-"""The Mosaic GPU GEMV for K-major integer codes: interpreter numerics, refusals, qdot dispatch, CUDA lowering."""
+"""The Mosaic GPU kernels for K-major integer codes (GEMV and tensor-core dot): interpreter numerics, refusals, qdot
+dispatch, CUDA lowering."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pallas_helpers import rel_err
 
 import jaxquant as jq
 from jaxquant.ops import explain_qdot, kernel_mode
-from pallas_kernels import int_gemv_mosaic as mosaic
+from pallas_kernels import int_matmul_mosaic as mosaic
 from pallas_kernels import tuning
 from pallas_kernels._common import BlockConfig
 from pallas_kernels.int4_matmul import IntLayout, int_matmul, int_matmul_reference, supported
@@ -28,7 +29,7 @@ CASES = [
 
 
 def _cfg(split: int, stages: int) -> BlockConfig:
-    return BlockConfig(1, 64, 128, split_k=split, num_warps=4, num_stages=stages, variant=mosaic.VARIANT)
+    return BlockConfig(1, 64, 128, split_k=split, num_warps=4, num_stages=stages, variant=mosaic.GEMV)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}g{c[1]}k{c[2]}n{c[3]}s{c[4]}")
@@ -48,6 +49,36 @@ def test_mosaic_gemv_matches_float64_in_the_interpreter(case):
     want = np.asarray(x, np.float64) @ np.asarray(jq.dequantize(q), np.float64)
     assert rel_err(y, want) <= BOUND[dt]
     assert rel_err(y, int_matmul_reference(x, q.data, q.scale, None, layout)) <= 2 * BOUND[dt]
+
+
+# (bits, group_size, M, block_m, K, N, split_k, steps in flight, x dtype)
+DOT_CASES = [
+    (4, 128, 1, 16, 512, 128, 2, 2, jnp.bfloat16),
+    (4, 128, 16, 16, 512, 192, 1, 3, jnp.float16),
+    (4, 256, 33, 64, 1024, 64, 2, 2, jnp.bfloat16),  # two K steps per scale row
+    (8, None, 7, 32, 512, 128, 2, 2, jnp.bfloat16),
+    (8, 128, 20, 32, 256, 128, 1, 2, jnp.float16),
+]
+
+
+@pytest.mark.parametrize("case", DOT_CASES, ids=lambda c: f"b{c[0]}g{c[1]}m{c[2]}bm{c[3]}k{c[4]}n{c[5]}s{c[6]}")
+def test_mosaic_dot_is_the_xla_path_up_to_summation_order(case):
+    """The transposed tensor-core product (``y^T = W^T x^T``, weights dequantized and rounded as the XLA path rounds
+    them, rows padded to ``block_m``): the XLA path's result up to float32 summation order, and within one output
+    rounding of float64 ``x @ round(dequantize(w))``."""
+    bits, group, m, bm, k, n, split, stages, dt = case
+    rng = np.random.default_rng(bits + m + k + n)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    q = jq.quantize(w, jq.IntScheme(bits, group, layout="nk"))
+    layout = IntLayout(bits=bits, mode="sym", k=k, n=n, group_size=group, nk=True)
+    x = jnp.asarray(rng.standard_normal((m, k)), dt)
+    cfg = BlockConfig(bm, 64, 128, split_k=split, num_warps=4, num_stages=stages, variant=mosaic.DOT)
+    assert supported(layout, cfg, dt, m) is None
+    y = int_matmul(x, q.data, q.scale, None, layout=layout, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == dt
+    assert rel_err(y, int_matmul_reference(x, q.data, q.scale, None, layout)) <= 1e-4
+    w64 = np.asarray(jnp.asarray(jq.dequantize(q), jnp.float32).astype(dt), np.float64)
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) <= BOUND[dt]
 
 
 def test_mosaic_gemv_subtracts_the_offset_of_unsigned_codes():
@@ -76,31 +107,41 @@ def test_mosaic_gemv_refuses_what_it_cannot_run():
         "2 bits": supported(IntLayout(2, "sym", 512, 128, 128, nk=True), ok, jnp.bfloat16, 1),
         "float32 x": supported(lay, ok, jnp.float32, 1),
         "two rows": supported(lay, ok, jnp.bfloat16, 2),
-        "block_n": supported(lay, BlockConfig(1, 32, 128, 2, 4, 2, mosaic.VARIANT), jnp.bfloat16, 1),
-        "step bytes": supported(lay, BlockConfig(1, 64, 512, 1, 4, 2, mosaic.VARIANT), jnp.bfloat16, 1),
+        "block_n": supported(lay, BlockConfig(1, 32, 128, 2, 4, 2, mosaic.GEMV), jnp.bfloat16, 1),
+        "step bytes": supported(lay, BlockConfig(1, 64, 512, 1, 4, 2, mosaic.GEMV), jnp.bfloat16, 1),
         "ragged N": supported(IntLayout(4, "sym", 512, 96, 128, nk=True), ok, jnp.bfloat16, 1),
-        "K split": supported(lay, BlockConfig(1, 64, 128, 8, 4, 2, mosaic.VARIANT), jnp.bfloat16, 1),
+        "K split": supported(lay, BlockConfig(1, 64, 128, 8, 4, 2, mosaic.GEMV), jnp.bfloat16, 1),
         "group": supported(IntLayout(4, "sym", 512, 128, 64, nk=True), ok, jnp.bfloat16, 1),
     }
+    dot = BlockConfig(16, 64, 128, 2, 4, 2, mosaic.DOT)
+    assert supported(lay, dot, jnp.bfloat16, 16) is None
+    reasons["dot rows"] = supported(lay, dot, jnp.bfloat16, 17)
+    reasons["dot block_m"] = supported(lay, BlockConfig(8, 64, 128, 2, 4, 2, mosaic.DOT), jnp.bfloat16, 1)
     for what, why in reasons.items():
-        assert why and "mosaic-gemv" in why, what
+        assert why and "mosaic-" in why, what
     x = jnp.ones((2, 512), jnp.bfloat16)
     with pytest.raises(ValueError, match="one activation row"):
         int_matmul(x, jnp.zeros((128, 256), jnp.uint8), jnp.ones((4, 128)), None, layout=lay, config=ok, interpret=True)
 
 
-def test_qdot_runs_a_mosaic_table_row_at_m1_only(monkeypatch):
-    """A device table with the Mosaic GEMV for M <= 1 (as the sweep times it): ``qdot`` runs it at M = 1 (the same
-    result as calling the kernel) and skips it for M = 2, where the next row applies."""
+def test_qdot_runs_mosaic_table_rows_within_their_rows(monkeypatch):
+    """A device table with the Mosaic GEMV for M <= 1 and the Mosaic dot for M <= 16: ``qdot`` runs the GEMV at
+    M = 1 (the same result as calling the kernel), the dot at M = 2, and the next row above 16 rows."""
     monkeypatch.setattr(tuning, "device_key", lambda kind=None: "mosaic-probe")
-    rows = [(1, _cfg(2, 2)), (1 << 62, BlockConfig(16, 64, 128, 2, 4, 3, "split"))]
+    rows = [
+        (1, _cfg(2, 2)),
+        (16, BlockConfig(16, 64, 128, 2, 4, 2, mosaic.DOT)),
+        (1 << 62, BlockConfig(16, 64, 128, 2, 4, 3, "split")),
+    ]
     monkeypatch.setitem(tuning.TABLE, "mosaic-probe", {"int4_nk": rows})
     w = jax.random.normal(jax.random.PRNGKey(0), (512, 128), jnp.float32)
     q = jq.quantize(w, jq.IntScheme(4, 128, layout="nk"))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 512), jnp.float32).astype(jnp.bfloat16)
+    x20 = jnp.tile(x, (10, 1))
     with kernel_mode("interpret"):
-        assert mosaic.VARIANT in explain_qdot(x[:1], q)
-        assert "'split'" in explain_qdot(x, q)
+        assert mosaic.GEMV in explain_qdot(x[:1], q)
+        assert mosaic.DOT in explain_qdot(x, q)
+        assert "'split'" in explain_qdot(x20, q)  # 20 rows: above the dot row's 16
         y1 = jq.qdot(x[:1], q)
     layout = IntLayout(bits=4, mode="sym", k=512, n=128, group_size=128, nk=True)
     direct = int_matmul(x[:1], q.data, q.scale, None, layout=layout, config=_cfg(2, 2), interpret=True)
@@ -108,17 +149,19 @@ def test_qdot_runs_a_mosaic_table_row_at_m1_only(monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_mosaic_gemv_lowers_for_cuda(bits):
-    """At 8192^2 the kernel lowers to the Mosaic GPU custom call for CUDA with its shared-memory tiling and register
-    layouts (the interpreter runs plain tiles; Mosaic compiles to machine code only on a GPU)."""
+def test_mosaic_kernels_lower_for_cuda(bits):
+    """At 8192^2 both kernels lower to the Mosaic GPU custom call for CUDA with their shared-memory tiling, register
+    layouts and (the dot) wgmma's operand A in registers (the interpreter runs plain tiles; Mosaic compiles to machine
+    code only on a GPU)."""
     from jax import export
 
     k = n = 8192
     layout = IntLayout(bits=bits, mode="sym", k=k, n=n, group_size=128, nk=True)
     packed = jax.ShapeDtypeStruct((n, k * bits // 8), jnp.uint8 if bits == 4 else jnp.int8)
     scale = jax.ShapeDtypeStruct((k // 128, n), jnp.float16)
-    x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
-    for cfg in (_cfg(4, 4), _cfg(8, 6)):
+    dots = [BlockConfig(bm, 64, 128, 4, 4, 4, mosaic.DOT) for bm in mosaic.DOT_ROWS]
+    for cfg in (_cfg(4, 4), _cfg(8, 6), *dots):
+        x = jax.ShapeDtypeStruct((cfg.block_m, k), jnp.bfloat16)
         fn = jax.jit(lambda x, p, s, cfg=cfg: int_matmul(x, p, s, None, layout=layout, config=cfg))
         exp = export.export(
             fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")]

@@ -1,0 +1,294 @@
+"""K-major integer matmuls on the Mosaic GPU backend: ``y = x @ dequant(W)`` for ``IntScheme(layout="nk")``.
+
+The other kernels of this package run on Pallas' Triton backend, whose loads reach a kernel through ``cp.async``
+(when they feed a dot) or plain loads it waits for. These run on JAX's Mosaic GPU backend (``plgpu.kernel``,
+``plgpu.emit_pipeline``): each program's weight tiles arrive by TMA into ``num_stages`` shared-memory buffers while
+earlier ones are computed. They are two variants of :func:`pallas_kernels.int4_matmul.int_matmul` for K-major 4- and
+8-bit symmetric codes:
+
+* ``"mosaic-gemv+postscale"`` (:func:`mosaic_gemv`, ``M = 1``): no tensor cores; each step multiplies the tile with
+  the broadcast activation row into a float32 register accumulator (the warpgroup layout ``WGMMA``), summed over K
+  once at the end;
+* ``"mosaic-dot"`` (:func:`mosaic_dot`, ``M <= block_m`` in {16, 32, 64}): the product computed transposed,
+  ``y^T = W^T x^T``, so that the weight tile (64 output columns) is wgmma's 64-row operand A, dequantized in
+  registers, and the ``block_m`` padded activation rows its N (8 to 256).
+
+Storage (``IntScheme(bits, group_size, layout="nk")``, 4 or 8 bits, symmetric): ``data`` ``(N, K / per)`` uint8 (4
+bits: K row ``2r`` in the low nibble of byte ``r``, row ``2r + 1`` in the high one; code ``c`` meaning ``c - 8``, or
+``c - layout.offset``) or int8 (8 bits: the values; uint8 8-bit codes mean ``c - 128``); ``scale`` ``(G, N)``
+(``G = K / group_size``, one row when per channel). With ``x_e`` / ``x_o`` the even / odd activation columns (split
+once per call by XLA), each step ``t`` of ``BK`` K rows (one ``(64, BK / per)`` byte tile; ``BK`` divides the
+group, so one scale row ``s[g(t)]`` per step):
+
+    GEMV:  acc += ((lo - offset) * x_e + (hi - offset) * x_o) * s[g(t)]     (8 bits: (c - offset) * x * s[g(t)])
+    dot:   acc += round((lo - offset) * s[g(t)]) @ x_e^T + round((hi - offset) * s[g(t)]) @ x_o^T
+
+The GEMV never rounds the weights ``(c - offset) * s`` to the activation dtype (the XLA path rounds each one), as the
+Triton kernels' ``+postscale`` forms: within one output rounding of float64 ``x @ dequantize(w)``, not
+bit-identical to the XLA path. The dot rounds each weight as the XLA path does (``round``: to the activation dtype,
+through the QArray's dtype when that differs) and differs from it only in summation order.
+
+Grid ``(N / 64, split_k)`` (64 output columns per program; ``split_k`` programs share K and write float32 partial
+sums that XLA adds, then transposes for the dot). The byte tile is stored in shared memory with a ``BK / per``-byte
+swizzle so that the warpgroup reads it without bank conflicts; the dot's activation tiles ``(BK / per, block_m)``
+with a ``2 block_m``-byte one.
+
+Without a GPU: ``interpret=True`` runs JAX's Mosaic GPU interpreter on plain tiles (it supports neither the
+shared-memory tiling nor the register-layout casts, and takes wgmma's operand A from shared memory, so the dot
+stores its dequantized tile there first), so it checks the arithmetic; ``jax.export(..., platforms=["cuda"])``
+checks the lowering with the tiling, the layouts and A in registers. Mosaic compiles to machine code only on the
+GPU. Not yet run on a GPU: no table or heuristic selects them; ``benchmarks/gpu_suite.py`` sweeps them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import BlockConfig
+
+__all__ = ["DOT", "DOT_ROWS", "GEMV", "VARIANTS", "mosaic_dot", "mosaic_gemv", "supported"]
+
+#: the :class:`~pallas_kernels._common.BlockConfig` variants that select these kernels in ``int_matmul``
+GEMV = "mosaic-gemv+postscale"
+DOT = "mosaic-dot"
+VARIANTS = (GEMV, DOT)
+
+#: output columns per program: the warpgroup register layout ``WGMMA`` covers 64 rows of the transposed product
+BLOCK_N = 64
+
+#: the dot's ``block_m``: activation rows padded to wgmma's N (a 32/64/128-byte swizzled row of the bf16/f16 tile)
+DOT_ROWS = (16, 32, 64)
+
+
+def supported(layout, cfg: BlockConfig, x_dtype, m: int | None = None) -> str | None:
+    """``None`` when ``cfg.variant`` (:data:`GEMV` or :data:`DOT`) runs this case (``layout``: an
+    :class:`~pallas_kernels.int4_matmul.IntLayout`; ``m``: the activation rows, when known), else the reason."""
+    v = cfg.variant
+    if v not in VARIANTS:
+        return f"variant {v!r} is not a Mosaic GPU kernel ({', '.join(VARIANTS)})"
+    if not layout.nk or layout.bits not in (4, 8) or layout.mode != "sym":
+        return f"{v} runs K-major (nk) symmetric 4- and 8-bit codes only"
+    if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"{v}: activation dtype {jnp.dtype(x_dtype).name} (needs bfloat16/float16)"
+    if v == GEMV and (cfg.block_m != 1 or (m is not None and m != 1)):
+        return f"{v} computes one activation row (block_m = 1, M = 1)"
+    if v == DOT and (cfg.block_m not in DOT_ROWS or (m is not None and m > cfg.block_m)):
+        return f"{v} computes up to block_m rows, block_m in {DOT_ROWS} (got block_m={cfg.block_m}, M={m})"
+    if cfg.block_n != BLOCK_N:
+        return f"{v} needs block_n = {BLOCK_N} (one warpgroup's register layout)"
+    tile_bytes = cfg.block_k * layout.bits // 8
+    if tile_bytes not in (32, 64, 128):
+        return f"{v}: a K step of {cfg.block_k} {layout.bits}-bit rows is {tile_bytes} bytes (needs 32/64/128)"
+    group = layout.group_size if layout.group_size is not None else layout.k
+    if group % cfg.block_k:
+        return f"{v}: the K step ({cfg.block_k}) must divide the group ({group})"
+    if layout.n % BLOCK_N or layout.k % (cfg.block_k * cfg.split_k):
+        return (
+            f"{v}: ({layout.k}, {layout.n}) must split into {cfg.split_k} x K steps of {cfg.block_k} and "
+            f"{BLOCK_N}-row tiles (no ragged edges)"
+        )
+    return None
+
+
+def _interpret_params():
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:  # a JAX without the Mosaic GPU interpreter
+        raise NotImplementedError(
+            f"Mosaic GPU kernels with interpret=True need JAX's Mosaic GPU interpreter: {e}"
+        ) from None
+    return InterpretGPUParams()
+
+
+class _Plan:
+    """What both kernels derive from the layout and config: checks, steps, offsets and the tile specs."""
+
+    def __init__(self, fn: str, x, packed, scale, layout, config: BlockConfig, interpret: bool):
+        why = supported(layout, config, x.dtype, x.shape[0] if x.ndim == 2 else None)
+        if why:
+            raise ValueError(f"{fn}: unsupported: {why}")
+        self.n, self.k = layout.n, layout.k
+        self.per = 8 // layout.bits  # K rows per byte
+        if x.ndim != 2 or x.shape[1] != self.k or packed.shape != (self.n, self.k // self.per):
+            raise ValueError(f"{fn}: x {x.shape}, packed {packed.shape} do not fit {layout}")
+        if scale.shape[1:] != (self.n,) or scale.shape[0] != (1 if layout.group_size is None else layout.groups):
+            raise ValueError(f"{fn}: scale {scale.shape} does not fit {layout}")
+        self.bk = config.block_k // self.per  # bytes per step
+        self.split = config.split_k
+        self.steps = self.k // (config.block_k * self.split)
+        self.per_group = (layout.group_size or self.k) // config.block_k  # K steps per scale row
+        # unsigned codes mean c - offset (IntScheme: 2**(bits-1)); int8 storage holds the values themselves
+        self.off = 0.0 if packed.dtype == jnp.int8 else float(layout.offset or (1 << (layout.bits - 1)))
+        self.interpret = interpret
+
+    def codes(self, t):
+        """The tile's codes minus the offset, float32: one ``(64, bk)`` tile per K position of a byte."""
+        if self.per == 1:
+            v = t.astype(jnp.float32)
+            return [v - self.off if self.off else v]
+        c = t.astype(jnp.int32)
+        return [(c & 15).astype(jnp.float32) - self.off, ((c >> 4) & 15).astype(jnp.float32) - self.off]
+
+    def weight_spec(self, plgpu, j, sk):
+        tiling = () if self.interpret else (plgpu.TilingTransform((8, self.bk)), plgpu.SwizzleTransform(self.bk))
+        return plgpu.BlockSpec((BLOCK_N, self.bk), lambda t: (j, sk * self.steps + t), transforms=tiling)
+
+    def scale_spec(self, plgpu, j, sk):
+        return plgpu.BlockSpec((1, BLOCK_N), lambda t: ((sk * self.steps + t) // self.per_group, j))
+
+    def column(self, plgpu, ref):
+        """The step's scales, one per weight-tile row, broadcast along K (float32)."""
+        if self.interpret:
+            return ref[...].astype(jnp.float32).T
+        v = plgpu.load(ref.at[0], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+        return jax.lax.broadcast_in_dim(v, (BLOCK_N, self.bk), (0,))
+
+    def tile(self, plgpu, ref):
+        return ref[...] if self.interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+
+
+def mosaic_gemv(
+    x: jax.Array, packed: jax.Array, scale: jax.Array, layout, config: BlockConfig, interpret: bool = False
+) -> jax.Array:
+    """``(1, N)`` ``x @ dequant(W)`` in ``x.dtype`` for K-major symmetric codes (:data:`GEMV`; see the module
+    docstring).
+
+    Args:
+      x: ``(1, K)`` bfloat16 / float16.
+      packed: ``(N, K / per)`` uint8 (4 bits) or int8 (8 bits), ``IntScheme(layout="nk")``'s ``data``.
+      scale: ``(G, N)`` rows (``G = K / group_size``; one row per channel).
+      layout: the :class:`~pallas_kernels.int4_matmul.IntLayout` (``nk=True``).
+      config: ``block_m = 1``, ``block_n = 64``, ``block_k`` K rows per step, ``split_k``, ``num_stages`` (steps in
+        flight); ``num_warps`` is one warpgroup.
+      interpret: JAX's Mosaic GPU interpreter (CPU; plain tiles).
+
+    Raises:
+      ValueError: an unsupported case (:func:`supported`) or shapes that disagree with ``layout``.
+    """
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    plan = _Plan("mosaic_gemv", x, packed, scale, layout, config, interpret)
+    bk, n = plan.bk, plan.n
+    xs = [x[:, 0::2], x[:, 1::2]] if plan.per == 2 else [x]
+    wl = plgpu.Layout.WGMMA
+
+    def kernel(w_gmem, *refs):
+        x_gmems, s_gmem, o_gmem, o_smem = refs[:-3], refs[-3], refs[-2], refs[-1]
+        j, sk = jax.lax.axis_index("n"), jax.lax.axis_index("s")
+
+        def row(ref):  # the step's activations, broadcast over the tile's 64 rows
+            if interpret:
+                return ref[...].astype(jnp.float32)
+            v = plgpu.load(ref.at[0], (), layout=wl.reduce(0)).astype(jnp.float32)
+            return jax.lax.broadcast_in_dim(v, (BLOCK_N, bk), (1,))
+
+        def body(_, w_smem, *rest):
+            *x_smems, s_smem, acc = rest
+            d = None
+            for c, x_smem in zip(plan.codes(plan.tile(plgpu, w_smem)), x_smems):
+                d = c * row(x_smem) if d is None else d + c * row(x_smem)
+            return acc + d * plan.column(plgpu, s_smem)
+
+        zero = jnp.zeros((BLOCK_N, bk), jnp.float32)
+        acc = plgpu.emit_pipeline(
+            body,
+            grid=(plan.steps,),
+            in_specs=[plan.weight_spec(plgpu, j, sk)]
+            + [plgpu.BlockSpec((1, bk), lambda t: (0, sk * plan.steps + t)) for _ in xs]
+            + [plan.scale_spec(plgpu, j, sk)],
+            max_concurrent_steps=config.num_stages,
+            init_carry=zero if interpret else plgpu.layout_cast(zero, wl),
+        )(w_gmem, *x_gmems, s_gmem)
+        o_smem[...] = jnp.sum(acc, axis=1)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[sk, pl.ds(j * BLOCK_N, BLOCK_N)])
+        plgpu.wait_smem_to_gmem(0)
+
+    out = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((plan.split, n), jnp.float32),
+        grid=(n // BLOCK_N, plan.split),
+        grid_names=("n", "s"),
+        scratch_types=[plgpu.SMEM((BLOCK_N,), jnp.float32)],
+        interpret=_interpret_params() if interpret else None,
+    )(packed, *xs, scale)
+    return jnp.sum(out, axis=0, keepdims=True).astype(x.dtype)
+
+
+def mosaic_dot(
+    x: jax.Array,
+    packed: jax.Array,
+    scale: jax.Array,
+    layout,
+    config: BlockConfig,
+    w_round=None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``(M, N)`` ``x @ dequant(W)`` in ``x.dtype`` on the tensor cores (:data:`DOT`; see the module docstring),
+    ``M <= config.block_m``.
+
+    Args:
+      x: ``(M, K)`` bfloat16 / float16.
+      packed, scale, layout: as for :func:`mosaic_gemv`.
+      config: ``block_m`` in :data:`DOT_ROWS` (the padded rows: wgmma's N), ``block_n = 64``, ``block_k`` K rows per
+        step, ``split_k``, ``num_stages`` (steps in flight).
+      w_round: the dtype the XLA path rounds each dequantized weight to before ``x.dtype`` (``None``: none).
+      interpret: JAX's Mosaic GPU interpreter (CPU; plain tiles, operand A through shared memory).
+
+    Raises:
+      ValueError: an unsupported case (:func:`supported`) or shapes that disagree with ``layout``.
+    """
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    plan = _Plan("mosaic_dot", x, packed, scale, layout, config, interpret)
+    bk, n, mp, cd = plan.bk, plan.n, config.block_m, x.dtype
+    xp = jnp.pad(x, ((0, mp - x.shape[0]), (0, 0)))
+    xts = [xp[:, 0::2].T, xp[:, 1::2].T] if plan.per == 2 else [xp.T]  # (K / per, block_m): operand B per position
+    x_tiling = () if interpret else (plgpu.TilingTransform((8, mp)), plgpu.SwizzleTransform(2 * mp))
+
+    def weights(c, s):  # the XLA path's weights: float32 products, its roundings
+        w = c * s
+        if w_round is not None and jnp.dtype(w_round) != jnp.dtype(cd):
+            w = w.astype(w_round)
+        return w.astype(cd)
+
+    def kernel(w_gmem, *refs):
+        x_gmems, s_gmem, o_gmem, a_smems = refs[: len(xts)], refs[len(xts)], refs[len(xts) + 1], refs[len(xts) + 2 :]
+        j, sk = jax.lax.axis_index("n"), jax.lax.axis_index("s")
+
+        def with_acc(acc_ref):
+            def body(_, w_smem, *rest):
+                *x_smems, s_smem = rest
+                s_b = plan.column(plgpu, s_smem)
+                for c, x_smem in zip(plan.codes(plan.tile(plgpu, w_smem)), x_smems):
+                    a = weights(c, s_b)
+                    if interpret:  # the interpreter takes wgmma's operand A from shared memory only
+                        a_smems[0][...] = a
+                        plgpu.commit_smem()
+                        a = a_smems[0]
+                    plgpu.wgmma(acc_ref, a, x_smem)
+                    plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(
+                body,
+                grid=(plan.steps,),
+                in_specs=[plan.weight_spec(plgpu, j, sk)]
+                + [plgpu.BlockSpec((bk, mp), lambda t: (sk * plan.steps + t, 0), transforms=x_tiling) for _ in xts]
+                + [plan.scale_spec(plgpu, j, sk)],
+                max_concurrent_steps=config.num_stages,
+            )(w_gmem, *x_gmems, s_gmem)
+            o_gmem[sk, pl.ds(j * BLOCK_N, BLOCK_N), :] = acc_ref[...]
+
+        pl.run_scoped(with_acc, plgpu.ACC((BLOCK_N, mp), jnp.float32))
+
+    out = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((plan.split, n, mp), jnp.float32),
+        grid=(n // BLOCK_N, plan.split),
+        grid_names=("n", "s"),
+        scratch_types=[plgpu.SMEM((BLOCK_N, bk), cd)] if interpret else [],
+        interpret=_interpret_params() if interpret else None,
+    )(packed, *xts, scale)
+    return jnp.sum(out, axis=0).T[: x.shape[0]].astype(cd)
