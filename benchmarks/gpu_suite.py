@@ -483,6 +483,8 @@ def tune_kernel_candidates() -> list[tuple[str, Any, tuple[int, ...] | None]]:
 def section_tune_kernels(args) -> dict[str, Any]:
     """Time each config of :data:`TUNE_KERNEL_CONFIGS` through ``jq.qdot`` (or the kernel's direct op), with the
     tuning table of this device replaced by that one config; report the error vs the XLA path too."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -504,6 +506,8 @@ def section_tune_kernels(args) -> dict[str, Any]:
     for name, cfg, cfg_ms in tune_kernel_candidates():
         if cfg_ms is not None and args.dry_run:
             cfg_ms = tuple(min(v, 2 * cfg.block_m) for v in cfg_ms)  # interpret mode: small, two row blocks
+        if args.dry_run and cfg.variant.startswith("mosaic"):  # no ragged K: the K shares must fit the small shape
+            cfg = dataclasses.replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
         # a GEMV tile covers only its own block of rows
         cases += [(name, cfg, m) for m in cfg_ms or ms if not ("gemv" in cfg.variant and m > cfg.block_m)]
     done = measured_before(dev, "tune_kernels", f"{k}x{n}")
@@ -527,9 +531,11 @@ def section_tune_kernels(args) -> dict[str, Any]:
         try:
             jax.clear_caches()  # the config is read when qdot is traced
             with kernel_mode(mode):
+                row["path"] = explain_qdot(xs[0], qs[0]) if spec.direct is None else spec.direct
+                if spec.direct is None and repr(cfg) not in row["path"]:  # e.g. a tile that does not fit the shape
+                    raise ValueError(f"qdot would not run this config here: {row['path']}")
                 f = jax.jit(lambda xl, ql, op=op: [op(xi, qi) for xi, qi in zip(xl, ql)])
                 y = np.asarray(f(xs[:1], qs[:1])[0], np.float64)
-                row["path"] = explain_qdot(xs[0], qs[0]) if spec.direct is None else spec.direct
                 row["t"] = kb.time_per_call(f, (xs, qs), 2 if args.dry_run else 10, 1 if args.dry_run else 3) / nb
             with kernel_mode("off"):
                 r = np.asarray(jax.jit(op)(xs[0], qs[0]), np.float64)
