@@ -120,7 +120,8 @@ class _Plan:
         self.steps = self.k // (config.block_k * self.split)
         self.per_group = (layout.group_size or self.k) // config.block_k  # K steps per scale row
         # unsigned codes mean c - offset (IntScheme: 2**(bits-1)); int8 storage holds the values themselves
-        self.off = 0.0 if packed.dtype == jnp.int8 else float(layout.offset or (1 << (layout.bits - 1)))
+        offset = layout.offset if layout.offset is not None else 1 << (layout.bits - 1)
+        self.off = 0.0 if packed.dtype == jnp.int8 else float(offset)
         self.interpret = interpret
 
     def codes(self, t):
