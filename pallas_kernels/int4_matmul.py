@@ -283,7 +283,8 @@ def _min_block_k(layout: IntLayout, cfg: BlockConfig) -> int:
 
 def supported(layout: IntLayout, cfg: BlockConfig, x_dtype, m: int | None = None) -> str | None:
     """``None`` when the kernel handles this case, else the reason it does not (callers fall back to XLA). ``m``
-    (the activation rows, when known) matters only to the Mosaic GPU GEMV, which computes one row."""
+    (the activation rows, when known) matters only to the Mosaic GPU kernels (the GEMV computes one row, the dot up
+    to ``block_m``)."""
     if cfg.variant in mosaic.VARIANTS:
         return mosaic.supported(layout, cfg, x_dtype, m)
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
