@@ -815,10 +815,11 @@ def int_matmul(
     nsteps = cdiv(layout.k, bk)
     variant = config.variant or "strided"
     w_round = weight_rounding(w_dtype)
-    if variant == mosaic.GEMV:
-        return mosaic.mosaic_gemv(x, packed, operands[2], layout, config, interpret)
-    if variant == mosaic.DOT:
-        return mosaic.mosaic_dot(x, packed, operands[2], layout, config, w_round, interpret)
+    if variant in mosaic.VARIANTS:
+        zero_rows = operands[3] if layout.mode != "sym" else None
+        if variant == mosaic.GEMV:
+            return mosaic.mosaic_gemv(x, packed, operands[2], layout, config, interpret, zero=zero_rows)
+        return mosaic.mosaic_dot(x, packed, operands[2], layout, config, w_round, interpret, zero=zero_rows)
     if variant in _GEMV_VARIANTS:
         return _int_gemv(x, operands[1:], layout, config, bk, nsteps, w_round, interpret)
     if layout.dense:

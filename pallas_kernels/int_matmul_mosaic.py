@@ -4,7 +4,7 @@ The other kernels of this package run on Pallas' Triton backend, whose loads rea
 (when they feed a dot) or plain loads it waits for. These run on JAX's Mosaic GPU backend (``plgpu.kernel``,
 ``plgpu.emit_pipeline``): each program's weight tiles arrive by TMA into ``num_stages`` shared-memory buffers while
 earlier ones are computed. They are two variants of :func:`pallas_kernels.int4_matmul.int_matmul` for K-major 4- and
-8-bit symmetric codes:
+8-bit codes, symmetric or with zero points:
 
 * ``"mosaic-gemv+postscale"`` (:func:`mosaic_gemv`, ``M = 1``): no tensor cores; each step multiplies the tile with
   the broadcast activation row into a float32 register accumulator (the warpgroup layout ``WGMMA``), summed over K
@@ -13,12 +13,14 @@ earlier ones are computed. They are two variants of :func:`pallas_kernels.int4_m
   ``y^T = W^T x^T``, so that the weight tile (64 output columns) is wgmma's 64-row operand A, dequantized in
   registers, and the ``block_m`` padded activation rows its N (8 to 256).
 
-Storage (``IntScheme(bits, group_size, layout="nk")``, 4 or 8 bits, symmetric): ``data`` ``(N, K / per)`` uint8 (4
-bits: K row ``2r`` in the low nibble of byte ``r``, row ``2r + 1`` in the high one; code ``c`` meaning ``c - 8``, or
-``c - layout.offset``) or int8 (8 bits: the values; uint8 8-bit codes mean ``c - 128``); ``scale`` ``(G, N)``
-(``G = K / group_size``, one row when per channel). With ``x_e`` / ``x_o`` the even / odd activation columns (split
-once per call by XLA), each step ``t`` of ``BK`` K rows (one ``(64, BK / per)`` byte tile; ``BK`` divides the
-group, so one scale row ``s[g(t)]`` per step):
+Storage (``IntScheme(bits, group_size, symmetric, layout="nk")``, 4 or 8 bits): ``data`` ``(N, K / per)`` uint8
+(4 bits: K row ``2r`` in the low nibble of byte ``r``, row ``2r + 1`` in the high one; a symmetric code ``c`` means
+``c - 8``, or ``c - layout.offset``) or int8 (8 bits: the values; uint8 8-bit codes mean ``c - 128``); ``scale``
+``(G, N)`` (``G = K / group_size``, one row when per channel). With zero points (``range="zeropoint"``, GPTQ / AWQ),
+``zero`` holds ``(G, N)`` uint8 codes and ``offset`` below is the step's zero-point row (read as float32: a TMA copy
+moves a multiple of 128 bytes, and a uint8 row of 64 columns is 64). With ``x_e`` / ``x_o`` the even / odd
+activation columns (split once per call by XLA), each step ``t`` of ``BK`` K rows (one ``(64, BK / per)`` byte
+tile; ``BK`` divides the group, so one scale row ``s[g(t)]`` per step):
 
     GEMV:  acc += ((lo - offset) * x_e + (hi - offset) * x_o) * s[g(t)]     (8 bits: (c - offset) * x * s[g(t)])
     dot:   acc += round((lo - offset) * s[g(t)]) @ x_e^T + round((hi - offset) * s[g(t)]) @ x_o^T
@@ -68,8 +70,8 @@ def supported(layout, cfg: BlockConfig, x_dtype, m: int | None = None) -> str | 
     v = cfg.variant
     if v not in VARIANTS:
         return f"variant {v!r} is not a Mosaic GPU kernel ({', '.join(VARIANTS)})"
-    if not layout.nk or layout.bits not in (4, 8) or layout.mode != "sym":
-        return f"{v} runs K-major (nk) symmetric 4- and 8-bit codes only"
+    if not layout.nk or layout.bits not in (4, 8) or layout.mode not in ("sym", "zeropoint"):
+        return f"{v} runs K-major (nk) 4- and 8-bit codes, symmetric or with zero points, only"
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"{v}: activation dtype {jnp.dtype(x_dtype).name} (needs bfloat16/float16)"
     if v == GEMV and (cfg.block_m != 1 or (m is not None and m != 1)):
@@ -79,8 +81,8 @@ def supported(layout, cfg: BlockConfig, x_dtype, m: int | None = None) -> str | 
     if cfg.block_n != BLOCK_N:
         return f"{v} needs block_n = {BLOCK_N} (one warpgroup's register layout)"
     tile_bytes = cfg.block_k * layout.bits // 8
-    if tile_bytes not in (32, 64, 128):
-        return f"{v}: a K step of {cfg.block_k} {layout.bits}-bit rows is {tile_bytes} bytes (needs 32/64/128)"
+    if tile_bytes not in (64, 128):  # a swizzled shared-memory row; the activation tiles then hold >= 128 bytes
+        return f"{v}: a K step of {cfg.block_k} {layout.bits}-bit rows is {tile_bytes} bytes (needs 64 or 128)"
     group = layout.group_size if layout.group_size is not None else layout.k
     if group % cfg.block_k:
         return f"{v}: the K step ({cfg.block_k}) must divide the group ({group})"
@@ -105,7 +107,7 @@ def _interpret_params():
 class _Plan:
     """What both kernels derive from the layout and config: checks, steps, offsets and the tile specs."""
 
-    def __init__(self, fn: str, x, packed, scale, layout, config: BlockConfig, interpret: bool):
+    def __init__(self, fn: str, x, packed, scale, zero, layout, config: BlockConfig, interpret: bool):
         why = supported(layout, config, x.dtype, x.shape[0] if x.ndim == 2 else None)
         if why:
             raise ValueError(f"{fn}: unsupported: {why}")
@@ -113,8 +115,14 @@ class _Plan:
         self.per = 8 // layout.bits  # K rows per byte
         if x.ndim != 2 or x.shape[1] != self.k or packed.shape != (self.n, self.k // self.per):
             raise ValueError(f"{fn}: x {x.shape}, packed {packed.shape} do not fit {layout}")
-        if scale.shape[1:] != (self.n,) or scale.shape[0] != (1 if layout.group_size is None else layout.groups):
-            raise ValueError(f"{fn}: scale {scale.shape} does not fit {layout}")
+        rows = (1 if layout.group_size is None else layout.groups, self.n)
+        if scale.shape != rows:
+            raise ValueError(f"{fn}: scale {scale.shape} does not fit {layout} (needs {rows})")
+        if (zero is None) != (layout.mode == "sym") or (zero is not None and zero.shape != rows):
+            raise ValueError(f"{fn}: zero {None if zero is None else zero.shape} does not fit mode {layout.mode!r}")
+        # per-step rows: the scale, the zero point (as float32 here: a (1, 64) tile of uint8 codes is 64 bytes, less
+        # than a TMA copy of Mosaic GPU moves, 128 bytes, one per warpgroup thread)
+        self.stats = [scale] if zero is None else [scale, zero.astype(jnp.float32)]
         self.bk = config.block_k // self.per  # bytes per step
         self.split = config.split_k
         self.steps = self.k // (config.block_k * self.split)
@@ -124,20 +132,28 @@ class _Plan:
         self.off = 0.0 if packed.dtype == jnp.int8 else float(offset)
         self.interpret = interpret
 
-    def codes(self, t):
-        """The tile's codes minus the offset, float32: one ``(64, bk)`` tile per K position of a byte."""
+    def codes(self, t, z=None):
+        """The tile's codes minus the offset (or the zero points ``z``, a broadcast ``(64, bk)`` float32 column),
+        float32: one ``(64, bk)`` tile per K position of a byte."""
+        sub = z if z is not None else (self.off or None)
         if self.per == 1:
             v = t.astype(jnp.float32)
-            return [v - self.off if self.off else v]
+            return [v if sub is None else v - sub]
         c = t.astype(jnp.int32)
-        return [(c & 15).astype(jnp.float32) - self.off, ((c >> 4) & 15).astype(jnp.float32) - self.off]
+        return [(c & 15).astype(jnp.float32) - sub, ((c >> 4) & 15).astype(jnp.float32) - sub]
 
     def weight_spec(self, plgpu, j, sk):
         tiling = () if self.interpret else (plgpu.TilingTransform((8, self.bk)), plgpu.SwizzleTransform(self.bk))
         return plgpu.BlockSpec((BLOCK_N, self.bk), lambda t: (j, sk * self.steps + t), transforms=tiling)
 
-    def scale_spec(self, plgpu, j, sk):
-        return plgpu.BlockSpec((1, BLOCK_N), lambda t: ((sk * self.steps + t) // self.per_group, j))
+    def stat_specs(self, plgpu, j, sk):
+        """The step's scale (and zero-point) row: ``(1, 64)`` tiles of the ``(G, N)`` rows."""
+        spec = plgpu.BlockSpec((1, BLOCK_N), lambda t: ((sk * self.steps + t) // self.per_group, j))
+        return [spec] * len(self.stats)
+
+    def step_stats(self, plgpu, smems):
+        """The step's broadcast scales and zero points (``None`` without) from their shared-memory rows."""
+        return self.column(plgpu, smems[0]), (self.column(plgpu, smems[1]) if len(smems) > 1 else None)
 
     def column(self, plgpu, ref):
         """The step's scales, one per weight-tile row, broadcast along K (float32)."""
@@ -151,9 +167,16 @@ class _Plan:
 
 
 def mosaic_gemv(
-    x: jax.Array, packed: jax.Array, scale: jax.Array, layout, config: BlockConfig, interpret: bool = False
+    x: jax.Array,
+    packed: jax.Array,
+    scale: jax.Array,
+    layout,
+    config: BlockConfig,
+    interpret: bool = False,
+    *,
+    zero: jax.Array | None = None,
 ) -> jax.Array:
-    """``(1, N)`` ``x @ dequant(W)`` in ``x.dtype`` for K-major symmetric codes (:data:`GEMV`; see the module
+    """``(1, N)`` ``x @ dequant(W)`` in ``x.dtype`` for K-major codes (:data:`GEMV`; see the module
     docstring).
 
     Args:
@@ -161,6 +184,7 @@ def mosaic_gemv(
       packed: ``(N, K / per)`` uint8 (4 bits) or int8 (8 bits), ``IntScheme(layout="nk")``'s ``data``.
       scale: ``(G, N)`` rows (``G = K / group_size``; one row per channel).
       layout: the :class:`~pallas_kernels.int4_matmul.IntLayout` (``nk=True``).
+      zero: ``mode="zeropoint"``: the ``(G, N)`` zero-point codes (``W = (c - z) * s``); ``None`` for ``"sym"``.
       config: ``block_m = 1``, ``block_n = 64``, ``block_k`` K rows per step, ``split_k``, ``num_stages`` (steps in
         flight); ``num_warps`` is one warpgroup.
       interpret: JAX's Mosaic GPU interpreter (CPU; plain tiles).
@@ -170,13 +194,14 @@ def mosaic_gemv(
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    plan = _Plan("mosaic_gemv", x, packed, scale, layout, config, interpret)
+    plan = _Plan("mosaic_gemv", x, packed, scale, zero, layout, config, interpret)
     bk, n = plan.bk, plan.n
     xs = [x[:, 0::2], x[:, 1::2]] if plan.per == 2 else [x]
     wl = plgpu.Layout.WGMMA
 
     def kernel(w_gmem, *refs):
-        x_gmems, s_gmem, o_gmem, o_smem = refs[:-3], refs[-3], refs[-2], refs[-1]
+        nx = len(xs)
+        x_gmems, st_gmems, o_gmem, o_smem = refs[:nx], refs[nx:-2], refs[-2], refs[-1]
         j, sk = jax.lax.axis_index("n"), jax.lax.axis_index("s")
 
         def row(ref):  # the step's activations, broadcast over the tile's 64 rows
@@ -186,22 +211,23 @@ def mosaic_gemv(
             return jax.lax.broadcast_in_dim(v, (BLOCK_N, bk), (1,))
 
         def body(_, w_smem, *rest):
-            *x_smems, s_smem, acc = rest
+            x_smems, st_smems, acc = rest[:nx], rest[nx:-1], rest[-1]
+            s_b, z_b = plan.step_stats(plgpu, st_smems)
             d = None
-            for c, x_smem in zip(plan.codes(plan.tile(plgpu, w_smem)), x_smems):
+            for c, x_smem in zip(plan.codes(plan.tile(plgpu, w_smem), z_b), x_smems):
                 d = c * row(x_smem) if d is None else d + c * row(x_smem)
-            return acc + d * plan.column(plgpu, s_smem)
+            return acc + d * s_b
 
-        zero = jnp.zeros((BLOCK_N, bk), jnp.float32)
+        acc0 = jnp.zeros((BLOCK_N, bk), jnp.float32)
         acc = plgpu.emit_pipeline(
             body,
             grid=(plan.steps,),
             in_specs=[plan.weight_spec(plgpu, j, sk)]
             + [plgpu.BlockSpec((1, bk), lambda t: (0, sk * plan.steps + t)) for _ in xs]
-            + [plan.scale_spec(plgpu, j, sk)],
+            + plan.stat_specs(plgpu, j, sk),
             max_concurrent_steps=config.num_stages,
-            init_carry=zero if interpret else plgpu.layout_cast(zero, wl),
-        )(w_gmem, *x_gmems, s_gmem)
+            init_carry=acc0 if interpret else plgpu.layout_cast(acc0, wl),
+        )(w_gmem, *x_gmems, *st_gmems)
         o_smem[...] = jnp.sum(acc, axis=1)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[sk, pl.ds(j * BLOCK_N, BLOCK_N)])
@@ -214,7 +240,7 @@ def mosaic_gemv(
         grid_names=("n", "s"),
         scratch_types=[plgpu.SMEM((BLOCK_N,), jnp.float32)],
         interpret=_interpret_params() if interpret else None,
-    )(packed, *xs, scale)
+    )(packed, *xs, *plan.stats)
     return jnp.sum(out, axis=0, keepdims=True).astype(x.dtype)
 
 
@@ -226,13 +252,15 @@ def mosaic_dot(
     config: BlockConfig,
     w_round=None,
     interpret: bool = False,
+    *,
+    zero: jax.Array | None = None,
 ) -> jax.Array:
     """``(M, N)`` ``x @ dequant(W)`` in ``x.dtype`` on the tensor cores (:data:`DOT`; see the module docstring),
     ``M <= config.block_m``.
 
     Args:
       x: ``(M, K)`` bfloat16 / float16.
-      packed, scale, layout: as for :func:`mosaic_gemv`.
+      packed, scale, layout, zero: as for :func:`mosaic_gemv`.
       config: ``block_m`` in :data:`DOT_ROWS` (the padded rows: wgmma's N), ``block_n = 64``, ``block_k`` K rows per
         step, ``split_k``, ``num_stages`` (steps in flight).
       w_round: the dtype the XLA path rounds each dequantized weight to before ``x.dtype`` (``None``: none).
@@ -243,7 +271,7 @@ def mosaic_dot(
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    plan = _Plan("mosaic_dot", x, packed, scale, layout, config, interpret)
+    plan = _Plan("mosaic_dot", x, packed, scale, zero, layout, config, interpret)
     bk, n, mp, cd = plan.bk, plan.n, config.block_m, x.dtype
     xp = jnp.pad(x, ((0, mp - x.shape[0]), (0, 0)))
     xts = [xp[:, 0::2].T, xp[:, 1::2].T] if plan.per == 2 else [xp.T]  # (K / per, block_m): operand B per position
@@ -256,14 +284,15 @@ def mosaic_dot(
         return w.astype(cd)
 
     def kernel(w_gmem, *refs):
-        x_gmems, s_gmem, o_gmem, a_smems = refs[: len(xts)], refs[len(xts)], refs[len(xts) + 1], refs[len(xts) + 2 :]
+        nx, ns = len(xts), len(plan.stats)
+        x_gmems, st_gmems, o_gmem, a_smems = refs[:nx], refs[nx : nx + ns], refs[nx + ns], refs[nx + ns + 1 :]
         j, sk = jax.lax.axis_index("n"), jax.lax.axis_index("s")
 
         def with_acc(acc_ref):
             def body(_, w_smem, *rest):
-                *x_smems, s_smem = rest
-                s_b = plan.column(plgpu, s_smem)
-                for c, x_smem in zip(plan.codes(plan.tile(plgpu, w_smem)), x_smems):
+                x_smems, st_smems = rest[:nx], rest[nx:]
+                s_b, z_b = plan.step_stats(plgpu, st_smems)
+                for c, x_smem in zip(plan.codes(plan.tile(plgpu, w_smem), z_b), x_smems):
                     a = weights(c, s_b)
                     if interpret:  # the interpreter takes wgmma's operand A from shared memory only
                         a_smems[0][...] = a
@@ -277,9 +306,9 @@ def mosaic_dot(
                 grid=(plan.steps,),
                 in_specs=[plan.weight_spec(plgpu, j, sk)]
                 + [plgpu.BlockSpec((bk, mp), lambda t: (sk * plan.steps + t, 0), transforms=x_tiling) for _ in xts]
-                + [plan.scale_spec(plgpu, j, sk)],
+                + plan.stat_specs(plgpu, j, sk),
                 max_concurrent_steps=config.num_stages,
-            )(w_gmem, *x_gmems, s_gmem)
+            )(w_gmem, *x_gmems, *st_gmems)
             o_gmem[sk, pl.ds(j * BLOCK_N, BLOCK_N), :] = acc_ref[...]
 
         pl.run_scoped(with_acc, plgpu.ACC((BLOCK_N, mp), jnp.float32))
@@ -291,5 +320,5 @@ def mosaic_dot(
         grid_names=("n", "s"),
         scratch_types=[plgpu.SMEM((BLOCK_N, bk), cd)] if interpret else [],
         interpret=_interpret_params() if interpret else None,
-    )(packed, *xts, scale)
+    )(packed, *xts, *plan.stats)
     return jnp.sum(out, axis=0).T[: x.shape[0]].astype(cd)
