@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rungs",
         default="sum,dot,int4,mosaic,xla",
         help="comma-separated subset of: sum (unpipelined column sums), dot (pipelined dots on the bytes), int4 (the "
-        "library's kernel), mosaic (the Mosaic GPU GEMV on the K-major bytes), xla (XLA's dot on the codes as "
+        "library's kernel), mosaic (the Mosaic GPU kernels on the K-major bytes), xla (XLA's dot on the codes as "
         "jnp.int4, no Pallas)",
     )
     p.add_argument("--out", help="also write the printed lines (with date, commit, device and command) to this file")
@@ -338,10 +338,9 @@ def to_int4(packed: jax.Array, nk: bool = False) -> jax.Array:
     or ``(N, K)`` with ``nk``."""
     if packed.dtype != jnp.uint8 or packed.ndim != 2:
         raise ValueError(f"to_int4: expected a 2-D uint8 array, got {packed.dtype} {packed.shape}")
-    rows, n = packed.shape
-    lo = (packed & 15).astype(jnp.int8) - 8
-    hi = (packed >> 4).astype(jnp.int8) - 8
-    v = jnp.stack([lo, hi], axis=1).reshape(2 * rows, n)
+    from jaxquant.core.packing import unpack
+
+    v = unpack(packed, 4, 2 * packed.shape[0]).astype(jnp.int8) - 8
     return (v.T if nk else v).astype(jnp.int4)
 
 
@@ -455,6 +454,30 @@ def _dot_rungs(dry_run: bool, ws: list, words: list, nbytes: int, calls: int, tr
             _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 
 
+def _int_matmul_rung(name: str, layout, cfg, scale, xs: list, wl: list, dry_run: bool, nbytes: int, calls: int,
+                     trials: int) -> None:  # fmt: skip
+    """Time the library's ``int_matmul`` with ``cfg`` over the rotating ``(xs, wl)`` and report it against the XLA
+    path (``int_matmul_reference``); a config the kernel refuses, or any failure, prints as FAILED."""
+    from pallas_kernels import int4_matmul as km
+
+    try:
+        why = km.supported(layout, cfg, xs[0].dtype, xs[0].shape[0])
+        if why:
+            raise ValueError(why)
+
+        def f(xl, wl):
+            return [km.int_matmul(x, w, scale, None, layout=layout, config=cfg, interpret=dry_run)
+                    for x, w in zip(xl, wl)]  # fmt: skip
+
+        f = jax.jit(f)
+        want = np.asarray(km.int_matmul_reference(xs[0], wl[0], scale, None, layout), np.float64)
+        got = np.asarray(f(xs[:1], wl[:1])[0], np.float64)
+        t = time_per_call(f, (xs, wl), calls, trials) / len(wl)
+        _report(name, t, nbytes, _rel_err(got, want), 1e-2)
+    except Exception as e:  # one failing config must not hide the others
+        _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+
+
 def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -> None:
     """The top rung: the library's int4 g128 kernel on the same bytes (as packed codes), at M = 1 and 16, with this
     device's table config and the fastest config of the H200 sweep, vs its XLA path."""
@@ -473,26 +496,11 @@ def _int4_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -
             jax.random.normal(jax.random.fold_in(key, b), (m, k), jnp.float32).astype(jnp.bfloat16)
             for b in range(len(ws))
         ]
-        want = np.asarray(km.int_matmul_reference(xs[0], ws[0], scale, None, layout), np.float64)
         for label, cfg in (("table", tuning.get_config("int4", m, k, n)), ("sweep-best", best)):
             if dry_run:
                 cfg = BlockConfig(16, 64, 128, split_k=2, num_warps=4, num_stages=3, variant=cfg.variant)
             name = f"int4 kernel M={m} {label} {cfg.block_m}x{cfg.block_n}x{cfg.block_k}/{cfg.split_k} {cfg.variant}"
-            try:
-                why = km.supported(layout, cfg, xs[0].dtype)
-                if why:
-                    raise ValueError(why)
-
-                def f(xl, wl, cfg=cfg):
-                    return [km.int_matmul(x, w, scale, None, layout=layout, config=cfg, interpret=dry_run)
-                            for x, w in zip(xl, wl)]  # fmt: skip
-
-                f = jax.jit(f)
-                got = np.asarray(f(xs[:1], ws[:1])[0], np.float64)
-                t = time_per_call(f, (xs, ws), calls, trials) / len(ws)
-                _report(name, t, nbytes, _rel_err(got, want), 1e-2)
-            except Exception as e:  # one failing config must not hide the others
-                _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+            _int_matmul_rung(name, layout, cfg, scale, xs, ws, dry_run, nbytes, calls, trials)
 
 
 def _mosaic_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int) -> None:
@@ -522,22 +530,7 @@ def _mosaic_rungs(dry_run: bool, ws: list, nbytes: int, calls: int, trials: int)
         ]
         kind = "gemv" if m == 1 else f"dot M={m}"
         name = f"mosaic {kind} nk {'int4 g128' if bits == 4 else 'int8 channel'} 64x128/{split} in-flight {inflight}"
-        try:
-            why = km.supported(layout, cfg, jnp.bfloat16, m)
-            if why:
-                raise ValueError(why)
-
-            def f(xl, wl, cfg=cfg, layout=layout, scale=scale):
-                return [km.int_matmul(x, w, scale, None, layout=layout, config=cfg, interpret=dry_run)
-                        for x, w in zip(xl, wl)]  # fmt: skip
-
-            f = jax.jit(f)
-            want = np.asarray(km.int_matmul_reference(xs[0], wl[0], scale, None, layout), np.float64)
-            got = np.asarray(f(xs[:1], wl[:1])[0], np.float64)
-            t = time_per_call(f, (xs, wl), calls, trials) / len(ws)
-            _report(name, t, nbytes, _rel_err(got, want), 1e-2)
-        except Exception as e:  # one failing config must not hide the others
-            _emit(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+        _int_matmul_rung(name, layout, cfg, scale, xs, wl, dry_run, nbytes, calls, trials)
 
 
 def _xla_rungs(ws: list, nbytes: int, calls: int, trials: int) -> None:

@@ -686,13 +686,17 @@ def _gemv_kernel(
         return _as_columns(v)[0] if nk else v
 
     sym_int8 = w_ref.dtype == jnp.int8
+
     # one group over all of K (per-channel scales; always with "+xq"): its rows are loaded once, before the loop,
     # and "+postscale" scales the finished sums once, after it (with s_x for "+xq")
+    def stat_rows(g):  # group g's scale (and zero) row for this program's columns, float32
+        s = load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        return s, (None if z_ref is None else load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
+
     one_group = gs >= k
     scale_steps = post and not one_group
     if one_group:
-        s_row = load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
-        z_row = None if z_ref is None else load(z_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32)
+        s_row, z_row = stat_rows(0)
     exact = _exact_product(s_ref.dtype)
     if xq:
         quantizers = [row_int8_quantizer(xt_ref, m0 + mi, pk, steps, interpret) for mi in range(bm)]
@@ -710,12 +714,8 @@ def _gemv_kernel(
             wmask = and_masks(col(nmask), umask[None, :] if k_ragged else None)
         else:
             wmask = and_masks(nmask, umask[:, None] if k_ragged else None)
-        if one_group:
-            s, z = col(s_row), None if z_row is None else col(z_row)
-        else:
-            g = k0 // gs
-            s = col(load(s_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
-            z = None if z_ref is None else col(load(z_ref.at[pl.ds(g, 1), pl.ds(n0, bn)], nmask).astype(jnp.float32))
+        s, z = (s_row, z_row) if one_group else stat_rows(k0 // gs)
+        s, z = col(s), (None if z is None else col(z))
         accs = list(accs)
         if split_x:  # per row one contiguous (pk, chunk) tile of x, split into its chunk columns in registers
             xs = [split_cols(x_tile(mi, u0), layout.chunk) for mi in range(bm)]

@@ -153,14 +153,19 @@ class _Plan:
 
     def step_stats(self, plgpu, smems):
         """The step's broadcast scales and zero points (``None`` without) from their shared-memory rows."""
-        return self.column(plgpu, smems[0]), (self.column(plgpu, smems[1]) if len(smems) > 1 else None)
+        s = self.broadcast(plgpu, smems[0], per_row=True)
+        return s, (self.broadcast(plgpu, smems[1], per_row=True) if len(smems) > 1 else None)
 
-    def column(self, plgpu, ref):
-        """The step's scales, one per weight-tile row, broadcast along K (float32)."""
+    def broadcast(self, plgpu, ref, per_row: bool):
+        """A ``(1, L)`` shared-memory row as the ``(64, bk)`` float32 tile it is combined with: ``per_row``, one value
+        per weight-tile row (scales, zero points; ``L = 64``) repeated along K; else one per K column (activations;
+        ``L = bk``) repeated over the rows. On the GPU the row is loaded in the layout that broadcasts to ``WGMMA``."""
         if self.interpret:
-            return ref[...].astype(jnp.float32).T
-        v = plgpu.load(ref.at[0], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-        return jax.lax.broadcast_in_dim(v, (BLOCK_N, self.bk), (0,))
+            v = ref[...].astype(jnp.float32)
+            return v.T if per_row else v
+        dim = 1 if per_row else 0  # the dimension the loaded vector lacks
+        v = plgpu.load(ref.at[0], (), layout=plgpu.Layout.WGMMA.reduce(dim)).astype(jnp.float32)
+        return jax.lax.broadcast_in_dim(v, (BLOCK_N, self.bk), (1 - dim,))
 
     def tile(self, plgpu, ref):
         return ref[...] if self.interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
@@ -204,18 +209,13 @@ def mosaic_gemv(
         x_gmems, st_gmems, o_gmem, o_smem = refs[:nx], refs[nx:-2], refs[-2], refs[-1]
         j, sk = jax.lax.axis_index("n"), jax.lax.axis_index("s")
 
-        def row(ref):  # the step's activations, broadcast over the tile's 64 rows
-            if interpret:
-                return ref[...].astype(jnp.float32)
-            v = plgpu.load(ref.at[0], (), layout=wl.reduce(0)).astype(jnp.float32)
-            return jax.lax.broadcast_in_dim(v, (BLOCK_N, bk), (1,))
-
         def body(_, w_smem, *rest):
             x_smems, st_smems, acc = rest[:nx], rest[nx:-1], rest[-1]
             s_b, z_b = plan.step_stats(plgpu, st_smems)
             d = None
             for c, x_smem in zip(plan.codes(plan.tile(plgpu, w_smem), z_b), x_smems):
-                d = c * row(x_smem) if d is None else d + c * row(x_smem)
+                cx = c * plan.broadcast(plgpu, x_smem, per_row=False)
+                d = cx if d is None else d + cx
             return acc + d * s_b
 
         acc0 = jnp.zeros((BLOCK_N, bk), jnp.float32)
